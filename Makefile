@@ -1,0 +1,36 @@
+# The README's two commands (each installs what it needs into .venv on first use, then is quick):
+#   make demo   run the main job: the tiny pretraining recipe on the built-in demo corpus
+#   make test   lint and run the test suite (what CI runs, through .ci/run)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.zidong-installed
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+# Editable install: source edits need no reinstall; only a change to pyproject.toml re-runs pip.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/zidong pretrain recipes/pretrain/tiny.yaml --print-config
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,223 @@
+"""The `zidong` command line: one entry point for data, tokenizer, pretraining, evaluation, export and fine-tuning.
+
+    zidong --help                      every subcommand
+    zidong SUBCOMMAND --help           its arguments
+
+Parsing and validation happen here, before any heavy import: a wrong argument, path or recipe key exits with
+code 2 and a one-paragraph message, never a traceback. Each subcommand's work lives in its own module and is
+imported only when that subcommand runs. Runs the same under `python -m zidong`, `accelerate launch -m zidong`
+and `torchrun -m zidong`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from zidong import __version__
+from zidong.errors import UserError
+
+EXIT_USAGE = 2
+EXIT_NOT_AVAILABLE = 3
+DOCS_HINT = "Recipes live in recipes/, guides in docs/ (start with docs/cli.md and docs/recipes.md)."
+FINETUNE_TASKS = ("retrieval", "classify")
+
+
+# ------------------------------------------------------------------------------------ argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _part(text: str) -> tuple[int, int]:
+    """`i/N`: slice i (counting from 0) of N, as a cluster job array hands out."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected i/N with 0 <= i < N (e.g. 0/8), got {text!r}")
+    return int(index), int(count)
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file")
+    return path
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+    return path
+
+
+def _existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file or folder: {text}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- handlers
+
+
+class _NotAvailable(Exception):
+    """The subcommand is part of the contract but its implementation has not landed yet."""
+
+
+def _not_available(command: str) -> NoReturn:
+    raise _NotAvailable(f"`zidong {command}` is not implemented yet in zidong {__version__}")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from zidong.config import load_config, to_yaml
+    from zidong.train.recipe import PretrainRecipe
+
+    recipe = load_config(PretrainRecipe, args.recipe, args.overrides)
+    if args.print_config:
+        sys.stdout.write(to_yaml(recipe))
+        return 0
+    if args.dry_run:
+        _not_available("pretrain --dry-run")
+    from zidong.utils.run_info import record_run
+
+    record_run(recipe.output_dir, recipe)
+    _not_available("pretrain (the training loop)")
+
+
+def _unavailable_handler(command: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        _not_available(command)
+
+    return handler
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zidong",
+        description="Pretrain, evaluate, export and fine-tune a tri-modal (text, speech, vision) encoder stack.",
+        epilog=DOCS_HINT,
+    )
+    parser.add_argument("--version", action="version", version=f"zidong {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="build, inspect and generate tri-modal shard folders")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    demo = data_commands.add_parser("demo", help="write the built-in tiny tri-modal demo corpus as shards")
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
+    demo.add_argument("--samples", type=_positive_int, metavar="N", help="number of samples (default: built-in)")
+    demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same corpus")
+    demo.set_defaults(handler=_unavailable_handler("data demo"))
+
+    build = data_commands.add_parser("build", help="validate a JSONL manifest and write webdataset-style shards")
+    build.add_argument("manifest", type=_existing_file, metavar="MANIFEST.jsonl")
+    build.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
+    build.add_argument("--shard-size", type=_positive_int, metavar="N", help="samples per shard")
+    build.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes")
+    build.add_argument("--part", type=_part, metavar="i/N", help="build only slice i of N (job arrays)")
+    build.set_defaults(handler=_unavailable_handler("data build"))
+
+    inspect = data_commands.add_parser("inspect", help="summarise a shard folder and check it against its index")
+    inspect.add_argument("folder", type=_existing_dir, metavar="DIR")
+    inspect.set_defaults(handler=_unavailable_handler("data inspect"))
+
+    tokenizer = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer (Chinese and English)")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)
+    train_tokenizer = tokenizer_commands.add_parser("train", help="train a unigram tokenizer on text files")
+    train_tokenizer.add_argument(
+        "--input", required=True, nargs="+", type=_existing_path, metavar="PATH", help="text files or shard folders"
+    )
+    train_tokenizer.add_argument("--vocab-size", required=True, type=_positive_int, metavar="N")
+    train_tokenizer.add_argument("--out", required=True, type=Path, metavar="DIR")
+    train_tokenizer.set_defaults(handler=_unavailable_handler("tokenizer train"))
+
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="run a pretraining recipe (also under accelerate/torchrun)",
+        epilog="Overrides use the recipe's dotted keys, e.g. train.max_steps=100 "
+        "model.vision.pretrained=/path/to/vit. See docs/recipes.md.",
+    )
+    pretrain.add_argument("recipe", metavar="RECIPE.yaml")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    pretrain.add_argument(
+        "--dry-run", action="store_true", help="build the model on the meta device and print sizes, FLOPs and memory"
+    )
+    pretrain.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    pretrain.set_defaults(handler=_pretrain, takes_overrides=True)
+
+    evaluate = commands.add_parser("eval", help="zero-shot retrieval and classification on held-out shards")
+    evaluate.add_argument("model", type=_existing_path, metavar="MODEL_OR_CHECKPOINT")
+    evaluate.add_argument("--data", required=True, type=_existing_dir, metavar="DIR")
+    evaluate.add_argument("--labels", type=_existing_file, metavar="FILE", help="label prompts for classification")
+    evaluate.add_argument("--out", type=Path, metavar="metrics.json", help="also write the metrics as JSON")
+    evaluate.set_defaults(handler=_unavailable_handler("eval"))
+
+    export = commands.add_parser("export", help="write a checkpoint as Hugging Face folders")
+    export.add_argument("checkpoint", type=_existing_path, metavar="CHECKPOINT")
+    export.add_argument("--out", required=True, type=Path, metavar="DIR")
+    export.add_argument("--towers", action="store_true", help="also write one plain transformers folder per tower")
+    export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository")
+    export.set_defaults(handler=_unavailable_handler("export"))
+
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained model for a downstream task")
+    finetune.add_argument("task", choices=FINETUNE_TASKS, metavar="TASK", help=" | ".join(FINETUNE_TASKS))
+    finetune.add_argument("recipe", type=_existing_file, metavar="RECIPE.yaml")
+    finetune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    finetune.set_defaults(handler=_unavailable_handler("finetune"), takes_overrides=True)
+
+    report = commands.add_parser("report", help="plot loss and retrieval curves of a run as PNG files")
+    report.add_argument("run_dir", type=_existing_dir, metavar="RUN_DIR")
+    report.set_defaults(handler=_unavailable_handler("report"))
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting `key=value` overrides stand anywhere after the recipe, even after a flag."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "takes_overrides", False) or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code: 0 success, 2 user error, 3 not implemented yet."""
+    args = _parse(build_parser(), argv)
+    try:
+        return args.handler(args)
+    except UserError as err:
+        print(f"zidong: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except _NotAvailable as err:
+        print(f"zidong: {err}", file=sys.stderr)
+        return EXIT_NOT_AVAILABLE
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        sys.stderr.close()  # output piped into e.g. `head`: stop quietly
+        code = 0
+    sys.exit(code)

@@ -1,0 +1,139 @@
+"""The pretraining recipe: the typed schema of `recipes/pretrain/*.yaml`.
+
+Every key a recipe may hold is a field here, with its type, default and allowed values; `zidong.config`
+parses YAML and `key=value` overrides into these classes and reports any mismatch before training starts.
+See docs/recipes.md for the grammar and a description of every section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from zidong.config import InvalidValue
+
+MODALITIES = ("text", "vision", "speech")
+OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise InvalidValue(field_name, message)
+
+
+@dataclass
+class TowerSection:
+    """One modality tower: built from the preset, or loaded from a local Hugging Face folder."""
+
+    pretrained: str | None = None
+
+
+@dataclass
+class ModelSection:
+    preset: Literal["tiny", "base", "large"] = "tiny"
+    text: TowerSection = field(default_factory=TowerSection)
+    vision: TowerSection = field(default_factory=TowerSection)
+    speech: TowerSection = field(default_factory=TowerSection)
+
+
+@dataclass
+class DataSource:
+    """A folder of shards written by `zidong data build` / `zidong data demo`, and its share of the mix."""
+
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.weight > 0, "weight", f"must be greater than 0, got {self.weight}")
+
+
+@dataclass
+class DataSection:
+    train: list[DataSource]
+    eval: str | None = None
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _require(len(self.train) > 0, "train", "must list at least one {path, weight} source")
+        _require(self.num_workers >= 0, "num_workers", f"must be 0 or more, got {self.num_workers}")
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            _require(value >= 1, name, f"must be at least 1, got {value}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be greater than 0, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 500
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "every_steps", f"must be at least 1, got {self.every_steps}")
+        _require(self.keep_last >= 1, "keep_last", f"must be at least 1, got {self.keep_last}")
+
+
+@dataclass
+class EvalSection:
+    """Held-out retrieval every `every_steps` steps (0: only at the end of training)."""
+
+    every_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "every_steps", f"must be 0 or more, got {self.every_steps}")
+
+
+@dataclass
+class ObjectiveSection:
+    """One training objective; weight 0 switches it off and skips its compute."""
+
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.weight >= 0, "weight", f"must be 0 or more, got {self.weight}")
+
+
+@dataclass
+class LossSection:
+    contrastive: ObjectiveSection = field(default_factory=ObjectiveSection)
+    matching: ObjectiveSection = field(default_factory=ObjectiveSection)
+    masked_text: ObjectiveSection = field(default_factory=ObjectiveSection)
+    masked_vision: ObjectiveSection = field(default_factory=ObjectiveSection)
+    masked_speech: ObjectiveSection = field(default_factory=ObjectiveSection)
+
+
+@dataclass(kw_only=True)
+class PretrainRecipe:
+    """A whole pretraining run. `output_dir` and `data.train` have no defaults: every recipe sets them."""
+
+    output_dir: str
+    resume: str = "auto"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    loss: LossSection = field(default_factory=LossSection)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir.strip()), "output_dir", "must name a folder, got an empty string")
+        _require(
+            bool(self.resume.strip()),
+            "resume",
+            "must be `auto` (latest checkpoint in output_dir), `never`, or a checkpoint path",
+        )

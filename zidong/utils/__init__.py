@@ -1,0 +1,1 @@
+"""Small helpers shared by every command: rank-aware logging, progress bars, run-directory records."""
