@@ -47,29 +47,25 @@ def _part(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file")
-    return path
+def _existing(kind: str) -> Callable[[str], Path]:
+    """An argument type accepting an existing path of `kind`: "file", "folder", or "file or folder"."""
+
+    def check(text: str) -> Path:
+        path = Path(text)
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"no such {kind}: {text}")
+        if kind == "file" and not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file")
+        if kind == "folder" and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
+        return path
+
+    return check
 
 
-def _existing_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"no such folder: {text}")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder")
-    return path
-
-
-def _existing_path(text: str) -> Path:
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file or folder: {text}")
-    return path
+_existing_file = _existing("file")
+_existing_dir = _existing("folder")
+_existing_path = _existing("file or folder")
 
 
 # ----------------------------------------------------------------------------------------- handlers
