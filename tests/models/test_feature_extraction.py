@@ -1,0 +1,77 @@
+"""Batched filterbank parity with torchaudio.compliance.kaldi.fbank, padding invariance, and the padding extractor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchaudio.compliance.kaldi import fbank
+
+from zidong.models.zidong.feature_extraction_zidong import BatchedFbank, ZidongFeatureExtractor, normalize_and_stack
+
+LENGTHS = [16000, 12345, 400, 399, 24000]  # includes exactly one window and one sample short of it
+
+# float64 reproduces Kaldi's arithmetic exactly; float32 differs by FFT/matmul rounding only.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-4}
+
+
+def padded_batch(lengths: list[int], dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    waves = [torch.randn(n, generator=generator, dtype=dtype) * 0.1 for n in lengths]
+    batch = torch.zeros(len(waves), max(lengths), dtype=dtype)
+    for row, wave in enumerate(waves):
+        batch[row, : len(wave)] = wave
+    return waves, batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_matches_kaldi_fbank(dtype: torch.dtype) -> None:
+    waves, batch = padded_batch(LENGTHS, dtype)
+    features, mask = BatchedFbank(num_mel_bins=80)(batch, torch.tensor(LENGTHS))
+    for row, wave in enumerate(waves):
+        if len(wave) < 400:
+            assert mask[row].sum() == 0
+            continue
+        reference = fbank((wave * 32768)[None], num_mel_bins=80, sample_frequency=16000)
+        assert mask[row].sum().item() == reference.shape[0]
+        difference = (features[row, : reference.shape[0]] - reference).abs().max().item()
+        assert difference < TOLERANCE[dtype]
+        assert features[row, reference.shape[0] :].abs().sum() == 0
+
+
+def test_a_row_does_not_depend_on_its_batch() -> None:
+    waves, batch = padded_batch(LENGTHS, torch.float32)
+    features, mask = BatchedFbank()(batch, torch.tensor(LENGTHS))
+    alone, alone_mask = BatchedFbank()(waves[1][None], torch.tensor([LENGTHS[1]]))
+    frames = alone_mask.sum().item()
+    assert torch.equal(mask[1, :frames], alone_mask[0])
+    assert torch.allclose(features[1, :frames], alone[0], atol=1e-5)
+
+
+def test_normalize_and_stack_uses_real_frames_only() -> None:
+    features = torch.randn(2, 10, 4)
+    mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    features[1, 6:] = 1000.0  # garbage in padding must not leak into the statistics
+    stacked, step_mask = normalize_and_stack(features, mask, stack=2)
+    assert stacked.shape == (2, 5, 8)
+    assert step_mask.tolist() == [[True] * 5, [True, True, True, False, False]]
+    real = stacked[1, :3].reshape(6, 4)
+    assert torch.allclose(real.mean(dim=0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(real.var(dim=0, unbiased=False), torch.ones(4), atol=1e-3)
+    assert stacked[1, 3:].abs().sum() == 0
+
+
+def test_feature_extractor_pads_and_masks() -> None:
+    extractor = ZidongFeatureExtractor()
+    out = extractor([np.ones(5), np.ones(3)], sampling_rate=16000, return_tensors="pt")
+    assert out["input_values"].shape == (2, 5)
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert extractor(np.zeros(7))["input_values"].shape == (1, 7)
+
+
+def test_feature_extractor_rejects_wrong_rate_and_stereo() -> None:
+    extractor = ZidongFeatureExtractor()
+    with pytest.raises(ValueError, match="expects 16000 Hz"):
+        extractor([np.ones(5)], sampling_rate=8000)
+    with pytest.raises(ValueError, match=r"audio\[0\] must be a mono 1-D waveform"):
+        extractor([np.ones((2, 5))])

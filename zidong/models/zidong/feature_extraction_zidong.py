@@ -1,0 +1,180 @@
+"""Speech front end: Kaldi-compatible log-mel filterbanks computed for a whole padded batch at once, in torch.
+
+`BatchedFbank` turns padded 16 kHz waveforms (batch, samples) into (batch, frames, mel bins) on whatever device
+the model lives on, one batched FFT for every frame of every utterance. It reproduces
+`torchaudio.compliance.kaldi.fbank` with its defaults (25 ms Povey window, 10 ms shift, pre-emphasis 0.97,
+DC removal, power spectrum, snip_edges) to float32 rounding; tests/models/test_feature_extraction.py states
+the tolerance. Each frame is computed from its own samples only, so padding never changes a real frame.
+
+`ZidongFeatureExtractor` is the processor side: it only checks, resamples-by-contract (16 kHz) and pads
+waveforms into `input_values` + `attention_mask`; the features themselves are computed inside the model.
+
+This file imports only torch, torchaudio and transformers so that exported folders load with remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torchaudio.compliance.kaldi import get_mel_banks
+from transformers import BatchFeature, SequenceFeatureExtractor
+
+
+class BatchedFbank(nn.Module):
+    """Kaldi-style log-mel filterbank features for a padded batch of waveforms.
+
+    Args:
+        sampling_rate: input sample rate in Hz.
+        num_mel_bins: number of mel filters.
+        frame_length_ms / frame_shift_ms: analysis window and hop.
+        preemphasis: pre-emphasis coefficient (Kaldi's default 0.97).
+        low_freq / high_freq: mel filter range in Hz (high_freq <= 0 counts down from Nyquist, as in Kaldi).
+        waveform_scale: multiplier applied to the waveform first; Kaldi models expect 16-bit integer scale, so
+            [-1, 1] float audio is usually scaled by 32768.
+    """
+
+    def __init__(
+        self,
+        sampling_rate: int = 16000,
+        num_mel_bins: int = 80,
+        frame_length_ms: float = 25.0,
+        frame_shift_ms: float = 10.0,
+        preemphasis: float = 0.97,
+        low_freq: float = 20.0,
+        high_freq: float = 0.0,
+        waveform_scale: float = 32768.0,
+    ):
+        super().__init__()
+        self.window_size = int(sampling_rate * frame_length_ms / 1000)
+        self.window_shift = int(sampling_rate * frame_shift_ms / 1000)
+        self.padded_window_size = 1 << (self.window_size - 1).bit_length()
+        self.preemphasis = preemphasis
+        self.waveform_scale = waveform_scale
+        # Povey window: a Hann window raised to 0.85 (Kaldi's default).
+        window = torch.hann_window(self.window_size, periodic=False, dtype=torch.float64).pow(0.85)
+        banks, _ = get_mel_banks(
+            num_mel_bins, self.padded_window_size, float(sampling_rate), low_freq, high_freq, 100.0, -500.0, 1.0
+        )
+        # Kaldi's banks cover padded_window_size/2 FFT bins; the Nyquist bin gets weight 0.
+        banks = torch.nn.functional.pad(banks, (0, 1))
+        self.register_buffer("window", window, persistent=False)  # float64: cast per call
+        self.register_buffer("mel_banks", banks.T.contiguous().float(), persistent=False)
+
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """Frames Kaldi produces for each length (snip_edges: only windows that fit entirely)."""
+        frames = torch.div(num_samples - self.window_size, self.window_shift, rounding_mode="floor") + 1
+        return frames.clamp(min=0)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel features of a padded batch.
+
+        Args:
+            waveforms: (batch, samples) float, zero-padded at the end.
+            lengths: (batch,) number of real samples per row.
+
+        Returns:
+            features (batch, frames, num_mel_bins) and frame_mask (batch, frames), True on real frames; padded
+            frames hold zeros.
+        """
+        if waveforms.shape[1] < self.window_size:
+            waveforms = nn.functional.pad(waveforms, (0, self.window_size - waveforms.shape[1]))
+        if not waveforms.is_floating_point():
+            waveforms = waveforms.float()
+        # Each step writes a fresh contiguous tensor: elementwise ops on the overlapping unfold view are slow.
+        frames = waveforms.unfold(1, self.window_size, self.window_shift)
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        emphasized = frames.new_empty((*frames.shape[:2], self.padded_window_size))
+        emphasized[..., self.window_size :] = 0.0
+        emphasized[..., 0] = frames[..., 0] * (1.0 - self.preemphasis)
+        torch.sub(frames[..., 1:], frames[..., :-1], alpha=self.preemphasis, out=emphasized[..., 1 : self.window_size])
+        # Everything before the power spectrum is linear, so the input scale rides on the window.
+        emphasized[..., : self.window_size] *= self.window.to(frames.dtype) * self.waveform_scale
+        frames = emphasized
+        spectrum = torch.fft.rfft(frames)
+        power = spectrum.real.square() + spectrum.imag.square()  # |X|^2; a complex abs() is several times slower
+        mel = torch.matmul(power, self.mel_banks.to(power.dtype))
+        features = mel.clamp(min=torch.finfo(mel.dtype).eps).log()
+        frame_mask = torch.arange(features.shape[1], device=features.device) < self.num_frames(lengths)[:, None]
+        return features.masked_fill(~frame_mask[..., None], 0.0), frame_mask
+
+
+def normalize_and_stack(
+    features: torch.Tensor, frame_mask: torch.Tensor, stack: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-utterance mean/variance normalisation over real frames, then stack `stack` frames into one step.
+
+    Stacking halves (for stack=2) the frame rate: 100 frames/s become 50 steps/s with 2x the feature width,
+    the input layout of w2v-BERT-style encoders. A step is real only when all its frames are.
+    """
+    weights = frame_mask[..., None].to(features.dtype)
+    count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    mean = (features * weights).sum(dim=1, keepdim=True) / count
+    variance = ((features - mean).pow(2) * weights).sum(dim=1, keepdim=True) / count
+    normalized = (features - mean) / (variance + 1e-7).sqrt() * weights
+    batch, frames, bins = normalized.shape
+    steps = frames // stack
+    stacked = normalized[:, : steps * stack].reshape(batch, steps, stack * bins)
+    step_mask = frame_mask[:, : steps * stack].reshape(batch, steps, stack).all(dim=-1)
+    return stacked, step_mask
+
+
+class ZidongFeatureExtractor(SequenceFeatureExtractor):
+    """Pads mono waveforms into a batch; the filterbank runs in the model (`BatchedFbank`), on its device.
+
+    Call it with one waveform (1-D array) or a list of them, at `sampling_rate` (16 kHz). Returns
+    `input_values` (batch, samples) and `attention_mask` (batch, samples).
+    """
+
+    model_input_names: ClassVar[list[str]] = ["input_values", "attention_mask"]
+
+    def __init__(
+        self,
+        feature_size: int = 1,
+        sampling_rate: int = 16000,
+        padding_value: float = 0.0,
+        max_seconds: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            feature_size=feature_size,
+            sampling_rate=sampling_rate,
+            padding_value=padding_value,
+            return_attention_mask=True,
+            **kwargs,
+        )
+        self.max_seconds = max_seconds
+
+    def __call__(
+        self, audio, sampling_rate: int | None = None, return_tensors: str | None = None, **kwargs
+    ) -> BatchFeature:
+        if sampling_rate is not None and sampling_rate != self.sampling_rate:
+            raise ValueError(
+                f"audio was given at {sampling_rate} Hz but this feature extractor expects {self.sampling_rate} Hz; "
+                "resample first (zidong data build stores 16 kHz audio)"
+            )
+        waveforms = [audio] if _is_single_waveform(audio) else list(audio)
+        arrays = []
+        for index, waveform in enumerate(waveforms):
+            array = np.asarray(waveform, dtype=np.float32)
+            if array.ndim != 1:
+                raise ValueError(f"audio[{index}] must be a mono 1-D waveform, got shape {array.shape}")
+            if self.max_seconds is not None:
+                array = array[: int(self.max_seconds * self.sampling_rate)]
+            arrays.append(array)
+        longest = max((len(a) for a in arrays), default=0)
+        values = np.full((len(arrays), longest), self.padding_value, dtype=np.float32)
+        mask = np.zeros((len(arrays), longest), dtype=np.int64)
+        for row, array in enumerate(arrays):
+            values[row, : len(array)] = array
+            mask[row, : len(array)] = 1
+        return BatchFeature({"input_values": values, "attention_mask": mask}, tensor_type=return_tensors)
+
+
+def _is_single_waveform(audio) -> bool:
+    if isinstance(audio, np.ndarray | torch.Tensor):
+        return audio.ndim == 1
+    return bool(audio) and isinstance(audio[0], int | float) and not math.isnan(float(audio[0]))
