@@ -49,20 +49,38 @@ class BatchedFbank(nn.Module):
         waveform_scale: float = 32768.0,
     ):
         super().__init__()
+        self.sampling_rate = sampling_rate
+        self.num_mel_bins = num_mel_bins
+        self.low_freq = low_freq
+        self.high_freq = high_freq
         self.window_size = int(sampling_rate * frame_length_ms / 1000)
         self.window_shift = int(sampling_rate * frame_shift_ms / 1000)
         self.padded_window_size = 1 << (self.window_size - 1).bit_length()
         self.preemphasis = preemphasis
         self.waveform_scale = waveform_scale
-        # Povey window: a Hann window raised to 0.85 (Kaldi's default).
+        self.register_buffer("window", torch.empty(self.window_size, dtype=torch.float64), persistent=False)
+        self.register_buffer("mel_banks", torch.empty(self.padded_window_size // 2 + 1, num_mel_bins), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)compute the window and mel filters: constants, not weights, so never saved in checkpoints."""
+        # Povey window: a Hann window raised to 0.85 (Kaldi's default); float64, cast to the input's dtype per call.
         window = torch.hann_window(self.window_size, periodic=False, dtype=torch.float64).pow(0.85)
         banks, _ = get_mel_banks(
-            num_mel_bins, self.padded_window_size, float(sampling_rate), low_freq, high_freq, 100.0, -500.0, 1.0
+            self.num_mel_bins,
+            self.padded_window_size,
+            float(self.sampling_rate),
+            self.low_freq,
+            self.high_freq,
+            100.0,
+            -500.0,
+            1.0,
         )
         # Kaldi's banks cover padded_window_size/2 FFT bins; the Nyquist bin gets weight 0.
         banks = torch.nn.functional.pad(banks, (0, 1))
-        self.register_buffer("window", window, persistent=False)  # float64: cast per call
-        self.register_buffer("mel_banks", banks.T.contiguous().float(), persistent=False)
+        self.window = window.to(self.window.device)
+        self.mel_banks = banks.T.contiguous().float().to(self.mel_banks.device)
 
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """Frames Kaldi produces for each length (snip_edges: only windows that fit entirely)."""

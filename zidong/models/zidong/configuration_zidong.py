@@ -1,0 +1,165 @@
+"""`ZidongConfig`: three tower configs of any Hugging Face encoder architecture, plus the alignment settings.
+
+    config = ZidongConfig.from_preset("tiny", vocab_size=8000)
+    config = ZidongConfig(text_config={"model_type": "xlm-roberta", ...}, vision_config=ViTConfig(...).to_dict())
+
+Each tower config is a standard transformers config (BERT/RoBERTa/XLM-R for text, ViT/CLIP-vision for vision,
+w2v-BERT/HuBERT/wav2vec2 for speech); the towers are built from them with `AutoModel.from_config`. A speech
+tower whose main input is `input_features` receives the model's batched filterbank stacked to 50 steps/s; one
+whose main input is `input_values` receives the waveform itself.
+
+Imports only transformers (and its hub helpers) so exported folders load with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+
+
+def _encoder(hidden: int, layers: int, heads: int) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden,
+    }
+
+
+def _preset(
+    hidden: int,
+    layers: int,
+    heads: int,
+    speech_layers: int,
+    image_size: int,
+    patch_size: int,
+    max_text_tokens: int,
+    projection_dim: int,
+) -> dict[str, Any]:
+    return {
+        "text_config": {
+            "model_type": "bert",
+            "max_position_embeddings": max_text_tokens,
+            **_encoder(hidden, layers, heads),
+        },
+        "vision_config": {
+            "model_type": "vit",
+            "image_size": image_size,
+            "patch_size": patch_size,
+            **_encoder(hidden, layers, heads),
+        },
+        "speech_config": {
+            "model_type": "wav2vec2-bert",
+            "feature_projection_input_dim": 160,
+            "position_embeddings_type": "rotary",
+            "conv_depthwise_kernel_size": 15,
+            "max_source_positions": 3000,
+            "add_adapter": False,
+            **_encoder(hidden, speech_layers, heads),
+        },
+        "projection_dim": projection_dim,
+    }
+
+
+# tiny: minutes on 2 CPU cores. base: ViT-B/16 and BERT-base scale. large: ViT-L/14 and BERT-large scale,
+# about 1B parameters in all (the size of OPT's released model).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _preset(128, 2, 2, 2, image_size=64, patch_size=8, max_text_tokens=128, projection_dim=128),
+    "base": _preset(768, 12, 12, 12, image_size=224, patch_size=16, max_text_tokens=512, projection_dim=512),
+    "large": _preset(1024, 24, 16, 16, image_size=224, patch_size=14, max_text_tokens=512, projection_dim=768),
+}
+
+
+@strict
+class ZidongConfig(PreTrainedConfig):
+    r"""
+    text_config, vision_config, speech_config (`dict` or `PreTrainedConfig`):
+        Configs of the three towers; a dict names its architecture with `model_type`.
+    projection_dim (`int`): width of the shared embedding space.
+    logit_scale_init_value / logit_scale_max (`float`): initial and largest log inverse temperature.
+    contrastive_loss (`str`): "softmax" (InfoNCE, CLIP-style) or "sigmoid" (SigLIP-style).
+    logit_bias_init_value (`float`): initial bias of the sigmoid loss.
+    sampling_rate, num_mel_bins, speech_frame_stack: the speech front end (16 kHz, 80 mel bins, 2 frames per
+        step = 50 steps per second).
+    spec_augment_freq_mask, spec_augment_time_mask (`int`): widest frequency / time mask SpecAugment applies
+        in training (0 switches that mask off).
+    initializer_range (`float`): std of the normal init of the projections.
+    """
+
+    model_type = "zidong"
+    sub_configs_defaults = {  # noqa: RUF012 (the transformers convention)
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "speech_config": SubConfigSpec(config_class=AutoConfig, model_type="wav2vec2-bert"),
+    }
+
+    text_config: PreTrainedConfig | dict | None = None
+    vision_config: PreTrainedConfig | dict | None = None
+    speech_config: PreTrainedConfig | dict | None = None
+    projection_dim: int = 256
+    logit_scale_init_value: float | int = 2.6592
+    logit_scale_max: float | int = 4.6052
+    contrastive_loss: str = "softmax"
+    logit_bias_init_value: float | int = -10.0
+    sampling_rate: int = 16000
+    num_mel_bins: int = 80
+    speech_frame_stack: int = 2
+    spec_augment_freq_mask: int = 0
+    spec_augment_time_mask: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        for name in self.sub_configs_defaults:
+            tower = getattr(self, name)
+            model_type = tower.get("model_type") if isinstance(tower, dict) else None
+            if model_type is not None and model_type not in CONFIG_MAPPING:
+                near = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise ValueError(
+                    f"ZidongConfig.{name}.model_type {model_type!r} is not a transformers architecture{hint}"
+                )
+        super().__post_init__(**kwargs)
+        if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(
+                f"ZidongConfig.contrastive_loss must be one of {', '.join(CONTRASTIVE_LOSSES)}, "
+                f"got {self.contrastive_loss!r}"
+            )
+        for name in ("projection_dim", "sampling_rate", "num_mel_bins", "speech_frame_stack"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ZidongConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("spec_augment_freq_mask", "spec_augment_time_mask"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ZidongConfig.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.logit_scale_init_value > self.logit_scale_max:
+            raise ValueError(
+                f"ZidongConfig.logit_scale_init_value ({self.logit_scale_init_value}) is above "
+                f"logit_scale_max ({self.logit_scale_max})"
+            )
+        speech_input_dim = getattr(self.speech_config, "feature_projection_input_dim", None)
+        expected = self.num_mel_bins * self.speech_frame_stack
+        if speech_input_dim is not None and speech_input_dim != expected:
+            raise ValueError(
+                f"speech_config.feature_projection_input_dim is {speech_input_dim} but the front end produces "
+                f"num_mel_bins x speech_frame_stack = {self.num_mel_bins} x {self.speech_frame_stack} = {expected}"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ZidongConfig:
+        """The from-scratch config `tiny`, `base` or `large`; keyword arguments replace top-level fields, and
+        `text`/`vision`/`speech` dicts update the matching tower config (e.g. `text={"vocab_size": 8000}`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        fields = {key: dict(value) if isinstance(value, dict) else value for key, value in PRESETS[name].items()}
+        for modality in ("text", "vision", "speech"):
+            fields[f"{modality}_config"].update(overrides.pop(modality, {}))
+        return cls(**{**fields, **overrides})
+
+
+__all__ = ["ZidongConfig"]
