@@ -14,7 +14,6 @@ This file imports only torch, torchaudio and transformers so that exported folde
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import numpy as np
@@ -195,4 +194,4 @@ class ZidongFeatureExtractor(SequenceFeatureExtractor):
 def _is_single_waveform(audio) -> bool:
     if isinstance(audio, np.ndarray | torch.Tensor):
         return audio.ndim == 1
-    return bool(audio) and isinstance(audio[0], int | float) and not math.isnan(float(audio[0]))
+    return len(audio) > 0 and isinstance(audio[0], int | float)

@@ -65,22 +65,24 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenate `tensor` from every rank along dim 0, keeping the gradient path to each rank's own rows.
 
-    Single-process (or no process group): returns `tensor` unchanged. Ranks may hold different row counts.
+    Ranks may hold different row counts. Returns the concatenation and the index at which this rank's rows
+    start in it; single-process (or no process group) returns `tensor` itself and 0.
     """
     if not _distributed():
-        return tensor
+        return tensor, 0
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
 
     counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
-    longest = int(max(c.item() for c in counts))
-    padded = F.pad(tensor, (0, 0, 0, longest - tensor.shape[0]))
+    counts = [int(count.item()) for count in counts]
+    padded = F.pad(tensor, (0, 0, 0, max(counts) - tensor.shape[0]))
     pieces = all_gather(padded)
-    return torch.cat([piece[: int(count.item())] for piece, count in zip(pieces, counts, strict=True)])
+    gathered = torch.cat([piece[:count] for piece, count in zip(pieces, counts, strict=True)])
+    return gathered, sum(counts[: dist.get_rank()])
 
 
 def contrastive_pair_loss(
@@ -90,11 +92,8 @@ def contrastive_pair_loss(
 
     With one process this is the ordinary symmetric loss over the batch.
     """
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
-    offset = _row_offset(a.shape[0], rank)
+    gathered, offset = gather_with_grad(torch.cat([a, b], dim=1))  # one collective for both sides
+    all_a, all_b = gathered.split([a.shape[1], b.shape[1]], dim=1)
     scale = logit_scale.exp()
     logits_ab = scale * a @ all_b.T
     logits_ba = scale * b @ all_a.T
@@ -102,20 +101,9 @@ def contrastive_pair_loss(
         targets = -torch.ones_like(logits_ab)
         rows = torch.arange(a.shape[0], device=a.device)
         targets[rows, rows + offset] = 1.0
-        total = all_a.shape[0]
-        return -(F.logsigmoid(targets * (logits_ab + logit_bias)).sum() / total)
+        return -(F.logsigmoid(targets * (logits_ab + logit_bias)).sum() / all_a.shape[0])
     labels = torch.arange(a.shape[0], device=a.device) + offset
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
-
-
-def _row_offset(local_rows: int, rank: int) -> int:
-    import torch.distributed as dist
-
-    if rank == 0:
-        return 0
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([local_rows]))
-    return int(sum(c.item() for c in counts[:rank]))
 
 
 class ZidongPreTrainedModel(PreTrainedModel):
