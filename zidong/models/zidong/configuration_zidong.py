@@ -1,6 +1,6 @@
 """`ZidongConfig`: three tower configs of any Hugging Face encoder architecture, plus the alignment settings.
 
-    config = ZidongConfig.from_preset("tiny", vocab_size=8000)
+    config = ZidongConfig.from_preset("tiny", text={"vocab_size": 8000})
     config = ZidongConfig(text_config={"model_type": "xlm-roberta", ...}, vision_config=ViTConfig(...).to_dict())
 
 Each tower config is a standard transformers config (BERT/RoBERTa/XLM-R for text, ViT/CLIP-vision for vision,

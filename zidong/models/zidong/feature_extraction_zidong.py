@@ -6,8 +6,8 @@ the model lives on, one batched FFT for every frame of every utterance. It repro
 DC removal, power spectrum, snip_edges) to float32 rounding; tests/models/test_feature_extraction.py states
 the tolerance. Each frame is computed from its own samples only, so padding never changes a real frame.
 
-`ZidongFeatureExtractor` is the processor side: it only checks, resamples-by-contract (16 kHz) and pads
-waveforms into `input_values` + `attention_mask`; the features themselves are computed inside the model.
+`ZidongFeatureExtractor` is the processor side: it checks that audio is mono and at 16 kHz (it does not
+resample) and pads waveforms into `input_values` + `attention_mask`; the features are computed in the model.
 
 This file imports only torch, torchaudio and transformers so that exported folders load with remote code.
 """
@@ -110,8 +110,7 @@ class BatchedFbank(nn.Module):
         torch.sub(frames[..., 1:], frames[..., :-1], alpha=self.preemphasis, out=emphasized[..., 1 : self.window_size])
         # Everything before the power spectrum is linear, so the input scale rides on the window.
         emphasized[..., : self.window_size] *= self.window.to(frames.dtype) * self.waveform_scale
-        frames = emphasized
-        spectrum = torch.fft.rfft(frames)
+        spectrum = torch.fft.rfft(emphasized)
         power = spectrum.real.square() + spectrum.imag.square()  # |X|^2; a complex abs() is several times slower
         mel = torch.matmul(power, self.mel_banks.to(power.dtype))
         features = mel.clamp(min=torch.finfo(mel.dtype).eps).log()

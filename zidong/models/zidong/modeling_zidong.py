@@ -131,18 +131,12 @@ class ZidongModel(ZidongPreTrainedModel):
         self.vision_model = AutoModel.from_config(config.vision_config, attn_implementation=attention)
         self.speech_model = AutoModel.from_config(config.speech_config, attn_implementation=attention)
         self.fbank = BatchedFbank(sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins)
-        self.spec_augment = nn.Sequential(
-            *(
-                [torchaudio.transforms.FrequencyMasking(config.spec_augment_freq_mask)]
-                if config.spec_augment_freq_mask
-                else []
-            ),
-            *(
-                [torchaudio.transforms.TimeMasking(config.spec_augment_time_mask)]
-                if config.spec_augment_time_mask
-                else []
-            ),
-        )
+        spec_masks: list[nn.Module] = []
+        if config.spec_augment_freq_mask:
+            spec_masks.append(torchaudio.transforms.FrequencyMasking(config.spec_augment_freq_mask))
+        if config.spec_augment_time_mask:
+            spec_masks.append(torchaudio.transforms.TimeMasking(config.spec_augment_time_mask))
+        self.spec_augment = nn.Sequential(*spec_masks)
         self.text_projection = self._projection(config.text_config)
         self.vision_projection = self._projection(config.vision_config)
         self.speech_projection = self._projection(config.speech_config)
