@@ -42,6 +42,7 @@ def _preset(
     patch_size: int,
     max_text_tokens: int,
     projection_dim: int,
+    fusion_layers: int,
 ) -> dict[str, Any]:
     return {
         "text_config": {
@@ -65,15 +66,18 @@ def _preset(
             **_encoder(hidden, speech_layers, heads),
         },
         "projection_dim": projection_dim,
+        "fusion_hidden_size": hidden,
+        "fusion_num_layers": fusion_layers,
+        "fusion_num_heads": heads,
     }
 
 
 # tiny: minutes on 2 CPU cores. base: ViT-B/16 and BERT-base scale. large: ViT-L/14 and BERT-large scale,
 # about 1B parameters in all (the size of OPT's released model).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": _preset(128, 2, 2, 2, image_size=64, patch_size=8, max_text_tokens=128, projection_dim=128),
-    "base": _preset(768, 12, 12, 12, image_size=224, patch_size=16, max_text_tokens=512, projection_dim=512),
-    "large": _preset(1024, 24, 16, 16, image_size=224, patch_size=14, max_text_tokens=512, projection_dim=768),
+    "tiny": _preset(128, 2, 2, 2, 64, 8, max_text_tokens=128, projection_dim=128, fusion_layers=2),
+    "base": _preset(768, 12, 12, 12, 224, 16, max_text_tokens=512, projection_dim=512, fusion_layers=6),
+    "large": _preset(1024, 24, 16, 16, 224, 14, max_text_tokens=512, projection_dim=768, fusion_layers=6),
 }
 
 
@@ -90,7 +94,15 @@ class ZidongConfig(PreTrainedConfig):
         step = 50 steps per second).
     spec_augment_freq_mask, spec_augment_time_mask (`int`): widest frequency / time mask SpecAugment applies
         in training (0 switches that mask off).
-    initializer_range (`float`): std of the normal init of the projections.
+    initializer_range (`float`): std of the normal init of the projections and fusion weights.
+    fusion_hidden_size, fusion_num_layers, fusion_num_heads, fusion_intermediate_size (default 4 x hidden),
+        fusion_dropout, layer_norm_eps: the fusion encoder over the concatenated token streams.
+    mask_token_id (`int`): the tokenizer's mask token, needed by masked text modelling.
+    text_mask_probability (`float`): share of text tokens masked (BERT's 80/10/10 replacement).
+    vision_mask_ratio (`float`): share of image patches blanked for masked vision modelling.
+    speech_mask_ratio, speech_mask_span: share of 20 ms speech steps blanked, in runs of `speech_mask_span` steps.
+    modality_mask_probability (`float`): chance that a multi-modal sample has one whole modality masked in the
+        masked-modelling pass (the others must then predict it alone).
     """
 
     model_type = "zidong"
@@ -114,6 +126,18 @@ class ZidongConfig(PreTrainedConfig):
     spec_augment_freq_mask: int = 0
     spec_augment_time_mask: int = 0
     initializer_range: float = 0.02
+    fusion_hidden_size: int = 256
+    fusion_num_layers: int = 2
+    fusion_num_heads: int = 4
+    fusion_intermediate_size: int | None = None
+    fusion_dropout: float | int = 0.0
+    layer_norm_eps: float = 1e-6
+    mask_token_id: int | None = None
+    text_mask_probability: float | int = 0.15
+    vision_mask_ratio: float | int = 0.5
+    speech_mask_ratio: float | int = 0.3
+    speech_mask_span: int = 5
+    modality_mask_probability: float | int = 0.1
 
     def __post_init__(self, **kwargs):
         for name in self.sub_configs_defaults:
@@ -131,9 +155,35 @@ class ZidongConfig(PreTrainedConfig):
                 f"ZidongConfig.contrastive_loss must be one of {', '.join(CONTRASTIVE_LOSSES)}, "
                 f"got {self.contrastive_loss!r}"
             )
-        for name in ("projection_dim", "sampling_rate", "num_mel_bins", "speech_frame_stack"):
+        if self.fusion_intermediate_size is None:
+            self.fusion_intermediate_size = 4 * self.fusion_hidden_size
+        for name in (
+            "projection_dim",
+            "sampling_rate",
+            "num_mel_bins",
+            "speech_frame_stack",
+            "fusion_hidden_size",
+            "fusion_num_layers",
+            "fusion_num_heads",
+            "fusion_intermediate_size",
+            "speech_mask_span",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ZidongConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.fusion_hidden_size % self.fusion_num_heads:
+            raise ValueError(
+                f"ZidongConfig.fusion_hidden_size ({self.fusion_hidden_size}) must be a multiple of "
+                f"fusion_num_heads ({self.fusion_num_heads})"
+            )
+        for name in (
+            "fusion_dropout",
+            "text_mask_probability",
+            "vision_mask_ratio",
+            "speech_mask_ratio",
+            "modality_mask_probability",
+        ):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"ZidongConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("spec_augment_freq_mask", "spec_augment_time_mask"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ZidongConfig.{name} must be 0 or more, got {getattr(self, name)}")
