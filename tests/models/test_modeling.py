@@ -17,9 +17,8 @@ ALL_OBJECTIVES = dict.fromkeys(OBJECTIVES, 1.0)
 
 
 def tiny_config(**overrides) -> ZidongConfig:
-    return ZidongConfig.from_preset(
-        "tiny", text={"vocab_size": VOCAB, "pad_token_id": 0}, mask_token_id=MASK_TOKEN, **overrides
-    )
+    overrides = {"mask_token_id": MASK_TOKEN, **overrides}
+    return ZidongConfig.from_preset("tiny", text={"vocab_size": VOCAB, "pad_token_id": 0}, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,8 @@ def _preset(
             "conv_depthwise_kernel_size": 15,
             "max_source_positions": 3000,
             "add_adapter": False,
+            # Off: the tower's own time masking draws from numpy's RNG; SpecAugment runs on the filterbank instead.
+            "apply_spec_augment": False,
             **_encoder(hidden, speech_layers, heads),
         },
         "projection_dim": projection_dim,

@@ -1,0 +1,200 @@
+"""The fusion objectives: hard-negative mining, multi-way matching targets, masking rules, compute skipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.models.test_modeling import ALL_OBJECTIVES, MASK_TOKEN, VOCAB, make_inputs, tiny_config
+from zidong.models.zidong.losses_zidong import multiway_matching_loss, span_mask
+from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel
+
+
+@pytest.fixture(scope="module")
+def model() -> ZidongModel:
+    torch.manual_seed(0)
+    return ZidongModel(tiny_config()).train()
+
+
+def test_hard_negatives_are_the_most_similar_valid_partner(model: ZidongModel) -> None:
+    # Samples 0..3: text+vision+speech, text+vision, text+vision, vision+speech. Vision of sample 2 is the
+    # near-copy of sample 0's text, so swapping sample 0's vision must pick sample 2.
+    present = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    basis = torch.eye(4)
+    embeds = {
+        "text": F.normalize(torch.stack([basis[0], basis[1], basis[2], torch.zeros(4)]), dim=-1),
+        "vision": F.normalize(torch.stack([basis[3], basis[1], basis[0] + 0.01, basis[2]]), dim=-1),
+        "speech": F.normalize(torch.stack([basis[0], torch.zeros(4), torch.zeros(4), basis[2]]), dim=-1),
+    }
+    with torch.no_grad():
+        model.logit_scale.fill_(4.6)
+    swaps = []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        swapped, partner = model._mine_hard_negatives(embeds, present, present.sum(dim=1) >= 2)
+        for row in range(4):
+            modality = int(swapped[row])
+            assert modality >= 0
+            assert present[row, modality]
+            assert partner[row] != row
+            assert present[partner[row], modality]
+        if swapped[0] == MODALITIES.index("vision"):
+            swaps.append(int(partner[0]))
+    assert swaps
+    assert all(p == 2 for p in swaps)
+
+
+def test_matching_targets_pairs_and_triplets() -> None:
+    allowed = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    # a triplet whose vision was swapped; a text+vision pair whose negative counts as either side swapped
+    target = torch.tensor([[0, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    confident = torch.tensor([[-9.0, -9.0, 9.0, -9.0], [-9.0, 5.0, 5.0, 50.0]])
+    assert multiway_matching_loss(confident, allowed, target) < 1e-3  # class 3 is not allowed for the pair
+    wrong = torch.tensor([[9.0, -9.0, -9.0, -9.0], [9.0, -9.0, -9.0, -9.0]])
+    assert multiway_matching_loss(wrong, allowed, target) > 10
+
+
+def test_weight_zero_skips_the_compute(model: ZidongModel) -> None:
+    calls = {"fusion": 0, "text_model": 0}
+    hooks = [
+        model.fusion.register_forward_hook(lambda *_: calls.__setitem__("fusion", calls["fusion"] + 1)),
+        model.text_model.register_forward_hook(lambda *_: calls.__setitem__("text_model", calls["text_model"] + 1)),
+    ]
+    inputs = make_inputs({m: [True] * 3 for m in MODALITIES})
+    try:
+        out = model(**inputs, return_loss=True, loss_weights={"contrastive": 1.0, "matching": 0.0})
+        assert calls == {"fusion": 0, "text_model": 1}
+        assert set(out.losses) == {"contrastive", "contrastive_text_vision", "contrastive_text_speech",
+                                   "contrastive_vision_speech"}  # fmt: skip
+        model(**inputs, return_loss=True, loss_weights={"masked_text": 1.0})
+        assert calls == {"fusion": 1, "text_model": 3}  # one more text pass, on the masked tokens
+        model(**inputs)
+        assert calls == {"fusion": 1, "text_model": 4}
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_total_is_the_weighted_sum(model: ZidongModel) -> None:
+    inputs = make_inputs({m: [True] * 3 for m in MODALITIES})
+    torch.manual_seed(1)
+    out = model(**inputs, return_loss=True, loss_weights={"contrastive": 0.5, "matching": 2.0})
+    expected = 0.5 * out.losses["contrastive"] + 2.0 * out.losses["matching"]
+    assert torch.allclose(out.loss, expected)
+
+
+def test_text_masking_never_touches_padding_or_special_tokens(model: ZidongModel) -> None:
+    ids = torch.tensor([[2, 7, 8, 9, 3, 0, 0], [2, 10, 11, 12, 13, 14, 3]])
+    model.config.text_config.bos_token_id, model.config.text_config.eos_token_id = 2, 3
+    attention = (ids != 0).long()
+    everything = torch.tensor([True, True])
+    _, (chosen, labels, _) = model._mask_text(ids, attention, everything)
+    assert chosen.tolist() == [[False, True, True, True, False, False, False], [False] + [True] * 5 + [False]]
+    assert torch.equal(labels, ids)
+    torch.manual_seed(0)
+    long_ids = torch.randint(MASK_TOKEN + 1, VOCAB, (64, 32))
+    _, (chosen, _, _) = model._mask_text(long_ids, None, torch.zeros(64, dtype=torch.bool))
+    assert 0.12 < chosen.float().mean() < 0.18  # text_mask_probability = 0.15
+
+
+def test_masked_text_needs_a_mask_token() -> None:
+    model = ZidongModel(tiny_config(mask_token_id=None))
+    inputs = make_inputs({m: [True] * 2 for m in MODALITIES})
+    with pytest.raises(ValueError, match="mask_token_id is not set"):
+        model(**inputs, return_loss=True, loss_weights={"masked_text": 1.0})
+
+
+def test_unknown_objective_is_named(model: ZidongModel) -> None:
+    inputs = make_inputs({m: [True] * 2 for m in MODALITIES})
+    with pytest.raises(ValueError, match=r"unknown objective.*masked_txt"):
+        model(**inputs, return_loss=True, loss_weights={"masked_txt": 1.0})
+
+
+def test_vision_masking_blanks_exactly_the_chosen_patches(model: ZidongModel) -> None:
+    seen = {}
+    hook = model.vision_model.register_forward_hook(
+        lambda _m, args, kwargs, _o: seen.__setitem__("pixels", kwargs["pixel_values"]), with_kwargs=True
+    )
+    pixels = torch.randn(2, 3, 64, 64) + 5.0  # nowhere zero before masking
+    try:
+        _, (chosen, target, _) = model._mask_vision(pixels, None, torch.tensor([False, True]))
+    finally:
+        hook.remove()
+    assert chosen.shape == (2, 64)
+    assert int(chosen[0].sum()) == 32
+    assert bool(chosen[1].all())
+    blanked = (seen["pixels"] == 0).reshape(2, 3, 8, 8, 8, 8).permute(0, 2, 4, 1, 3, 5).reshape(2, 64, -1)
+    assert torch.equal(blanked.all(dim=-1), chosen)
+    assert torch.equal(blanked.any(dim=-1), chosen)
+    assert torch.allclose(target.mean(dim=-1), torch.zeros(2, 64), atol=1e-5)  # per-patch normalised
+
+
+def test_speech_span_masking_keeps_to_real_steps() -> None:
+    torch.manual_seed(0)
+    valid = torch.ones(4, 400, dtype=torch.bool)
+    valid[0, 100:] = False
+    chosen = span_mask(valid, ratio=0.3, span=5)
+    assert not chosen[0, 100:].any()
+    assert 0.2 < chosen[1:].float().mean() < 0.4
+
+
+def test_modality_level_masking_masks_one_whole_modality_per_multimodal_sample() -> None:
+    model = ZidongModel(tiny_config(modality_mask_probability=1.0))
+    presence = {
+        "text": torch.tensor([True, True, True, False]),
+        "vision": torch.tensor([True, True, False, False]),
+        "speech": torch.tensor([True, False, True, True]),
+    }
+    whole = model._modality_level_mask(["text", "vision", "speech"], presence)
+    stacked = torch.stack([whole[m] for m in MODALITIES], dim=1)
+    assert stacked.sum(dim=1).tolist() == [1, 1, 1, 0]  # sample 3 has speech only: nothing to predict it from
+    assert not (stacked & ~torch.stack([presence[m] for m in MODALITIES], dim=1)).any()
+    only_text = model._modality_level_mask(["text"], presence)
+    assert only_text["text"].tolist() == [True, True, True, False]
+    assert not only_text["speech"].any()
+
+
+def test_waveform_speech_tower_runs_every_objective() -> None:
+    """A HuBERT-style tower reads the waveform itself; masked speech blanks samples and follows its token grid."""
+    speech = {
+        "model_type": "hubert",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "conv_dim": [32] * 7,
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 4,
+        "apply_spec_augment": False,
+    }
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config(speech_config=speech)).train()
+    out = model(**make_inputs({m: [True] * 3 for m in MODALITIES}), return_loss=True, loss_weights=ALL_OBJECTIVES)
+    assert out.speech_embeds.shape == (3, 128)
+    assert torch.isfinite(out.losses["masked_speech"])
+    out.loss.backward()
+    assert model.speech_head.decoder.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).train()
+    inputs = make_inputs({m: [True] * 3 for m in MODALITIES})
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model(**inputs, return_loss=True, loss_weights=ALL_OBJECTIVES).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = run()
+    model.activation_checkpointing_enable()
+    checkpointed_layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    checkpointed_loss, checkpointed = run()
+    assert len(checkpointed_layers) >= 8  # 2 layers in each of text, vision, speech and fusion
+    assert torch.allclose(plain_loss, checkpointed_loss, atol=1e-6)
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], atol=1e-5), name
