@@ -1,7 +1,20 @@
 """zidong: pretraining for a tri-modal (text, speech, vision) encoder stack with cross-modal alignment heads.
 
-The package root stays light (no torch import) so that `zidong --help` and config validation answer at once;
-the model, data and training modules import their heavy dependencies themselves.
+    import zidong
+    model = zidong.ZidongModel(zidong.ZidongConfig.from_preset("tiny"))
+
+Importing the package registers the "zidong" model type with transformers' AutoConfig, AutoModel,
+AutoFeatureExtractor and AutoProcessor. The model library (`zidong.models`) needs only torch, torchaudio and
+transformers; data and training code import accelerate, deepspeed and datasets themselves.
 """
 
 __version__ = "0.1.0"
+
+from zidong.models.zidong import (
+    ZidongConfig,
+    ZidongFeatureExtractor,
+    ZidongModel,
+    ZidongProcessor,
+)
+
+__all__ = ["ZidongConfig", "ZidongFeatureExtractor", "ZidongModel", "ZidongProcessor", "__version__"]

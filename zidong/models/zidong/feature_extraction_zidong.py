@@ -155,6 +155,7 @@ class ZidongFeatureExtractor(SequenceFeatureExtractor):
         max_seconds: float | None = None,
         **kwargs,
     ):
+        kwargs.pop("return_attention_mask", None)  # always True; present when loading a saved config
         super().__init__(
             feature_size=feature_size,
             sampling_rate=sampling_rate,
