@@ -3,7 +3,7 @@
     zidong --help                      every subcommand
     zidong SUBCOMMAND --help           its arguments
 
-Parsing and validation happen here, before any heavy import: a wrong argument, path or recipe key exits with
+Parsing and validation happen here, before any model or data is built: a wrong argument, path or recipe key exits with
 code 2 and a one-paragraph message, never a traceback. Each subcommand's work lives in its own module and is
 imported only when that subcommand runs. Runs the same under `python -m zidong`, `accelerate launch -m zidong`
 and `torchrun -m zidong`.

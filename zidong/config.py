@@ -14,7 +14,7 @@ The grammar, the same for every command that takes a recipe:
 - Every problem is collected, then reported together in one `ConfigError`: the key, where its value came from
   (file and line, or the command line), what was expected, and the closest valid key.
 
-Only the standard library and PyYAML are imported here: a recipe is validated before anything heavy loads.
+Only the standard library and PyYAML are imported here: a recipe is validated before any model or data is built.
 """
 
 from __future__ import annotations
