@@ -198,3 +198,16 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         assert torch.allclose(grad, checkpointed[name], atol=1e-5), name
+
+
+def test_spec_augment_draws_a_mask_per_utterance_in_training_only() -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config(spec_augment_freq_mask=30, spec_augment_time_mask=0))
+    waveform = torch.randn(1, 16000).repeat(8, 1) * 0.1
+    mask = torch.ones_like(waveform, dtype=torch.long)
+    model.train()
+    augmented, _ = model.speech_steps(waveform, mask, augment=True)
+    masked_bins = [(row[:, :80] == 0).all(dim=0) for row in augmented]  # first frame of each step
+    assert len({tuple(bins.tolist()) for bins in masked_bins}) > 1  # utterances got different masks
+    clean, _ = model.speech_steps(waveform, mask, augment=False)
+    assert torch.equal(clean[0], clean[7])

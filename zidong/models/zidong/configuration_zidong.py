@@ -68,6 +68,8 @@ def _preset(
             **_encoder(hidden, speech_layers, heads),
         },
         "projection_dim": projection_dim,
+        "spec_augment_freq_mask": 15,  # of 80 mel bins
+        "spec_augment_time_mask": 20,  # frames of 10 ms
         "fusion_hidden_size": hidden,
         "fusion_num_layers": fusion_layers,
         "fusion_num_heads": heads,

@@ -116,9 +116,9 @@ class ZidongModel(ZidongPreTrainedModel):
         self.fbank = BatchedFbank(sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins)
         spec_masks: list[nn.Module] = []
         if config.spec_augment_freq_mask:
-            spec_masks.append(torchaudio.transforms.FrequencyMasking(config.spec_augment_freq_mask))
+            spec_masks.append(torchaudio.transforms.FrequencyMasking(config.spec_augment_freq_mask, iid_masks=True))
         if config.spec_augment_time_mask:
-            spec_masks.append(torchaudio.transforms.TimeMasking(config.spec_augment_time_mask))
+            spec_masks.append(torchaudio.transforms.TimeMasking(config.spec_augment_time_mask, iid_masks=True))
         self.spec_augment = nn.Sequential(*spec_masks)
         widths = {modality: self._tower_width(modality) for modality in MODALITIES}
         self.text_projection = nn.Linear(widths["text"], config.projection_dim, bias=False)
@@ -206,7 +206,8 @@ class ZidongModel(ZidongPreTrainedModel):
         """Waveforms -> normalised filterbank stacked to 20 ms steps (n, steps, bins x stack) and their mask."""
         features, frame_mask = self.fbank(input_values, attention_mask.long().sum(dim=1))
         if augment and len(self.spec_augment):
-            features = self.spec_augment(features.transpose(1, 2)).transpose(1, 2)
+            # (n, 1, bins, frames): the 4-D layout under which torchaudio draws a different mask per utterance
+            features = self.spec_augment(features.transpose(1, 2)[:, None])[:, 0].transpose(1, 2)
         return normalize_and_stack(features, frame_mask, self.config.speech_frame_stack)
 
     def _run_speech_tower(self, speech_inputs: torch.Tensor, input_mask: torch.Tensor) -> TowerOutput:
