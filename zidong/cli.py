@@ -95,6 +95,36 @@ def _pretrain(args: argparse.Namespace) -> int:
     _not_available("pretrain (the training loop)")
 
 
+def _data_build(args: argparse.Namespace) -> int:
+    from zidong.config import config_from_overrides
+    from zidong.data.normalize import BuildSettings
+
+    overrides = list(args.overrides)
+    if args.shard_size:
+        overrides.append(f"shard_size={args.shard_size}")
+    settings = config_from_overrides(BuildSettings, overrides, "build settings")
+    from zidong.data.build import build
+
+    result = build(args.manifest, args.out, settings, workers=args.workers or 1, part=args.part or (0, 1))
+    index, count = result.part
+    scope = f"part {index}/{count}: " if count > 1 else ""
+    print(f"{scope}{result.samples} samples in {result.shards} shards, {result.rejected} rejected")
+    if not result.index_written:
+        print(f"{args.out}/index.json is written when every part has finished")
+        return 0
+    print(f"wrote {args.out}/index.json and {args.out}/rejects.jsonl (see `zidong data inspect {args.out}`)")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from zidong.data.inspect import check_shards, load_index, summary
+
+    index = load_index(args.folder)
+    problems = check_shards(args.folder, index, checksums=args.checksums)
+    sys.stdout.write(summary(args.folder, index, problems))
+    return EXIT_USAGE if problems else 0
+
+
 def _unavailable_handler(command: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         _not_available(command)
@@ -128,11 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-size", type=_positive_int, metavar="N", help="samples per shard")
     build.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes")
     build.add_argument("--part", type=_part, metavar="i/N", help="build only slice i of N (job arrays)")
-    build.set_defaults(handler=_unavailable_handler("data build"))
+    build.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="build settings, e.g. max_audio_seconds=20 (docs/data.md)"
+    )
+    build.set_defaults(handler=_data_build, takes_overrides=True)
 
     inspect = data_commands.add_parser("inspect", help="summarise a shard folder and check it against its index")
     inspect.add_argument("folder", type=_existing_dir, metavar="DIR")
-    inspect.set_defaults(handler=_unavailable_handler("data inspect"))
+    inspect.add_argument("--checksums", action="store_true", help="also verify every shard's sha256")
+    inspect.set_defaults(handler=_data_inspect)
 
     tokenizer = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer (Chinese and English)")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)

@@ -86,6 +86,23 @@ def load_config(schema: type[T], path: str | Path, overrides: Sequence[str] = ()
     return config
 
 
+def config_from_overrides(schema: type[T], overrides: Sequence[str], what: str) -> T:
+    """Build `schema` from its defaults and `key=value` overrides alone (settings of a command without a file).
+
+    Raises:
+        ConfigError: a key, type or value is wrong; the message starts with "invalid {what}".
+    """
+    raw: dict = {}
+    sources: dict[str, str] = {}
+    problems: list[str] = []
+    for text in overrides:
+        _apply_override(schema, raw, sources, text, problems)
+    config = _Builder(schema, sources, problems).build(schema, raw, "")
+    if problems:
+        raise ConfigError(f"invalid {what}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return config
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The plain-data form of a built config (what `--print-config` shows and a run directory stores)."""
     return dataclasses.asdict(config)

@@ -1,0 +1,338 @@
+"""`zidong data build`: a JSONL manifest -> validated, normalised webdataset-style tar shards + index.json.
+
+    zidong data build corpus/manifest.jsonl --out shards/ --workers 8
+    zidong data build corpus/manifest.jsonl --out shards/ --part 3/16     # one task of a job array
+
+Layout of the output folder:
+
+    0000-00000.tar ...   shards, named {part}-{shard}; members {key}.txt|jpg|png|flac|json per sample
+    index.json           totals, per-shard sample counts and sha256, the build's settings (written last)
+    rejects.jsonl        every rejected manifest line: line, id, field, reason
+    .build/              progress of each part (what makes an interrupted build resumable)
+
+Parts: manifest line n (1-based) belongs to part (n - 1) % N. Every part records each shard in
+`.build/part-i-of-N.jsonl` right after the shard's atomic rename; a re-run of the same command skips the recorded
+shards and carries on from the next line, so no sample is lost or written twice. The part that finishes last
+merges all records into `index.json` and `rejects.jsonl`. Duplicate ids are found by a pre-pass over the whole
+manifest (the first line with an id wins), so parts agree without talking to each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zidong.data.normalize import BuildSettings, Rejected, Sample, normalize_sample, parse_line
+from zidong.errors import UserError
+from zidong.utils.log import get_logger, progress
+
+INDEX_FORMAT = "zidong-shards/1"
+STATE_DIR = ".build"
+logger = get_logger(__name__)
+
+
+@dataclass
+class ShardStats:
+    samples: int = 0
+    combinations: Counter = field(default_factory=Counter)
+    audio_seconds: float = 0.0
+    images: int = 0
+    text_chars: int = 0
+    languages: Counter = field(default_factory=Counter)
+
+    def add(self, sample: Sample) -> None:
+        self.samples += 1
+        self.combinations[sample.combination] += 1
+        self.audio_seconds += sample.meta.get("audio_seconds", 0.0)
+        self.images += "vision" in sample.meta["modalities"]
+        self.text_chars += sample.meta.get("text_chars", 0)
+        if "lang" in sample.meta:
+            self.languages[sample.meta["lang"]] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "combinations": dict(self.combinations), "languages": dict(self.languages)}
+
+
+@dataclass
+class BuildResult:
+    part: tuple[int, int]
+    samples: int
+    rejected: int
+    shards: int
+    index_written: bool
+
+
+def build(
+    manifest: Path,
+    out: Path,
+    settings: BuildSettings,
+    workers: int = 1,
+    part: tuple[int, int] = (0, 1),
+) -> BuildResult:
+    """Build (or finish building) part `part` of `manifest` into `out`; merge the index when all parts are done.
+
+    Raises UserError when the manifest cannot be read or `out` holds a build with other settings.
+    """
+    manifest = manifest.resolve()
+    lines = _read_manifest(manifest)
+    index, count = part
+    state = out / STATE_DIR
+    _claim_output(out, state, manifest, settings, count)
+    progress_file = state / f"part-{index:04d}-of-{count:04d}.jsonl"
+    records = _completed_records(out, progress_file)
+    if records and records[-1].get("done"):
+        logger.info("part %d/%d of %s is already built", index, count, out)
+    else:
+        records = _build_part(lines, manifest.parent, out, settings, workers, part, progress_file, records)
+    samples = sum(r.get("samples", 0) for r in records)
+    rejected = sum(len(r["rejects"]) for r in records)
+    shards = sum(1 for r in records if "shard" in r)
+    return BuildResult(part, samples, rejected, shards, _merge_if_complete(out, state, manifest, settings, count))
+
+
+def _read_manifest(manifest: Path) -> list[bytes]:
+    try:
+        content = manifest.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read manifest {manifest}: {err.strerror or err}") from None
+    lines = content.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if not any(line.strip() for line in lines):
+        raise UserError(f"manifest {manifest} has no samples (expected one JSON object per line)")
+    return lines
+
+
+def _claim_output(out: Path, state: Path, manifest: Path, settings: BuildSettings, parts: int) -> None:
+    """Create `out`, or check that the build already in it used the same manifest, settings and part count."""
+    claim = {"manifest": str(manifest), "settings": dataclasses.asdict(settings), "parts": parts}
+    claim_file = state / "build.json"
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        if claim_file.exists():
+            previous = json.loads(claim_file.read_text())
+            if previous != claim:
+                changed = [key for key in claim if claim[key] != previous.get(key)]
+                raise UserError(
+                    f"{out} holds a build with a different {' and '.join(changed)}; re-run the command that started "
+                    "it to finish that build, or choose another --out"
+                )
+        else:
+            _write_atomic(claim_file, json.dumps(claim, indent=2).encode())
+    except OSError as err:
+        raise UserError(f"cannot write into {out}: {err.strerror or err}") from None
+
+
+def _completed_records(out: Path, progress_file: Path) -> list[dict[str, Any]]:
+    """The part's progress records whose shards are intact; a torn last line or a missing shard ends the list."""
+    records: list[dict[str, Any]] = []
+    if not progress_file.exists():
+        return records
+    for text in progress_file.read_text().splitlines():
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            break
+        if "shard" in record:
+            shard = out / record["shard"]
+            if not shard.is_file() or shard.stat().st_size != record["bytes"]:
+                break
+        records.append(record)
+    _write_atomic(progress_file, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+
+def _duplicate_lines(lines: list[bytes]) -> dict[int, int]:
+    """Line -> the earlier line holding the same id (pre-pass over the whole manifest, so parts agree)."""
+    first_seen: dict[str, int] = {}
+    duplicates: dict[int, int] = {}
+    for number, raw in enumerate(lines, start=1):
+        try:
+            sample_id = parse_line(raw).get("id")
+        except Rejected:
+            continue
+        if isinstance(sample_id, str):
+            if sample_id in first_seen:
+                duplicates[number] = first_seen[sample_id]
+            else:
+                first_seen[sample_id] = number
+    return duplicates
+
+
+def _build_part(
+    lines: list[bytes],
+    manifest_dir: Path,
+    out: Path,
+    settings: BuildSettings,
+    workers: int,
+    part: tuple[int, int],
+    progress_file: Path,
+    records: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    index, count = part
+    duplicates = _duplicate_lines(lines)
+    resume_after = records[-1]["last_line"] if records else 0
+    numbers = [n for n in range(1, len(lines) + 1) if (n - 1) % count == index and n > resume_after]
+    for leftover in out.glob(f"{index:04d}-*.tar.tmp*"):
+        leftover.unlink()  # a shard an interrupted run did not finish
+    pending: list[Sample] = []
+    rejects: list[dict[str, Any]] = []
+    shard_number = sum(1 for r in records if "shard" in r)
+    jobs = ((n, lines[n - 1], duplicates.get(n)) for n in numbers)
+    with _pool(workers, manifest_dir, settings) as results:
+        for number, outcome in progress(zip(numbers, results(jobs), strict=True), total=len(numbers), desc="build"):
+            if isinstance(outcome, Sample):
+                pending.append(outcome)
+            else:
+                rejects.append(outcome)
+            if len(pending) == settings.shard_size:
+                records.append(_write_shard(out, progress_file, index, shard_number, pending, rejects, number))
+                shard_number += 1
+                pending, rejects = [], []
+    last_line = numbers[-1] if numbers else resume_after
+    if pending:
+        records.append(_write_shard(out, progress_file, index, shard_number, pending, rejects, last_line))
+        rejects = []
+    records.append({"done": True, "last_line": last_line, "rejects": rejects})
+    _append_record(progress_file, records[-1])
+    return records
+
+
+def _normalize_job(job: tuple[int, bytes, int | None]) -> Sample | dict[str, Any]:
+    number, raw, duplicate_of = job
+    try:
+        if duplicate_of is not None:
+            raise Rejected("id", f"duplicate id, first used on manifest line {duplicate_of}")
+        return normalize_sample(number, raw, _WORKER["manifest_dir"], _WORKER["settings"])
+    except Rejected as rejected:
+        sample_id = None
+        with contextlib.suppress(Rejected):
+            sample_id = parse_line(raw).get("id")
+        return {
+            "line": number,
+            "id": sample_id if isinstance(sample_id, str) else None,
+            "field": rejected.field,
+            "reason": rejected.reason,
+        }
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(manifest_dir: Path, settings: BuildSettings) -> None:
+    _WORKER.update(manifest_dir=manifest_dir, settings=settings)
+
+
+@contextlib.contextmanager
+def _pool(workers: int, manifest_dir: Path, settings: BuildSettings) -> Iterator:
+    """Yield `map(jobs) -> outcomes in job order`, in this process or in `workers` spawned ones."""
+    if workers <= 1:
+        _init_worker(manifest_dir, settings)
+        yield lambda jobs: map(_normalize_job, jobs)
+        return
+    # spawn, not fork: forking a process whose torch thread pools have started (resampling) can deadlock
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(manifest_dir, settings)) as pool:
+        yield lambda jobs: pool.imap(_normalize_job, jobs, chunksize=4)
+
+
+def _write_shard(
+    out: Path,
+    progress_file: Path,
+    part_index: int,
+    shard_number: int,
+    samples: list[Sample],
+    rejects: list[dict[str, Any]],
+    last_line: int,
+) -> dict[str, Any]:
+    name = f"{part_index:04d}-{shard_number:05d}.tar"
+    stats = ShardStats()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for sample in samples:
+            key = f"{sample.line:09d}"
+            members = {**sample.files, "json": json.dumps(sample.meta).encode()}
+            for extension, content in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mode, info.mtime = len(content), 0o644, 0
+                archive.addfile(info, io.BytesIO(content))
+            stats.add(sample)
+    content = buffer.getvalue()
+    _write_atomic(out / name, content)
+    record = {
+        "shard": name,
+        "samples": len(samples),
+        "bytes": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "last_line": last_line,
+        "stats": stats.to_json(),
+        "rejects": rejects,
+    }
+    _append_record(progress_file, record)
+    return record
+
+
+def _append_record(progress_file: Path, record: dict[str, Any]) -> None:
+    with progress_file.open("a") as stream:
+        stream.write(json.dumps(record) + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with temporary.open("wb") as stream:
+        stream.write(content)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _merge_if_complete(out: Path, state: Path, manifest: Path, settings: BuildSettings, parts: int) -> bool:
+    """Write index.json and rejects.jsonl from every part's records once every part is done."""
+    all_records = []
+    for index in range(parts):
+        progress_file = state / f"part-{index:04d}-of-{parts:04d}.jsonl"
+        records = [json.loads(t) for t in progress_file.read_text().splitlines()] if progress_file.exists() else []
+        if not records or not records[-1].get("done"):
+            return False
+        all_records.extend(records)
+    shards = [r for r in all_records if "shard" in r]
+    totals = ShardStats()
+    for record in shards:
+        stats = record["stats"]
+        totals.samples += stats["samples"]
+        totals.combinations.update(stats["combinations"])
+        totals.audio_seconds += stats["audio_seconds"]
+        totals.images += stats["images"]
+        totals.text_chars += stats["text_chars"]
+        totals.languages.update(stats["languages"])
+    rejects = sorted((reject for r in all_records for reject in r["rejects"]), key=lambda reject: reject["line"])
+    index = {
+        "format": INDEX_FORMAT,
+        "samples": totals.samples,
+        "combinations": dict(sorted(totals.combinations.items())),
+        "audio_hours": round(totals.audio_seconds / 3600, 6),
+        "images": totals.images,
+        "text_characters": totals.text_chars,
+        "languages": dict(sorted(totals.languages.items())),
+        "rejected": len(rejects),
+        "rejected_by_field": dict(sorted(Counter(reject["field"] for reject in rejects).items())),
+        "shards": [{k: r[k] for k in ("shard", "samples", "bytes", "sha256")} for r in shards],
+        "manifest": str(manifest),
+        "settings": dataclasses.asdict(settings),
+    }
+    _write_atomic(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    _write_atomic(out / "index.json", (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
+    return True
