@@ -116,6 +116,16 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_demo(args: argparse.Namespace) -> int:
+    from zidong.data.demo import DEFAULT_SAMPLES, make_demo
+
+    indexes = make_demo(args.out, samples=args.samples or DEFAULT_SAMPLES, seed=args.seed)
+    for split, index in indexes.items():
+        mix = ", ".join(f"{name} {count}" for name, count in index["combinations"].items())
+        print(f"{args.out / split}: {index['samples']} samples ({mix}), {index['audio_hours'] * 60:.1f} min of speech")
+    return 0
+
+
 def _data_inspect(args: argparse.Namespace) -> int:
     from zidong.data.inspect import check_shards, load_index, summary
 
@@ -150,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
     demo.add_argument("--samples", type=_positive_int, metavar="N", help="number of samples (default: built-in)")
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same corpus")
-    demo.set_defaults(handler=_unavailable_handler("data demo"))
+    demo.set_defaults(handler=_data_demo)
 
     build = data_commands.add_parser("build", help="validate a JSONL manifest and write webdataset-style shards")
     build.add_argument("manifest", type=_existing_file, metavar="MANIFEST.jsonl")

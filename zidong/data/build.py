@@ -85,10 +85,10 @@ def build(
     Raises UserError when the manifest cannot be read or `out` holds a build with other settings.
     """
     manifest = manifest.resolve()
-    lines = _read_manifest(manifest)
+    lines, digest = _read_manifest(manifest)
     index, count = part
     state = out / STATE_DIR
-    _claim_output(out, state, manifest, settings, count)
+    _claim_output(out, state, manifest, digest, settings, count)
     progress_file = state / f"part-{index:04d}-of-{count:04d}.jsonl"
     records = _completed_records(out, progress_file)
     if records and records[-1].get("done"):
@@ -101,7 +101,8 @@ def build(
     return BuildResult(part, samples, rejected, shards, _merge_if_complete(out, state, manifest, settings, count))
 
 
-def _read_manifest(manifest: Path) -> list[bytes]:
+def _read_manifest(manifest: Path) -> tuple[list[bytes], str]:
+    """The manifest's lines and the sha256 of its content."""
     try:
         content = manifest.read_bytes()
     except OSError as err:
@@ -111,19 +112,25 @@ def _read_manifest(manifest: Path) -> list[bytes]:
         lines.pop()
     if not any(line.strip() for line in lines):
         raise UserError(f"manifest {manifest} has no samples (expected one JSON object per line)")
-    return lines
+    return lines, hashlib.sha256(content).hexdigest()
 
 
-def _claim_output(out: Path, state: Path, manifest: Path, settings: BuildSettings, parts: int) -> None:
+def _claim_output(out: Path, state: Path, manifest: Path, digest: str, settings: BuildSettings, parts: int) -> None:
     """Create `out`, or check that the build already in it used the same manifest, settings and part count."""
-    claim = {"manifest": str(manifest), "settings": dataclasses.asdict(settings), "parts": parts}
+    claim = {
+        "manifest": str(manifest),
+        "manifest_sha256": digest,
+        "settings": dataclasses.asdict(settings),
+        "parts": parts,
+    }
     claim_file = state / "build.json"
     try:
         state.mkdir(parents=True, exist_ok=True)
         if claim_file.exists():
             previous = json.loads(claim_file.read_text())
             if previous != claim:
-                changed = [key for key in claim if claim[key] != previous.get(key)]
+                names = {"manifest_sha256": "manifest content", "manifest": "manifest path", "parts": "part count"}
+                changed = [names.get(key, key) for key in claim if claim[key] != previous.get(key)]
                 raise UserError(
                     f"{out} holds a build with a different {' and '.join(changed)}; re-run the command that started "
                     "it to finish that build, or choose another --out"

@@ -1,0 +1,72 @@
+"""The built-in demo corpus: deterministic per seed, the set mix of triplets and pairs, two languages, real speech."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from tests.data.test_build import shard_members
+from zidong.cli import EXIT_USAGE, main
+from zidong.data.demo import Group, caption
+from zidong.data.inspect import check_shards, load_index
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "corpus"
+    assert main(["data", "demo", "--out", str(out), "--samples", "60", "--seed", "3"]) == 0
+    return out
+
+
+def test_demo_is_deterministic_per_seed(demo: Path, tmp_path: Path) -> None:
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert main(["data", "demo", "--out", str(again), "--samples", "60", "--seed", "3"]) == 0
+    assert main(["data", "demo", "--out", str(other), "--samples", "60", "--seed", "4"]) == 0
+    for split in ("train", "eval"):
+        assert (demo / split / "index.json").read_text().replace(str(demo), "") == (
+            again / split / "index.json"
+        ).read_text().replace(str(again), "")
+        assert [p.read_bytes() for p in sorted((demo / split).glob("*.tar"))] == [
+            p.read_bytes() for p in sorted((again / split).glob("*.tar"))
+        ]
+    assert shard_members(demo / "train") != shard_members(other / "train")
+
+
+def test_demo_mixes_triplets_and_pairs_in_two_languages(demo: Path) -> None:
+    train, held_out = load_index(demo / "train"), load_index(demo / "eval")
+    assert train["samples"] == 54
+    assert held_out["samples"] == 6
+    assert held_out["combinations"] == {"text+vision+speech": 6}
+    assert set(train["combinations"]) == {"text+vision+speech", "text+vision", "text+speech", "vision+speech"}
+    assert train["combinations"]["text+vision+speech"] > train["samples"] / 2
+    assert set(train["languages"]) == {"en", "zh"}
+    assert train["rejected"] == 0
+    assert check_shards(demo / "train", train, checksums=True) == []
+    assert not (demo / "raw").exists()
+
+
+def test_demo_speech_is_real_16k_audio_of_the_caption(demo: Path) -> None:
+    samples = list(shard_members(demo / "eval").values())
+    for files in samples:
+        waveform, rate = soundfile.read(io.BytesIO(files["flac"]))
+        meta = json.loads(files["json"])
+        assert rate == 16000
+        assert 0.5 < len(waveform) / rate < 8
+        assert abs(waveform).max() > 0.05  # not silence
+        words = files["txt"].decode()
+        assert (meta["lang"] == "zh") == any("\u4e00" <= ch <= "\u9fff" for ch in words)
+
+
+def test_captions_in_both_languages() -> None:
+    groups = [Group("red", "circle", "small", 2), Group("blue", "triangle", "large", 1)]
+    assert caption(groups, "en") == "two small red circles and one large blue triangle"
+    assert caption(groups, "zh") == "两个小的红色圆形和一个大的蓝色三角形"
+
+
+def test_demo_refuses_a_folder_of_another_seed(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "demo", "--out", str(demo), "--samples", "60", "--seed", "9"]) == EXIT_USAGE
+    assert "demo corpus made with" in capsys.readouterr().err
