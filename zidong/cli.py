@@ -126,6 +126,14 @@ def _data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from zidong.data.tokenizer import train_tokenizer
+
+    out = train_tokenizer(args.input, args.vocab_size, args.out)
+    print(f"wrote {out}/spm.model and {out}/tokenizer.json (load with AutoTokenizer.from_pretrained)")
+    return 0
+
+
 def _data_inspect(args: argparse.Namespace) -> int:
     from zidong.data.inspect import check_shards, load_index, summary
 
@@ -186,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_tokenizer.add_argument("--vocab-size", required=True, type=_positive_int, metavar="N")
     train_tokenizer.add_argument("--out", required=True, type=Path, metavar="DIR")
-    train_tokenizer.set_defaults(handler=_unavailable_handler("tokenizer train"))
+    train_tokenizer.set_defaults(handler=_tokenizer_train)
 
     pretrain = commands.add_parser(
         "pretrain",

@@ -1,0 +1,133 @@
+"""`zidong tokenizer train`: SentencePiece and its HF fast twin agree on ids and decoded text; bad input exits 2."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import sentencepiece
+from transformers import AutoTokenizer
+
+from zidong.cli import EXIT_USAGE, main
+
+ENGLISH = [
+    "the",
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "two",
+    "three",
+    "small",
+    "large",
+    "model",
+    "speech",
+    "vision",
+    "text",
+    "over",
+    "under",
+]
+CHINESE = list(
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+)
+RARE = ["𠀀", "𠀁", "𪚥", "龘", "㈱", "Ω", "ß", "é", "ñ", "Ж", "ا", "श", "🙂", "🚀", "👩‍🔬", "🇨🇳", "™", "½", "\u00a0"]
+UNSEEN = ["한국어", "ภาษาไทย", "🦄", "㊙", "𝔘𝔫𝔦", "ꙮ", "ǅ", "⁂"]  # never in the training text: byte fallback
+PUNCTUATION = [",", ".", "!", "?", "，", "。", "！", "？", "、", "“", "”", "(", ")", "-", "'"]
+
+
+def random_text(rng: random.Random) -> str:
+    pieces = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        if kind < 0.35:
+            pieces.append(rng.choice(ENGLISH))
+        elif kind < 0.7:
+            pieces.append("".join(rng.choices(CHINESE, k=rng.randint(1, 6))))
+        elif kind < 0.82:
+            pieces.append(str(rng.randint(0, 10 ** rng.randint(1, 7))))
+        elif kind < 0.92:
+            pieces.append(rng.choice(RARE))
+        else:
+            pieces.append(rng.choice(PUNCTUATION))
+    separator = rng.choice([" ", "", " "])
+    return separator.join(pieces)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    rng = random.Random(0)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(random_text(rng) for _ in range(3000)) + "\n", encoding="utf-8")
+    assert (
+        main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "700", "--out", str(folder / "tok")]) == 0
+    )
+    return folder / "tok"
+
+
+def test_hf_tokenizer_matches_sentencepiece_on_mixed_text(trained: Path) -> None:
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(trained / "spm.model"))
+    fast = AutoTokenizer.from_pretrained(trained)
+    rng = random.Random(1)  # other strings than the training text
+    strings = [random_text(rng) + (f" {rng.choice(UNSEEN)}" if i % 3 == 0 else "") for i in range(320)]
+    strings += ["  two spaces", "trailing ", "😀", "𠀀𠀁", "2026年11月25日"]
+    byte_fallbacks = 0
+    for text in strings:
+        expected = processor.encode(text)
+        ids = fast.encode(text, add_special_tokens=False)
+        assert ids == expected, text
+        assert fast.decode(ids) == processor.decode(expected) == text
+        byte_fallbacks += any(processor.id_to_piece(i).startswith("<0x") for i in ids)
+    assert byte_fallbacks > 100  # the unseen characters really went through byte fallback
+
+
+def test_special_tokens_and_template(trained: Path) -> None:
+    fast = AutoTokenizer.from_pretrained(trained)
+    assert [fast.pad_token_id, fast.unk_token_id, fast.bos_token_id, fast.eos_token_id] == [0, 1, 2, 3]
+    assert fast.convert_tokens_to_ids(["<mask>", "<text>", "<vision>", "<speech>"]) == [4, 5, 6, 7]
+    assert fast.mask_token == "<mask>"
+    ids = fast("两个 red")["input_ids"]
+    assert ids[0] == fast.bos_token_id
+    assert ids[-1] == fast.eos_token_id
+    assert len(fast) == 700
+
+
+def test_reads_shard_folders(tmp_path: Path) -> None:
+    from zidong.data.demo import make_demo
+
+    make_demo(tmp_path / "demo", samples=40, seed=1)
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "demo" / "train"), "--vocab-size", "320",
+                 "--out", str(out)]) == 0  # fmt: skip
+    fast = AutoTokenizer.from_pretrained(out)
+    assert fast.decode(fast.encode("两个小的红色圆形", add_special_tokens=False)) == "两个小的红色圆形"
+
+
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("a b c\nhello world\n")
+    assert (
+        main(["tokenizer", "train", "--input", str(small), "--vocab-size", "5000", "--out", str(tmp_path / "t")]) == 2
+    )
+    assert "Vocabulary size too high" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
+    assert (
+        main(["tokenizer", "train", "--input", str(latin1), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+        == EXIT_USAGE
+    )
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert (
+        main(["tokenizer", "train", "--input", str(tmp_path), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+        == EXIT_USAGE
+    )
+    assert "without .tar shards" in capsys.readouterr().err
+    assert (
+        main(["tokenizer", "train", "--input", str(small), "--vocab-size", "100", "--out", str(tmp_path / "t")])
+        == EXIT_USAGE
+    )
+    assert "at least" in capsys.readouterr().err
