@@ -77,13 +77,7 @@ def load_config(schema: type[T], path: str | Path, overrides: Sequence[str] = ()
         ConfigError: the file cannot be read or parsed, or any key, type or value is wrong.
     """
     raw, sources = _load_tree(Path(path), chain=())
-    problems: list[str] = []
-    for text in overrides:
-        _apply_override(schema, raw, sources, text, problems)
-    config = _Builder(schema, sources, problems).build(schema, raw, "")
-    if problems:
-        raise ConfigError(f"invalid recipe {path}:\n" + "\n".join(f"  - {p}" for p in problems))
-    return config
+    return _build_config(schema, raw, sources, overrides, f"recipe {path}")
 
 
 def config_from_overrides(schema: type[T], overrides: Sequence[str], what: str) -> T:
@@ -92,8 +86,10 @@ def config_from_overrides(schema: type[T], overrides: Sequence[str], what: str) 
     Raises:
         ConfigError: a key, type or value is wrong; the message starts with "invalid {what}".
     """
-    raw: dict = {}
-    sources: dict[str, str] = {}
+    return _build_config(schema, {}, {}, overrides, what)
+
+
+def _build_config(schema: type[T], raw: dict, sources: dict[str, str], overrides: Sequence[str], what: str) -> T:
     problems: list[str] = []
     for text in overrides:
         _apply_override(schema, raw, sources, text, problems)
