@@ -70,3 +70,9 @@ def test_captions_in_both_languages() -> None:
 def test_demo_refuses_a_folder_of_another_seed(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "demo", "--out", str(demo), "--samples", "60", "--seed", "9"]) == EXIT_USAGE
     assert "demo corpus made with" in capsys.readouterr().err
+
+
+def test_demo_needs_two_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "demo", "--out", str(tmp_path / "d"), "--samples", "1"]) == EXIT_USAGE
+    assert "--samples must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
