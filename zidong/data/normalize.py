@@ -25,9 +25,10 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from zidong.config import InvalidValue
+from zidong.models.zidong.configuration_zidong import MODALITIES
 
 SAMPLING_RATE = 16000
-MODALITY_FIELDS = {"text": "text", "image": "vision", "audio": "speech"}
+MANIFEST_MODALITIES = ("text", "image", "audio")  # manifest keys of text, vision, speech
 _WHITESPACE = re.compile(r"\s+")
 _TRUNCATED_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
@@ -78,7 +79,7 @@ class Sample:
 
     @property
     def combination(self) -> str:
-        return "+".join(m for m in ("text", "vision", "speech") if m in self.meta["modalities"])
+        return "+".join(m for m in MODALITIES if m in self.meta["modalities"])
 
 
 def parse_line(raw: bytes) -> dict[str, Any]:
@@ -100,14 +101,14 @@ def normalize_sample(line_number: int, raw: bytes, manifest_dir: Path, settings:
     if not isinstance(sample_id, str) or not sample_id.strip():
         raise Rejected("id", "missing or empty (every sample needs a string id)")
     _check_utf8("id", sample_id)
-    given = [key for key in MODALITY_FIELDS if record.get(key) is not None]
+    given = [key for key in MANIFEST_MODALITIES if record.get(key) is not None]
     if len(given) < 2:
         raise Rejected(
             "line", f"has {', '.join(given) or 'no modality'}; a sample needs at least two of text, image, audio"
         )
     files: dict[str, bytes] = {}
     meta: dict[str, Any] = {"id": sample_id, "line": line_number, "modalities": []}
-    extra = {key: value for key, value in record.items() if key not in {"id", "lang", *MODALITY_FIELDS}}
+    extra = {key: value for key, value in record.items() if key not in {"id", "lang", *MANIFEST_MODALITIES}}
     if extra:
         meta["extra"] = extra  # other manifest fields (source, licence, ...) travel with the sample
     if record.get("lang") is not None:

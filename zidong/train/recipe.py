@@ -12,9 +12,6 @@ from typing import Literal
 
 from zidong.config import InvalidValue
 
-MODALITIES = ("text", "vision", "speech")
-OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
-
 
 def _require(condition: bool, field_name: str, message: str) -> None:
     if not condition:

@@ -22,6 +22,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+MODALITIES = ("text", "vision", "speech")  # the one spelling and order, everywhere
 
 
 def _encoder(hidden: int, layers: int, heads: int) -> dict[str, Any]:

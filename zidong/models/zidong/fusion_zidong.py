@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_zidong import ZidongConfig
-
-MODALITIES = ("text", "vision", "speech")
+from .configuration_zidong import MODALITIES, ZidongConfig
 
 
 @dataclass

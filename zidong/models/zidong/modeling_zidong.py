@@ -41,9 +41,9 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_zidong import ZidongConfig
+from .configuration_zidong import MODALITIES, ZidongConfig
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
-from .fusion_zidong import MODALITIES, ZidongFusionEncoder, ZidongFusionLayer, ZidongPredictionHead
+from .fusion_zidong import ZidongFusionEncoder, ZidongFusionLayer, ZidongPredictionHead
 from .losses_zidong import contrastive_pair_loss, distributed_world_size, multiway_matching_loss, span_mask
 
 OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")

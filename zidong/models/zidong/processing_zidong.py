@@ -21,9 +21,8 @@ import numpy as np
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+from .configuration_zidong import MODALITIES
 from .feature_extraction_zidong import ZidongFeatureExtractor
-
-MODALITIES = ("text", "vision", "speech")
 
 
 class ZidongProcessor(ProcessorMixin):
