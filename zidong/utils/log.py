@@ -29,8 +29,15 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
+EVERY_RANK = {"every_rank": True}
+"""Pass as `extra=` for a message that every rank prints (about data only that rank reads, say)."""
+
+
 class _MainProcessFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "every_rank", False):
+            record.msg = f"[rank {process_rank()}] {record.msg}"
+            return True
         return is_main_process()
 
 

@@ -1,0 +1,206 @@
+"""The training stream: split by rank and worker, weighted mixing, exact resume with workers, bad samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.data.corpus import make_corpus
+from zidong import ZidongProcessor
+from zidong.data.shards import ShardFolder
+from zidong.data.stream import DataError, SlotStream, StreamLoader, StreamSettings, epoch_plan, fresh_state
+from zidong.data.transforms import SamplePipeline
+from zidong.errors import UserError
+
+TEXT_COMBINATIONS = (("text", "vision", "speech"), ("text", "vision"), ("text", "speech"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 samples in 3 shards, every combination, captions `s item N ...`."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"), 48)
+
+
+def item_numbers(batch: dict[str, torch.Tensor], processor: ZidongProcessor) -> list[int]:
+    texts = processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    return [int(re.search(r"item (\d+)", text).group(1)) for text in texts]
+
+
+@pytest.mark.parametrize("counts", [[5], [16, 16, 16, 7], [3, 9, 1, 12, 4], [1000, 1000, 123]])
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 7, 8])
+def test_slots_of_an_epoch_are_disjoint_and_complete(counts: list[int], slots: int) -> None:
+    if sum(counts) < slots:
+        pytest.skip("fewer samples than slots is refused by the loader")
+    plans = [epoch_plan(counts, 0, 0, 3, slot, slots, window=7) for slot in range(slots)]
+    seen = [tuple(pair) for plan in plans for pair in plan.tolist()]
+    assert len(seen) == len(set(seen)) == sum(counts)
+    assert set(seen) == {(shard, i) for shard, count in enumerate(counts) for i in range(count)}
+    assert max(map(len, plans)) - min(map(len, plans)) <= 1
+    again = epoch_plan(counts, 0, 0, 3, 0, slots, window=7)
+    assert np.array_equal(plans[0], again)
+    if sum(counts) > 20:
+        assert not np.array_equal(plans[0], epoch_plan(counts, 0, 0, 4, 0, slots, window=7))
+
+
+def test_ranks_and_workers_split_the_corpus(tmp_path: Path, processor: ZidongProcessor) -> None:
+    shards = make_corpus(tmp_path, 48, combinations=TEXT_COMBINATIONS)
+    settings = StreamSettings(batch_size=4, bucket_pool=3)  # 2 ranks x 2 workers: 12 samples = 3 batches a slot
+    pipeline = SamplePipeline(processor, train=True)
+    per_rank = []
+    for rank in range(2):
+        loader = StreamLoader([(shards, 1.0)], settings, pipeline, num_workers=2, rank=rank, world_size=2)
+        per_rank.append([n for _, batch in zip(range(6), loader, strict=False) for n in item_numbers(batch, processor)])
+        loader.close()
+    assert len(per_rank[0]) == len(per_rank[1]) == 24
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(48))
+
+
+def test_resumed_stream_equals_uninterrupted_with_two_workers(corpus: Path, processor: ZidongProcessor) -> None:
+    # 2 slots of 24 samples, pools of 16: the positions below fall inside a pool, on worker 0 and on worker 1,
+    # and past an epoch boundary
+    settings = StreamSettings(batch_size=4, bucket_pool=4, seed=5)
+    pipeline = SamplePipeline(processor, train=True)
+
+    def loader(state=None) -> StreamLoader:
+        return StreamLoader([(corpus, 1.0)], settings, pipeline, num_workers=2, state=state)
+
+    straight = loader()
+    expected = [batch for _, batch in zip(range(16), straight, strict=False)]
+    straight.close()
+    for stop in (3, 8, 13):
+        first = loader()
+        head = [batch for _, batch in zip(range(stop), first, strict=False)]
+        state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+        first.close()
+        resumed = loader(state)
+        tail = [batch for _, batch in zip(range(16 - stop), resumed, strict=False)]
+        resumed.close()
+        for position, (got, want) in enumerate(zip(head + tail, expected, strict=True)):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), f"resumed at {stop}: batch {position} differs in {key}"
+
+
+def test_weighted_mixing_follows_the_weights(tmp_path: Path, processor: ZidongProcessor) -> None:
+    folders = [
+        ShardFolder(make_corpus(tmp_path / name, 40, seed=i, prefix=name, combinations=(("text", "vision"),)))
+        for i, name in enumerate(("a", "b"))
+    ]
+    stream = SlotStream(
+        folders, [3.0, 1.0], StreamSettings(batch_size=8), 1, SamplePipeline(processor, train=True), fresh_state(0, 2)
+    )
+    texts = []
+    for samples, _, _ in stream:
+        texts += [sample.text for sample in samples]
+        if len(texts) >= 1600:
+            break
+    sources = Counter(text.split()[0] for text in texts)
+    assert abs(sources["a"] / len(texts) - 0.75) < 0.03
+    # each source goes through whole epochs: every sample of the small share shows up about equally often
+    seen_b = Counter(re.search(r"item (\d+)", t).group(1) for t in texts if t.startswith("b"))
+    assert len(seen_b) == 40
+    assert max(seen_b.values()) - min(seen_b.values()) <= 2
+
+
+def test_mixing_differs_by_seed_and_repeats_with_it(corpus: Path, tmp_path: Path, processor: ZidongProcessor) -> None:
+    other = make_corpus(tmp_path, 40, prefix="b")
+    pipeline = SamplePipeline(processor, train=False)
+
+    def first_batches(seed: int) -> list[torch.Tensor]:
+        loader = StreamLoader([(corpus, 1.0), (other, 1.0)], StreamSettings(batch_size=6, seed=seed), pipeline)
+        return [batch["input_ids"] for _, batch in zip(range(3), loader, strict=False)]
+
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(1), first_batches(1), strict=True))
+    assert not all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(first_batches(1), first_batches(2), strict=True)
+    )
+
+
+def damage_member(shards: Path, extension: str) -> tuple[str, str]:
+    """Overwrite the first `.extension` member of the first shard with garbage; returns (shard, key)."""
+    path = sorted(shards.glob("*.tar"))[0]
+    with tarfile.open(path) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(f".{extension}"))
+    with open(path, "r+b") as handle:
+        handle.seek(member.offset_data)
+        handle.write(b"\x00garbage" * (member.size // 8))
+    return path.name, member.name.split(".")[0]
+
+
+def test_a_damaged_sample_is_skipped_counted_and_logged(
+    tmp_path: Path, processor: ZidongProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    shards = make_corpus(tmp_path, 48)
+    shard, key = damage_member(shards, "png")
+    settings = StreamSettings(batch_size=4, max_bad_fraction=0.05)
+    logging.getLogger("zidong").addHandler(caplog.handler)
+    try:
+        loader = StreamLoader([(shards, 1.0)], settings, SamplePipeline(processor, train=True))
+        batches = [batch for _, batch in zip(range(24), loader, strict=False)]  # two epochs
+    finally:
+        logging.getLogger("zidong").removeHandler(caplog.handler)
+    state = loader.state_dict()["workers"][0]
+    assert state["bad"] == 2
+    assert state["read"] == 96
+    assert sum(len(batch["vision_present"]) for batch in batches) == 94
+    skips = [r.getMessage() for r in caplog.records if "skipped an unreadable sample" in r.getMessage()]
+    assert len(skips) == 2
+    assert f"{shard} key {key}: image does not decode" in skips[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard"])
+def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path: Path, processor: ZidongProcessor, damage: str) -> None:
+    shards = make_corpus(tmp_path, 48)
+    path = sorted(shards.glob("*.tar"))[1]
+    if damage == "missing shard":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    loader = StreamLoader([(shards, 1.0)], StreamSettings(batch_size=4), SamplePipeline(processor, train=True))
+
+    def read_200_batches() -> None:
+        for _ in range(200):
+            next(loader)
+
+    with pytest.raises(DataError, match=r"could not be decoded, more than data.max_bad_fraction=0.01") as caught:
+        read_200_batches()
+    assert path.name in str(caught.value)
+    assert "zidong data inspect" in str(caught.value)
+
+
+def test_a_changed_setup_restarts_at_the_next_epoch(
+    corpus: Path, processor: ZidongProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = SamplePipeline(processor, train=True)
+    loader = StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=4), pipeline)
+    for _ in range(20):  # into epoch 1
+        next(loader)
+    state = loader.state_dict()
+    logging.getLogger("zidong").addHandler(caplog.handler)
+    try:
+        resumed = StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=8), pipeline, state=state)
+    finally:
+        logging.getLogger("zidong").removeHandler(caplog.handler)
+    next_epoch = state["workers"][0]["sources"][0]["epoch"] + 1  # the cursor runs ahead by the pools drawn
+    assert next_epoch >= 2
+    assert f"starts afresh at epoch {next_epoch}" in caplog.text
+    assert resumed.state_dict()["workers"][0]["sources"] == [{"epoch": next_epoch, "position": 0}]
+
+
+def test_too_few_samples_for_the_slots_is_refused(corpus: Path, processor: ZidongProcessor) -> None:
+    with pytest.raises(UserError, match=r"holds 48 samples, fewer than the 64 reader slots \(32 processes x 2"):
+        StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=4), SamplePipeline(processor, train=True), 2, 0, 32)
+
+
+def test_a_folder_that_is_not_a_shard_folder_is_refused(tmp_path: Path, processor: ZidongProcessor) -> None:
+    with pytest.raises(UserError, match=r"has no index\.json"):
+        StreamLoader([(tmp_path, 1.0)], StreamSettings(batch_size=4), SamplePipeline(processor, train=True))

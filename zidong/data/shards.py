@@ -1,0 +1,133 @@
+"""Random access to the samples of a shard folder written by `zidong data build` / `zidong data demo`.
+
+A shard is a plain tar file; its members `{key}.{ext}` are stored in sample order. `ShardFolder` reads the
+sample counts from `index.json` (no shard is opened to plan an epoch) and, on first use of a shard, its tar
+headers (a sequential scan of the header blocks only), so that any sample can then be read with one seek per
+member. A damaged shard or member raises `SampleError`, which the stream turns into a counted, logged skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from zidong.data.inspect import load_index
+
+
+class SampleError(Exception):
+    """A sample (or the whole shard it lives in) that cannot be read back; the message says why."""
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample's members as stored: `files` maps extension (txt, jpg, png, flac) to bytes."""
+
+    key: str
+    shard: str
+    meta: dict[str, Any]
+    files: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class _Member:
+    offset: int
+    size: int
+
+
+class ShardFolder:
+    """The shards of one built folder. Open file handles are per process; the object pickles without them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = load_index(self.folder)
+        self.shards = [entry["shard"] for entry in index["shards"] if entry["samples"] > 0]
+        self.counts = [entry["samples"] for entry in index["shards"] if entry["samples"] > 0]
+        # names, sizes and checksums of the shards: what a saved stream position is only valid for
+        self.fingerprint = hashlib.sha256(json.dumps(index["shards"], sort_keys=True).encode()).hexdigest()[:16]
+        self._tables: dict[int, list[tuple[str, dict[str, _Member]]]] = {}
+        self._handles: dict[int, BinaryIO] = {}
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tables": {}, "_handles": {}}
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def key(self, shard: int, position: int) -> str:
+        """The key of the `position`-th sample of shard number `shard` (raises SampleError if unreadable)."""
+        return self._table(shard)[position][0]
+
+    def read_meta(self, shard: int, position: int) -> dict[str, Any]:
+        """The sample's `.json` metadata only (modalities, text_chars, audio_seconds, ...)."""
+        key, members = self._entry(shard, position)
+        try:
+            meta = json.loads(self._read(shard, members["json"]))
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SampleError(f"{self.shards[shard]} key {key}: unreadable metadata ({err})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("modalities"), list):
+            raise SampleError(f"{self.shards[shard]} key {key}: metadata without a modality list")
+        return meta
+
+    def read(self, shard: int, position: int, only: Collection[str] | None = None) -> RawSample:
+        """The metadata and the members of one sample (those with an extension in `only`, if given).
+
+        Raises SampleError when the metadata or a member cannot be read.
+        """
+        key, members = self._entry(shard, position)
+        meta = self.read_meta(shard, position)
+        files = {
+            ext: self._read(shard, member)
+            for ext, member in members.items()
+            if ext != "json" and (only is None or ext in only)
+        }
+        return RawSample(key=key, shard=self.shards[shard], meta=meta, files=files)
+
+    def _entry(self, shard: int, position: int) -> tuple[str, dict[str, _Member]]:
+        table = self._table(shard)
+        if position >= len(table):
+            raise SampleError(
+                f"{self.shards[shard]}: holds {len(table)} samples, index.json says {self.counts[shard]} "
+                "(the shard was changed after the build)"
+            )
+        return table[position]
+
+    def _table(self, shard: int) -> list[tuple[str, dict[str, _Member]]]:
+        if shard not in self._tables:
+            path = self.folder / self.shards[shard]
+            table: dict[str, dict[str, _Member]] = {}
+            try:
+                with tarfile.open(path) as archive:
+                    for info in archive:
+                        if info.isfile():
+                            key, _, ext = info.name.partition(".")
+                            table.setdefault(key, {})[ext] = _Member(info.offset_data, info.size)
+            except (OSError, tarfile.TarError) as err:
+                # keep the headers read so far: the samples before the damage stay readable
+                if not table:
+                    self._tables[shard] = []
+                    raise SampleError(f"{self.shards[shard]}: cannot read the shard ({err})") from None
+            self._tables[shard] = list(table.items())
+        return self._tables[shard]
+
+    def _read(self, shard: int, member: _Member) -> bytes:
+        try:
+            if shard not in self._handles:
+                self._handles[shard] = open(self.folder / self.shards[shard], "rb")  # noqa: SIM115 (kept open)
+            handle = self._handles[shard]
+            handle.seek(member.offset)
+            content = handle.read(member.size)
+        except OSError as err:
+            raise SampleError(f"{self.shards[shard]}: read failed ({err})") from None
+        if len(content) != member.size:
+            raise SampleError(f"{self.shards[shard]}: truncated (a member ends past the end of the file)")
+        return content
