@@ -76,7 +76,7 @@ class StreamSettings:
     batch_size: int
     seed: int = 0
     shuffle_window: int = 10_000
-    bucket_pool: int = 16
+    bucket_pool: int = 128
     max_bad_fraction: float = 0.01
 
 

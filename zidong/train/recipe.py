@@ -46,13 +46,31 @@ class DataSource:
 
 @dataclass
 class DataSection:
+    """Where the samples come from and how the stream reads, augments and batches them (docs/data.md)."""
+
     train: list[DataSource]
     eval: str | None = None
     num_workers: int = 2
+    max_text_tokens: int = 64
+    max_speech_seconds: float = 15.0
+    crop_scale_min: float = 0.9
+    shuffle_window: int = 10_000
+    bucket_pool: int = 128
+    max_bad_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "train", "must list at least one {path, weight} source")
         _require(self.num_workers >= 0, "num_workers", f"must be 0 or more, got {self.num_workers}")
+        _require(self.max_text_tokens >= 3, "max_text_tokens", f"must be at least 3, got {self.max_text_tokens}")
+        _require(self.max_speech_seconds > 0, "max_speech_seconds", f"must be > 0, got {self.max_speech_seconds}")
+        _require(0 < self.crop_scale_min <= 1, "crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
+        _require(self.shuffle_window >= 1, "shuffle_window", f"must be at least 1, got {self.shuffle_window}")
+        _require(self.bucket_pool >= 0, "bucket_pool", f"must be 0 (no bucketing) or more, got {self.bucket_pool}")
+        _require(
+            0 <= self.max_bad_fraction < 1,
+            "max_bad_fraction",
+            f"must be in [0, 1), got {self.max_bad_fraction}",
+        )
 
 
 @dataclass
