@@ -89,10 +89,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         _not_available("pretrain --dry-run")
+    from zidong.train.trainer import pretrain
     from zidong.utils.run_info import record_run
 
     record_run(recipe.output_dir, recipe)
-    _not_available("pretrain (the training loop)")
+    pretrain(recipe)
+    return 0
 
 
 def _data_build(args: argparse.Namespace) -> int:

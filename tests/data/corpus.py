@@ -30,6 +30,7 @@ WORDS = [
 ]
 HANZI = list("红蓝绿小大圆方三角左右上下两个近远的在和")
 COMBINATIONS = (("text", "vision", "speech"), ("text", "vision"), ("text", "speech"), ("vision", "speech"))
+TEXT_COMBINATIONS = COMBINATIONS[:3]
 
 
 def caption_of(prefix: str, number: int, rng: np.random.Generator) -> str:

@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data.corpus import make_corpus
+from tests.data.corpus import TEXT_COMBINATIONS, make_corpus
 from zidong import ZidongProcessor
 from zidong.data.shards import ShardFolder
 from zidong.data.stream import DataError, SlotStream, StreamLoader, StreamSettings, epoch_plan, fresh_state
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
-
-TEXT_COMBINATIONS = (("text", "vision", "speech"), ("text", "vision"), ("text", "speech"))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +97,7 @@ def test_weighted_mixing_follows_the_weights(tmp_path: Path, processor: ZidongPr
         folders, [3.0, 1.0], StreamSettings(batch_size=8), 1, SamplePipeline(processor, train=True), fresh_state(0, 2)
     )
     texts = []
-    for samples, _, _ in stream:
+    for samples, _, _, _ in stream:
         texts += [sample.text for sample in samples]
         if len(texts) >= 1600:
             break

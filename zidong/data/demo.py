@@ -27,10 +27,12 @@ from PIL import Image, ImageDraw
 
 from zidong.data.build import build
 from zidong.data.normalize import BuildSettings
+from zidong.data.tokenizer import train_tokenizer
 from zidong.errors import UserError
 from zidong.utils.log import get_logger, progress
 
 DEFAULT_SAMPLES = 2400
+TOKENIZER_VOCAB = 500
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
 TRAIN_COMBINATIONS = {  # share of the training split
@@ -195,5 +197,7 @@ def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[
         if indexes[split]["rejected"]:
             raise RuntimeError(f"the demo generator produced {indexes[split]['rejected']} rejected samples ({split})")
     shutil.rmtree(out / "raw")  # the staging files: the shards hold everything, normalised
+    # the corpus comes with its tokenizer; the captions are formulaic, so the vocabulary is a bound, not a size
+    train_tokenizer([out / "train"], TOKENIZER_VOCAB, out / "tokenizer", exact_size=False)
     logger.info("demo corpus in %s: %d training and %d held-out samples", out, splits["train"][0], held_out)
     return indexes

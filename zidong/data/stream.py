@@ -154,21 +154,22 @@ class SlotStream:
         self._mix: tuple[int, np.ndarray] | None = None
         self._skipped: list[str] = []
 
-    def __iter__(self) -> Iterator[tuple[list[Any], dict[str, Any], list[str]]]:
+    def __iter__(self) -> Iterator[tuple[list[Any], dict[str, Any], list[str], list[list[int]]]]:
         while True:
             if not self.state["pending"]:
                 self._fill_pool()
             refs = self.state["pending"].pop(0)
-            samples = []
+            samples, decoded = [], []
             for source, shard, position, draw in refs:
                 try:
                     raw = self.folders[source].read(shard, position)
                     rng = np.random.default_rng([self.settings.seed, _SAMPLE, self.slot, draw])
                     samples.append(self.pipeline.decode(raw, rng))
+                    decoded.append([source, shard, position])
                 except SampleError as err:
                     self._count_bad(err)
             if samples:
-                yield samples, copy.deepcopy(self.state), self._skipped
+                yield samples, copy.deepcopy(self.state), self._skipped, decoded
                 self._skipped = []
 
     def _fill_pool(self) -> None:
@@ -254,8 +255,8 @@ class _StreamDataset(IterableDataset):
         state = self.worker_states[info.id if info is not None else 0]
         stream = SlotStream(self.folders, self.weights, self.settings, self.slots, self.pipeline, state)
         try:
-            for samples, after, skipped in stream:
-                yield {"batch": self.pipeline.collate(samples), "state": after, "skipped": skipped}
+            for samples, after, skipped, refs in stream:
+                yield {"batch": self.pipeline.collate(samples), "state": after, "skipped": skipped, "refs": refs}
         except DataError as err:
             # travels as data: an exception raised in a worker would reach the user wrapped in a traceback
             yield {"error": str(err), "skipped": stream._skipped}
@@ -338,6 +339,7 @@ class StreamLoader:
         self.pin_memory = pin_memory
         self.worker_states = self._starting_states(state)
         self.consumed = 0
+        self.last_refs: list[list[int]] = []  # (source, shard, position) of each sample of the last batch
         self._iterator: Iterator[dict[str, Any]] | None = None
 
     def _starting_states(self, state: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -374,6 +376,7 @@ class StreamLoader:
             raise DataError(item["error"])
         self.worker_states[self.consumed % self.workers] = item["state"]
         self.consumed += 1
+        self.last_refs = item["refs"]
         return item["batch"]
 
     def _start(self) -> Iterator[dict[str, Any]]:
@@ -392,6 +395,9 @@ class StreamLoader:
             persistent_workers=True,
             prefetch_factor=2,
             pin_memory=self.pin_memory,
+            # the loader draws its workers' seeds from this generator, not from torch's global one: creating it
+            # must not shift the training process's random stream (a resumed run creates it at another step)
+            generator=torch.Generator().manual_seed(self.settings.seed),
         )
         return iter(loader)
 

@@ -52,10 +52,14 @@ def read_sentences(inputs: list[Path]) -> Iterator[str]:
             raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def train_tokenizer(inputs: list[Path], vocab_size: int, out: Path, model_max_length: int = 512) -> Path:
+def train_tokenizer(
+    inputs: list[Path], vocab_size: int, out: Path, model_max_length: int = 512, exact_size: bool = True
+) -> Path:
     """Train on `inputs` and write the SentencePiece model and its HF fast twin into `out`.
 
-    Raises UserError for unreadable input, no text, or a vocabulary larger than the text supports.
+    With `exact_size=False`, `vocab_size` is an upper bound: a small text yields a smaller vocabulary.
+    Raises UserError for unreadable input, no text, or (with `exact_size`) a vocabulary larger than the text
+    supports.
     """
     import sentencepiece
 
@@ -90,7 +94,7 @@ def train_tokenizer(inputs: list[Path], vocab_size: int, out: Path, model_max_le
             bos_piece=SPECIAL_TOKENS["bos"],
             eos_piece=SPECIAL_TOKENS["eos"],
             user_defined_symbols=EXTRA_SPECIAL_TOKENS,
-            hard_vocab_limit=True,
+            hard_vocab_limit=exact_size,
             minloglevel=2,
         )
     except RuntimeError as err:
@@ -104,7 +108,7 @@ def train_tokenizer(inputs: list[Path], vocab_size: int, out: Path, model_max_le
     processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
     fast = fast_tokenizer_from_sentencepiece(processor, model_max_length)
     fast.save_pretrained(out)
-    logger.info("trained a %d-piece tokenizer on %d sentences into %s", vocab_size, len(sentences), out)
+    logger.info("trained a %d-piece tokenizer on %d sentences into %s", len(fast), len(sentences), out)
     return out
 
 

@@ -28,6 +28,7 @@ class TowerSection:
 @dataclass
 class ModelSection:
     preset: Literal["tiny", "base", "large"] = "tiny"
+    tokenizer: str | None = None
     text: TowerSection = field(default_factory=TowerSection)
     vision: TowerSection = field(default_factory=TowerSection)
     speech: TowerSection = field(default_factory=TowerSection)
@@ -50,6 +51,8 @@ class DataSection:
 
     train: list[DataSource]
     eval: str | None = None
+    demo: str | None = None
+    ledger: bool = False
     num_workers: int = 2
     max_text_tokens: int = 64
     max_speech_seconds: float = 15.0
@@ -83,9 +86,12 @@ class TrainSection:
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5
+    log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum"):
+        for name in ("max_steps", "batch_size", "grad_accum", "max_bad_steps", "log_every"):
             value = getattr(self, name)
             _require(value >= 1, name, f"must be at least 1, got {value}")
         _require(self.learning_rate > 0, "learning_rate", f"must be greater than 0, got {self.learning_rate}")

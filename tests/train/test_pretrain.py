@@ -1,0 +1,210 @@
+"""`zidong pretrain`: exact resume after kill -9 (with a sample ledger), SIGTERM checkpoints, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
+from tests.helpers import REPO_ROOT, run_cli
+from zidong.data.tokenizer import train_tokenizer
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """48 training samples (one epoch = 6 steps of 8), 12 held-out triplets and a tokenizer."""
+    root = tmp_path_factory.mktemp("pretrain")
+    rng = np.random.default_rng(0)
+    (root / "text.txt").write_text("\n".join(caption_of("s", n, rng) for n in range(3000)) + "\n")
+    return {
+        "train": make_corpus(root / "train", 48, combinations=TEXT_COMBINATIONS),
+        "eval": make_corpus(root / "eval", 12, seed=1, combinations=(("text", "vision", "speech"),)),
+        "tokenizer": train_tokenizer([root / "text.txt"], 400, root / "tokenizer"),
+    }
+
+
+def write_recipe(folder: Path, corpus: dict[str, Path], **changes) -> Path:
+    recipe = {
+        "output_dir": str(folder / "run"),
+        "seed": 3,
+        "model": {"preset": "tiny", "tokenizer": str(corpus["tokenizer"])},
+        "data": {
+            "train": [{"path": str(corpus["train"]), "weight": 1.0}],
+            "eval": str(corpus["eval"]),
+            "num_workers": 2,
+            "ledger": True,
+        },
+        "train": {"max_steps": STEPS, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 2, "log_every": 1},
+        "checkpoint": {"every_steps": 2, "keep_last": 5},
+        "eval": {"every_steps": 0},
+        "loss": {"contrastive": {"weight": 1.0}, "matching": {"weight": 0.5}, "masked_text": {"weight": 0.5}},
+    }
+    for key, value in changes.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch(recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zidong", "pretrain", str(recipe)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "ZIDONG_PROGRESS": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+
+
+def ledger_by_step(run: Path) -> dict[int, list]:
+    """The samples of each step; a step run again after a resume counts with its last record."""
+    steps: dict[int, list] = {}
+    for line in (run / "ledger-rank0.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = record["samples"]
+    return steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("straight")
+    result = run_cli("pretrain", str(write_recipe(folder, corpus)), env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "held-out retrieval after 6 steps" in result.stderr
+    return folder / "run"
+
+
+def test_kill_9_then_relaunch_gives_the_uninterrupted_weights(
+    corpus: dict[str, Path], uninterrupted: Path, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path, corpus)
+    run = tmp_path / "run"
+    process = launch(recipe)
+    wait_for(run / "checkpoints" / "step-00000002", process)
+    process.kill()  # SIGKILL: no chance to save anything
+    process.wait()
+    relaunched = launch(recipe)
+    output, _ = relaunched.communicate(timeout=300)
+    assert relaunched.returncode == 0, output
+    assert "resumed from" in output
+    expected, got = final_weights(uninterrupted), final_weights(run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), f"{name} differs after kill -9 and resume"
+    # one epoch of 48 samples = 6 steps of 8: every sample exactly once, in the same batches as straight through
+    ledger = ledger_by_step(run)
+    assert sorted(ledger) == list(range(1, STEPS + 1))
+    seen = [tuple(ref) for step in ledger.values() for ref in step]
+    assert len(seen) == len(set(seen)) == 48
+    assert ledger == ledger_by_step(uninterrupted)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 200}, checkpoint={"every_steps": 100})
+    run = tmp_path / "run"
+    process = launch(recipe)
+    wait_for(run / "ledger-rank0.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    saved = sorted((run / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "trainer.json").read_text())["step"]
+    assert 1 <= step < 100
+    assert saved[0].name == f"step-{step:08d}"
+
+
+def test_resume_never_refuses_a_run_with_checkpoints(corpus: dict[str, Path], uninterrupted: Path) -> None:
+    recipe = uninterrupted.parent / "recipe.yaml"
+    result = run_cli("pretrain", str(recipe), "resume=never")
+    assert result.returncode == 2
+    assert "already holds checkpoints and resume=never" in result.stderr
+    result = run_cli("pretrain", str(recipe), f"resume={uninterrupted}")
+    assert result.returncode == 2
+    assert "not a checkpoint folder" in result.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path], tmp_path: Path) -> None:
+    # the model's loss becomes NaN from step 3 on (a sitecustomize patch in the launched process)
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import zidong.models.zidong.modeling_zidong as m\n"
+        "original = m.ZidongModel.forward\n"
+        "calls = [0]\n"
+        "def forward(self, *args, **kwargs):\n"
+        "    output = original(self, *args, **kwargs)\n"
+        "    calls[0] += 1\n"
+        "    if output.loss is not None and calls[0] > 2:\n"
+        "        output.loss = output.loss * float('nan')\n"
+        "    return output\n"
+        "m.ZidongModel.forward = forward\n"
+    )
+    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 20, "max_bad_steps": 3}, checkpoint={"every_steps": 1})
+    result = run_cli("pretrain", str(recipe), "data.num_workers=0", env={"PYTHONPATH": f"{patch}:{REPO_ROOT}"})
+    assert result.returncode == 2, result.stderr
+    assert "3 steps in a row had a non-finite loss or gradient (step 5)" in result.stderr
+    saved = [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())]
+    assert saved == ["step-00000001", "step-00000002"]  # nothing from the non-finite steps
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in metrics if m["kind"] == "train"] == [0, 0, 1, 2]
+
+
+def test_two_process_ddp_trains_and_checkpoints_every_rank(corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 4}, data={"num_workers": 1})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "zidong",
+            "pretrain",
+            str(recipe),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    final = tmp_path / "run" / "checkpoints" / "step-00000004"
+    assert {p.name for p in final.iterdir()} >= {"data-rank0.json", "data-rank1.json", "model.safetensors"}
+    # in the first epoch (3 steps of 8 per rank) the ranks read disjoint halves of the corpus
+    ranks = []
+    for rank in range(2):
+        lines = (tmp_path / "run" / f"ledger-rank{rank}.jsonl").read_text().splitlines()
+        ranks.append({tuple(ref) for line in lines[:3] for ref in json.loads(line)["samples"]})
+    assert len(ranks[0]) == len(ranks[1]) == 24
+    assert not ranks[0] & ranks[1]
+    assert "held-out retrieval after 4 steps" in result.stderr

@@ -1,0 +1,74 @@
+"""Atomic training checkpoints: `OUTPUT_DIR/checkpoints/step-00000100/`.
+
+A checkpoint folder holds what `Accelerator.save_state` writes (model, optimizer, scheduler, every process's RNG
+states; sharded under DeepSpeed/FSDP), `trainer.json` (step and counters) and one `data-rank{r}.json` per
+process (its data-stream state). Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N`
+once every process has finished, so a folder named `step-N` is always complete and an interrupted save leaves
+only a `.tmp` folder that the next save or resume ignores and removes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from zidong.errors import UserError
+
+FOLDER = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    folder = Path(output_dir) / FOLDER
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if path.is_dir() and _NAME.match(path.name)]
+    return sorted(found, key=lambda path: int(_NAME.match(path.name).group(1)))
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    data_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of `step` (collective: every process calls it) and prune to the last `keep_last`."""
+    final = Path(output_dir) / FOLDER / f"step-{step:08d}"
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    (partial / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    if accelerator.is_main_process:
+        (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore model, optimizer, scheduler and RNG states from `folder`; returns (trainer state, this process's
+    data-stream state, None if the checkpoint was written by fewer processes)."""
+    try:
+        trainer_state = json.loads((folder / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder} is not a zidong checkpoint (no readable trainer.json: {err})") from None
+    accelerator.load_state(str(folder))
+    data_file = folder / f"data-rank{accelerator.process_index}.json"
+    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
+    return trainer_state, data_state

@@ -1,0 +1,96 @@
+"""Zero-shot retrieval on held-out shards: Recall@1/5/10 for every modality pair and direction.
+
+Every process embeds a contiguous block of the held-out samples (evaluation transforms: centre crop, audio
+head); the embeddings are gathered to every process and scored there. For the pair (a, b) only samples that have
+both modalities take part; `a->b` ranks all b-embeddings for each a-query, and a hit is the query's own sample.
+Chance level for R@k is k / n.
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from zidong.data.shards import SampleError, ShardFolder
+from zidong.data.transforms import SamplePipeline
+from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.utils.log import EVERY_RANK, get_logger
+
+RECALL_AT = (1, 5, 10)
+logger = get_logger(__name__)
+
+
+@torch.no_grad()
+def retrieval(
+    model: torch.nn.Module, folder: str | Path, pipeline: SamplePipeline, batch_size: int, accelerator: Accelerator
+) -> dict[str, float]:
+    """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective)."""
+    shards = ShardFolder(folder)
+    refs = [(shard, position) for shard, count in enumerate(shards.counts) for position in range(count)]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = refs[rank * len(refs) // world : (rank + 1) * len(refs) // world]
+    width = accelerator.unwrap_model(model).config.projection_dim
+    embeds = {m: torch.zeros(len(mine), width) for m in MODALITIES}
+    present = {m: torch.zeros(len(mine), dtype=torch.bool) for m in MODALITIES}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), batch_size):
+        samples, rows = [], []
+        for row, (shard, position) in enumerate(mine[start : start + batch_size], start=start):
+            try:
+                samples.append(pipeline.decode(shards.read(shard, position), np.random.default_rng(0)))
+                rows.append(row)
+            except SampleError as err:
+                logger.warning("evaluation skipped an unreadable sample: %s", err, extra=EVERY_RANK)
+        if not samples:
+            continue
+        batch = {key: value.to(accelerator.device) for key, value in pipeline.collate(samples).items()}
+        with accelerator.autocast():
+            output = model(**batch)
+        for modality in MODALITIES:
+            if getattr(output, f"{modality}_embeds") is not None:
+                embeds[modality][rows] = getattr(output, f"{modality}_embeds").float().cpu()
+            present[modality][rows] = getattr(output, f"{modality}_present").cpu()
+    model.train(was_training)
+    shards.close()
+    gathered = {m: _gather_rows(accelerator, embeds[m], len(refs)) for m in MODALITIES}
+    presence = {m: _gather_rows(accelerator, present[m], len(refs)) for m in MODALITIES}
+    return recall_at_k(gathered, presence)
+
+
+def _gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every process's block in rank order (blocks differ in size by at most one row)."""
+    if accelerator.num_processes == 1:
+        return rows
+    longest = total // accelerator.num_processes + 1
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype)
+    padded[: len(rows)] = rows
+    everything = (
+        accelerator.gather(padded.to(accelerator.device))
+        .cpu()
+        .reshape(accelerator.num_processes, longest, *rows.shape[1:])
+    )
+    world = accelerator.num_processes
+    sizes = [(r + 1) * total // world - r * total // world for r in range(world)]
+    return torch.cat([everything[r, : sizes[r]] for r in range(world)])
+
+
+def recall_at_k(embeds: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Recall@k for every ordered pair of modalities from (n, d) normalised embeddings and (n,) presence."""
+    metrics: dict[str, float] = {"samples": float(len(next(iter(present.values()))))}
+    for query, target in permutations(MODALITIES, 2):
+        both = present[query] & present[target]
+        count = int(both.sum())
+        if count < 2:
+            continue
+        similarity = embeds[query][both] @ embeds[target][both].T
+        own = similarity.diagonal()[:, None]
+        rank = (similarity > own).sum(dim=1)  # how many candidates beat the right one
+        for k in RECALL_AT:
+            metrics[f"{query}->{target}/R@{k}"] = float((rank < k).float().mean())
+        metrics[f"{query}->{target}/count"] = float(count)
+    return metrics

@@ -1,0 +1,358 @@
+"""`zidong pretrain RECIPE.yaml`: the pretraining loop.
+
+    zidong pretrain recipes/pretrain/tiny.yaml                                     one process
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m zidong pretrain ...       DDP (gloo on CPU)
+    accelerate launch -m zidong pretrain ...                                       DDP / DeepSpeed / FSDP
+
+`pretrain(recipe)` reads top to bottom: set up (accelerator, corpus, tokenizer, model, optimizer, data stream,
+resume), then the loop: one optimizer step = `train.grad_accum` micro-batches (gradients are all-reduced on the
+last one only), clipping, a skipped update when the gradient is not finite, logging, evaluation, checkpoints.
+SIGTERM/SIGUSR1 (cluster preemption) finish the current step, save a checkpoint and exit 0; relaunching the same
+command continues from the latest checkpoint, with the data stream exactly where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+from zidong.data.stream import StreamLoader, StreamSettings
+from zidong.data.transforms import SamplePipeline
+from zidong.errors import UserError
+from zidong.models.zidong.configuration_zidong import MODALITIES, PRESETS
+from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
+from zidong.models.zidong.processing_zidong import ZidongProcessor
+from zidong.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from zidong.train.evaluate import RECALL_AT, retrieval
+from zidong.train.recipe import PretrainRecipe
+from zidong.utils.log import get_logger, progress
+
+logger = get_logger(__name__)
+METRICS_FILE = "metrics.jsonl"
+LEDGER_FILE = "ledger-rank{rank}.jsonl"
+
+
+class TrainingError(UserError):
+    """The run cannot go on (too many non-finite steps): the message says what happened and what to try."""
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
+    """Train as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
+    accelerator = _accelerator(recipe)
+    output_dir = Path(recipe.output_dir)
+    resume_from = _resume_point(recipe, output_dir)
+    set_seed(recipe.seed)
+    _ensure_demo_corpus(recipe, accelerator)
+    tokenizer = _tokenizer(recipe)
+    model = _model(recipe, tokenizer)
+    processor = ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
+    optimizer = _optimizer(model, recipe, accelerator)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    counters, data_state = Counters(), None
+    if resume_from is not None:
+        trainer_state, data_state = load_checkpoint(accelerator, resume_from)
+        counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
+        logger.info("resumed from %s (step %d)", resume_from, counters.step)
+    loader = _train_loader(recipe, processor, accelerator, data_state)
+    eval_pipeline = SamplePipeline(
+        processor,
+        train=False,
+        max_text_tokens=recipe.data.max_text_tokens,
+        max_speech_seconds=recipe.data.max_speech_seconds,
+    )
+    weights = {name: getattr(recipe.loss, name).weight for name in OBJECTIVES}
+    stop = _PreemptionFlag()
+    ledger = output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None
+    metrics: dict[str, float] = {}
+    bar = progress(total=recipe.train.max_steps, initial=counters.step, desc="pretrain")
+    window = _Window()
+    while counters.step < recipe.train.max_steps and not stop.requested:
+        model.train()
+        losses = _train_step(model, loader, weights, recipe, accelerator, window, ledger, counters.step + 1)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(losses["loss"])
+        if finite:
+            optimizer.step()
+            counters.bad_steps_in_a_row = 0
+        else:
+            counters.skipped_steps += 1
+            counters.bad_steps_in_a_row += 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        counters.step += 1
+        counters.samples += window.last_samples
+        bar.update(1)
+        if counters.bad_steps_in_a_row >= recipe.train.max_bad_steps:
+            raise TrainingError(
+                f"{counters.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
+                f"{counters.step}); nothing was checkpointed from them. Lower train.learning_rate, raise "
+                "train.warmup_steps, or resume from an earlier checkpoint with resume=PATH"
+            )
+        if counters.step % recipe.train.log_every == 0 or counters.step == recipe.train.max_steps:
+            record = window.summary(losses, grad_norm, scheduler.get_last_lr()[0], counters)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+            _append_metrics(accelerator, output_dir, {"kind": "train", **record})
+        done = counters.step == recipe.train.max_steps
+        if recipe.data.eval and (done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)):
+            metrics = retrieval(model, recipe.data.eval, eval_pipeline, recipe.train.batch_size, accelerator)
+            _append_metrics(accelerator, output_dir, {"kind": "eval", "step": counters.step, **metrics})
+        checkpoint_due = done or stop.requested or counters.step % recipe.checkpoint.every_steps == 0
+        if checkpoint_due and counters.bad_steps_in_a_row == 0:  # never checkpoint a state that just went non-finite
+            save_checkpoint(
+                accelerator,
+                output_dir,
+                counters.step,
+                dict(counters.__dict__),
+                loader.state_dict(),
+                recipe.checkpoint.keep_last,
+            )
+    bar.close()
+    loader.close()
+    if stop.requested:
+        logger.info(
+            "stopped by %s at step %d after saving a checkpoint; relaunch to continue", stop.signal_name, counters.step
+        )
+    elif metrics:
+        logger.info("held-out retrieval after %d steps:\n%s", counters.step, retrieval_table(metrics))
+    accelerator.end_training()
+    return metrics
+
+
+def _train_step(model, loader, weights, recipe, accelerator, window, ledger, step) -> dict[str, float]:
+    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them."""
+    totals: dict[str, float] = {}
+    waited = 0.0
+    window.start_step()
+    for _ in range(recipe.train.grad_accum):
+        started = time.perf_counter()
+        batch = next(loader)
+        waited += time.perf_counter() - started
+        if ledger is not None:
+            with ledger.open("a") as stream:
+                stream.write(json.dumps({"step": step, "samples": loader.last_refs}) + "\n")
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+        window.count(batch)
+        with accelerator.accumulate(model), accelerator.autocast():
+            output = model(**batch, return_loss=True, loss_weights=weights)
+            accelerator.backward(output.loss)
+        for name, value in {"loss": output.loss, **output.losses}.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach()) / recipe.train.grad_accum
+    window.end_step(waited)
+    return totals
+
+
+class _Window:
+    """Throughput and data-wait accounting between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.samples = 0
+        self.tokens = dict.fromkeys(MODALITIES, 0)
+        self.waited = 0.0
+        self.last_samples = 0
+
+    def start_step(self) -> None:
+        self.last_samples = 0
+
+    def count(self, batch: dict[str, torch.Tensor]) -> None:
+        size = len(batch["text_present"])
+        self.samples += size
+        self.last_samples += size
+        if "text_attention_mask" in batch:
+            self.tokens["text"] += int(batch["text_attention_mask"].sum())
+        if "speech_attention_mask" in batch:
+            self.tokens["speech"] += int(batch["speech_attention_mask"].sum()) // 160  # 10 ms frames
+        if "pixel_values" in batch:
+            self.tokens["vision"] += int(batch["pixel_values"].shape[0])  # images
+
+    def end_step(self, waited: float) -> None:
+        self.waited += waited
+
+    def summary(self, losses, grad_norm, learning_rate, counters: Counters) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {
+            "step": counters.step,
+            **{name: round(value, 5) for name, value in losses.items()},
+            "learning_rate": learning_rate,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": self.samples / elapsed,
+            "text_tokens_per_s": self.tokens["text"] / elapsed,
+            "speech_frames_per_s": self.tokens["speech"] / elapsed,
+            "images_per_s": self.tokens["vision"] / elapsed,
+            "data_wait_fraction": self.waited / elapsed,
+            "skipped_steps": counters.skipped_steps,
+        }
+        if torch.cuda.is_available():
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.reset()
+        return record
+
+
+def retrieval_table(metrics: dict[str, float]) -> str:
+    """The retrieval metrics as a fixed-width table, with the chance level of each k."""
+    pairs = sorted({key.split("/")[0] for key in metrics if "/R@" in key})
+    count = int(metrics.get("samples", 0))
+    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT)]
+    for pair in pairs:
+        lines.append(f"{pair:<16}" + "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT))
+    if count:
+        lines.append(f"{'chance':<16}" + "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def _accelerator(recipe: PretrainRecipe) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    # a rank whose batch lacks a modality does not run that tower
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl"))
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=recipe.train.mixed_precision if not cpu else "no",
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        kwargs_handlers=handlers,
+    )
+
+
+def _resume_point(recipe: PretrainRecipe, output_dir: Path) -> Path | None:
+    if recipe.resume == "never":
+        if checkpoints(output_dir):
+            raise UserError(
+                f"{output_dir} already holds checkpoints and resume=never; choose another output_dir or use resume=auto"
+            )
+        return None
+    if recipe.resume == "auto":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(recipe.resume)
+    if not (path / "trainer.json").is_file():
+        raise UserError(f"resume={recipe.resume}: not a checkpoint folder (expected {path}/trainer.json)")
+    return path
+
+
+def _ensure_demo_corpus(recipe: PretrainRecipe, accelerator: Accelerator) -> None:
+    if recipe.data.demo is None:
+        return
+    folder = Path(recipe.data.demo)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (folder / "tokenizer" / "tokenizer.json").is_file():
+            from zidong.data.demo import make_demo
+
+            logger.info("building the demo corpus into %s (first run only)", folder)
+            make_demo(folder)
+
+
+def _tokenizer(recipe: PretrainRecipe):
+    source = recipe.model.tokenizer or recipe.model.text.pretrained
+    if source is None:
+        raise UserError("model.tokenizer is not set: give a tokenizer folder (see `zidong tokenizer train`)")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.tokenizer={source}: cannot load a tokenizer there ({err})") from None
+
+
+def _config_overrides(recipe: PretrainRecipe, tokenizer) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"mask_token_id": tokenizer.mask_token_id}
+    if recipe.model.text.pretrained is None:
+        overrides["text"] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    return overrides
+
+
+def _model(recipe: PretrainRecipe, tokenizer) -> ZidongModel:
+    folders = {m: getattr(recipe.model, m).pretrained for m in MODALITIES}
+    overrides = _config_overrides(recipe, tokenizer)
+    if "text" in overrides:  # from_pretrained_towers takes `text` as the tower folder: pass the whole config
+        text_config = {**PRESETS[recipe.model.preset]["text_config"], **overrides.pop("text")}
+        overrides["text_config"] = text_config
+    try:
+        model = ZidongModel.from_pretrained_towers(recipe.model.preset, **folders, **overrides)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if recipe.train.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
+
+
+def _optimizer(model: torch.nn.Module, recipe: PretrainRecipe, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms, biases and scalars (the temperature) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = accelerator.device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=recipe.train.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+
+
+def _train_loader(recipe, processor, accelerator, state) -> StreamLoader:
+    data = recipe.data
+    pipeline = SamplePipeline(
+        processor,
+        train=True,
+        max_text_tokens=data.max_text_tokens,
+        max_speech_seconds=data.max_speech_seconds,
+        crop_scale=(data.crop_scale_min, 1.0),
+    )
+    settings = StreamSettings(
+        batch_size=recipe.train.batch_size,
+        seed=recipe.seed,
+        shuffle_window=data.shuffle_window,
+        bucket_pool=data.bucket_pool,
+        max_bad_fraction=data.max_bad_fraction,
+    )
+    return StreamLoader(
+        [(source.path, source.weight) for source in data.train],
+        settings,
+        pipeline,
+        num_workers=data.num_workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        state=state,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+
+def _append_metrics(accelerator: Accelerator, output_dir: Path, record: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / METRICS_FILE).open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+
+class _PreemptionFlag:
+    """SIGTERM / SIGUSR1 ask the loop to checkpoint after the current step and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        for number in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, _frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(number).name
