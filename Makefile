@@ -19,9 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	test -f data/demo/eval/index.json || $(BIN)/zidong data demo --out data/demo
-	$(BIN)/zidong data inspect data/demo/train
-	$(BIN)/zidong pretrain recipes/pretrain/tiny.yaml --print-config
+	$(BIN)/zidong pretrain recipes/pretrain/tiny.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -86,11 +86,14 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     metrics: dict[str, float] = {}
     bar = progress(total=recipe.train.max_steps, initial=counters.step, desc="pretrain")
     window = _Window()
-    while counters.step < recipe.train.max_steps and not stop.requested:
+    stopping = False
+    while counters.step < recipe.train.max_steps and not stopping:
         model.train()
         losses = _train_step(model, loader, weights, recipe, accelerator, window, ledger, counters.step + 1)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(losses["loss"])
+        # every process must take the same decisions: skip the update, and stop after this step
+        loss_finite, stopping = _agree(accelerator, math.isfinite(losses["loss"]), stop.requested)
+        finite = bool(torch.isfinite(grad_norm)) and loss_finite
         if finite:
             optimizer.step()
             counters.bad_steps_in_a_row = 0
@@ -116,7 +119,7 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
         if recipe.data.eval and (done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)):
             metrics = retrieval(model, recipe.data.eval, eval_pipeline, recipe.train.batch_size, accelerator)
             _append_metrics(accelerator, output_dir, {"kind": "eval", "step": counters.step, **metrics})
-        checkpoint_due = done or stop.requested or counters.step % recipe.checkpoint.every_steps == 0
+        checkpoint_due = done or stopping or counters.step % recipe.checkpoint.every_steps == 0
         if checkpoint_due and counters.bad_steps_in_a_row == 0:  # never checkpoint a state that just went non-finite
             save_checkpoint(
                 accelerator,
@@ -128,14 +131,25 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
             )
     bar.close()
     loader.close()
-    if stop.requested:
+    if stopping:
         logger.info(
-            "stopped by %s at step %d after saving a checkpoint; relaunch to continue", stop.signal_name, counters.step
+            "stopped by %s at step %d after saving a checkpoint; relaunch to continue",
+            stop.signal_name or "a signal to another process",
+            counters.step,
         )
     elif metrics:
         logger.info("held-out retrieval after %d steps:\n%s", counters.step, retrieval_table(metrics))
     accelerator.end_training()
     return metrics
+
+
+def _agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) -> tuple[bool, bool]:
+    """(every process's loss is finite, some process was asked to stop), the same on every process."""
+    if accelerator.num_processes == 1:
+        return loss_finite, stop_requested
+    flags = torch.tensor([float(not loss_finite), float(stop_requested)], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] == 0), bool(flags[1] > 0)
 
 
 def _train_step(model, loader, weights, recipe, accelerator, window, ledger, step) -> dict[str, float]:
