@@ -208,3 +208,27 @@ def test_two_process_ddp_trains_and_checkpoints_every_rank(corpus: dict[str, Pat
     assert len(ranks[0]) == len(ranks[1]) == 24
     assert not ranks[0] & ranks[1]
     assert "held-out retrieval after 4 steps" in result.stderr
+
+
+def test_two_process_deepspeed_zero2_saves_resumes_and_continues(corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 4}, data={"num_workers": 1})
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO_ROOT / "recipes/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",
+        "-m", "zidong", "pretrain", str(recipe),
+    ]  # fmt: skip
+    env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "2 process(es), DEEPSPEED" in first.stderr
+    saved = tmp_path / "run" / "checkpoints" / "step-00000004"
+    assert {"pytorch_model", "data-rank0.json", "data-rank1.json", "trainer.json"} <= {p.name for p in saved.iterdir()}
+    second = subprocess.run(
+        [*command, "train.max_steps=6"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stderr
+    assert "(step 4)" in second.stderr
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "trainer.json").read_text())["step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s > 4] == [5, 6, 6]  # two train records, then the final evaluation

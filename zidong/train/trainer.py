@@ -58,6 +58,9 @@ class Counters:
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     """Train as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
     accelerator = _accelerator(recipe)
+    logger.info(
+        "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
+    )
     output_dir = Path(recipe.output_dir)
     resume_from = _resume_point(recipe, output_dir)
     set_seed(recipe.seed)
@@ -67,6 +70,7 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     processor = ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
     optimizer = _optimizer(model, recipe, accelerator)
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.max_steps)
+    _configure_deepspeed(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     counters, data_state = Counters(), None
     if resume_from is not None:
@@ -90,7 +94,8 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     while counters.step < recipe.train.max_steps and not stopping:
         model.train()
         losses = _train_step(model, loader, weights, recipe, accelerator, window, ledger, counters.step + 1)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+        # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm))
         # every process must take the same decisions: skip the update, and stop after this step
         loss_finite, stopping = _agree(accelerator, math.isfinite(losses["loss"]), stop.requested)
         finite = bool(torch.isfinite(grad_norm)) and loss_finite
@@ -168,11 +173,20 @@ def _train_step(model, loader, weights, recipe, accelerator, window, ledger, ste
         window.count(batch)
         with accelerator.accumulate(model), accelerator.autocast():
             output = model(**batch, return_loss=True, loss_weights=weights)
-            accelerator.backward(output.loss)
+            accelerator.backward(output.loss + _touch_every_parameter(model, accelerator))
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / recipe.train.grad_accum
     window.end_step(waited)
     return totals
+
+
+def _touch_every_parameter(model: torch.nn.Module, accelerator: Accelerator) -> torch.Tensor | float:
+    """0 x (a sum over every trainable parameter) under DeepSpeed: a tower that a process's batch did not use
+    still gets a (zero) gradient, so every process reduces the same gradient buckets (ZeRO has no
+    `find_unused_parameters`; mismatched buckets abort the job)."""
+    if accelerator.state.deepspeed_plugin is None:
+        return 0.0
+    return 0.0 * sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad)
 
 
 class _Window:
@@ -246,12 +260,27 @@ def _accelerator(recipe: PretrainRecipe) -> Accelerator:
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl"))
+    # no `cpu=` here: it would override a DeepSpeed launch; a CPU box under torchrun needs ACCELERATE_USE_CPU=1
     return Accelerator(
-        cpu=cpu,
         mixed_precision=recipe.train.mixed_precision if not cpu else "no",
         gradient_accumulation_steps=recipe.train.grad_accum,
         kwargs_handlers=handlers,
     )
+
+
+def _configure_deepspeed(accelerator: Accelerator, recipe: PretrainRecipe) -> None:
+    """Under DeepSpeed, batch size, accumulation and clipping come from the recipe (we prepare no DataLoader
+    from which Accelerate could read the batch size)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(
+            {
+                "train_micro_batch_size_per_gpu": recipe.train.batch_size,
+                "train_batch_size": recipe.train.batch_size * recipe.train.grad_accum * accelerator.num_processes,
+                "gradient_accumulation_steps": recipe.train.grad_accum,
+                "gradient_clipping": recipe.train.max_grad_norm,
+            }
+        )
 
 
 def _resume_point(recipe: PretrainRecipe, output_dir: Path) -> Path | None:

@@ -124,8 +124,9 @@ class ZidongModel(ZidongPreTrainedModel):
         self.text_projection = nn.Linear(widths["text"], config.projection_dim, bias=False)
         self.vision_projection = nn.Linear(widths["vision"], config.projection_dim, bias=False)
         self.speech_projection = nn.Linear(widths["speech"], config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+        # shape (1,), not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
+        self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init_value)))
         self.fusion = ZidongFusionEncoder(config, widths)
         self.matching_head = nn.Linear(config.fusion_hidden_size, len(MATCHING_CLASSES))
         self.text_head = ZidongPredictionHead(config, config.text_config.vocab_size)
@@ -281,7 +282,7 @@ class ZidongModel(ZidongPreTrainedModel):
             losses.update(self.masked_modelling_losses(inputs, towers, presence, weights))
         loss = None
         if return_loss:
-            loss = self.logit_scale * 0.0  # keeps a graph even when nothing in the batch can be scored
+            loss = self.logit_scale[0] * 0.0  # keeps a graph even when nothing in the batch can be scored
             for objective, weight in weights.items():
                 if objective in losses:
                     loss = loss + weight * losses[objective]
@@ -357,8 +358,8 @@ class ZidongModel(ZidongPreTrainedModel):
             pair_loss = contrastive_pair_loss(
                 embeds[first][both] if embeds[first] is not None else self.logit_scale.new_zeros(0, dim),
                 embeds[second][both] if embeds[second] is not None else self.logit_scale.new_zeros(0, dim),
-                self.logit_scale,
-                self.logit_bias,
+                self.logit_scale[0],
+                self.logit_bias[0],
                 self.config.contrastive_loss,
             )
             if pair_loss is not None:
@@ -410,7 +411,7 @@ class ZidongModel(ZidongPreTrainedModel):
         modalities and candidates' embeddings of the swapped one, so similar (hard) negatives dominate.
         """
         batch = present.shape[0]
-        scale = self.logit_scale.exp()
+        scale = self.logit_scale[0].exp()
         candidate_scores = torch.full((batch, len(MODALITIES), batch), float("-inf"), device=present.device)
         for index, modality in enumerate(MODALITIES):
             if embeds[modality] is None:
