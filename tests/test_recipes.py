@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ PRETRAIN_RECIPES = sorted((REPO_ROOT / "recipes" / "pretrain").glob("*.yaml"))
 
 
 def test_recipes_are_shipped() -> None:
-    assert [path.name for path in PRETRAIN_RECIPES] >= ["tiny.yaml"]
+    assert [path.name for path in PRETRAIN_RECIPES] == ["base.yaml", "large.yaml", "tiny.yaml"]
 
 
 @pytest.mark.parametrize("path", PRETRAIN_RECIPES, ids=lambda path: path.name)
@@ -29,3 +32,23 @@ def test_recipe_header_gives_its_launch_command(path: Path) -> None:
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     relative = path.relative_to(REPO_ROOT).as_posix()
     assert any(f"zidong pretrain {relative}" in line for line in header)
+
+
+def test_dry_run_sizes_the_large_recipe_without_allocating_it() -> None:
+    script = (
+        "import resource, sys\n"
+        "from zidong.cli import main\n"
+        "code = main(['pretrain', 'recipes/pretrain/large.yaml', '--dry-run', '--gpus', '32'])\n"
+        "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    total = int(re.search(r"^total\s+([\d,]+)", result.stdout, re.MULTILINE).group(1).replace(",", ""))
+    assert 0.9e9 < total < 1.3e9  # "about 1B parameters"
+    for name in ("text", "vision", "speech", "fusion"):
+        assert re.search(rf"^{name}\s+[\d,]+$", result.stdout, re.MULTILINE)
+    assert re.search(r"training FLOPs per sample: \d\.\d+e\+1\d", result.stdout)
+    assert "ZeRO-3:" in result.stdout
+    peak_gib = int(re.search(r"peak_rss_kb (\d+)", result.stdout).group(1)) / 2**20
+    assert peak_gib < 2.0  # the fp32 weights alone would take 4.3 GiB

@@ -88,7 +88,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         sys.stdout.write(to_yaml(recipe))
         return 0
     if args.dry_run:
-        _not_available("pretrain --dry-run")
+        from zidong.train.dry_run import dry_run_report
+
+        print(dry_run_report(recipe, args.gpus))
+        return 0
     from zidong.train.trainer import pretrain
     from zidong.utils.run_info import record_run
 
@@ -210,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="build the model on the meta device and print sizes, FLOPs and memory"
     )
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    pretrain.add_argument(
+        "--gpus", type=_positive_int, default=8, metavar="N", help="GPU count for the --dry-run memory estimate"
+    )
     pretrain.set_defaults(handler=_pretrain, takes_overrides=True)
 
     evaluate = commands.add_parser("eval", help="zero-shot retrieval and classification on held-out shards")
