@@ -151,6 +151,14 @@ def test_resume_never_refuses_a_run_with_checkpoints(corpus: dict[str, Path], un
     assert "not a checkpoint folder" in result.stderr
 
 
+def test_a_missing_tokenizer_folder_exits_2(corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, corpus)
+    result = run_cli("pretrain", str(recipe), f"model.tokenizer={tmp_path / 'nowhere'}")
+    assert result.returncode == 2
+    assert f"model.tokenizer={tmp_path / 'nowhere'}: no such folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path], tmp_path: Path) -> None:
     # the model's loss becomes NaN from step 3 on (a sitecustomize patch in the launched process)
     patch = tmp_path / "patch"

@@ -315,6 +315,8 @@ def _tokenizer(recipe: PretrainRecipe):
     source = recipe.model.tokenizer or recipe.model.text.pretrained
     if source is None:
         raise UserError("model.tokenizer is not set: give a tokenizer folder (see `zidong tokenizer train`)")
+    if not Path(source).is_dir():
+        raise UserError(f"model.tokenizer={source}: no such folder (train one with `zidong tokenizer train`)")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
