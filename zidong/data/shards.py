@@ -63,12 +63,11 @@ class ShardFolder:
             handle.close()
         self._handles.clear()
 
-    def key(self, shard: int, position: int) -> str:
-        """The key of the `position`-th sample of shard number `shard` (raises SampleError if unreadable)."""
-        return self._table(shard)[position][0]
+    def read(self, shard: int, position: int, only: Collection[str] | None = None) -> RawSample:
+        """The metadata and the members of one sample (those with an extension in `only`, if given).
 
-    def read_meta(self, shard: int, position: int) -> dict[str, Any]:
-        """The sample's `.json` metadata only (modalities, text_chars, audio_seconds, ...)."""
+        Raises SampleError when the metadata or a member cannot be read.
+        """
         key, members = self._entry(shard, position)
         try:
             meta = json.loads(self._read(shard, members["json"]))
@@ -76,15 +75,6 @@ class ShardFolder:
             raise SampleError(f"{self.shards[shard]} key {key}: unreadable metadata ({err})") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("modalities"), list):
             raise SampleError(f"{self.shards[shard]} key {key}: metadata without a modality list")
-        return meta
-
-    def read(self, shard: int, position: int, only: Collection[str] | None = None) -> RawSample:
-        """The metadata and the members of one sample (those with an extension in `only`, if given).
-
-        Raises SampleError when the metadata or a member cannot be read.
-        """
-        key, members = self._entry(shard, position)
-        meta = self.read_meta(shard, position)
         files = {
             ext: self._read(shard, member)
             for ext, member in members.items()

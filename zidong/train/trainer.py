@@ -93,7 +93,7 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     stopping = False
     while counters.step < recipe.train.max_steps and not stopping:
         model.train()
-        losses = _train_step(model, loader, weights, recipe, accelerator, window, ledger, counters.step + 1)
+        losses, samples = _train_step(model, loader, weights, recipe, accelerator, window, ledger, counters.step + 1)
         # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm))
         # every process must take the same decisions: skip the update, and stop after this step
@@ -108,7 +108,7 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         counters.step += 1
-        counters.samples += window.last_samples
+        counters.samples += samples
         bar.update(1)
         if counters.bad_steps_in_a_row >= recipe.train.max_bad_steps:
             raise TrainingError(
@@ -157,27 +157,26 @@ def _agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) ->
     return bool(flags[0] == 0), bool(flags[1] > 0)
 
 
-def _train_step(model, loader, weights, recipe, accelerator, window, ledger, step) -> dict[str, float]:
-    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them."""
+def _train_step(model, loader, weights, recipe, accelerator, window, ledger, step) -> tuple[dict[str, float], int]:
+    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them and the samples."""
     totals: dict[str, float] = {}
-    waited = 0.0
-    window.start_step()
+    samples = 0
     for _ in range(recipe.train.grad_accum):
         started = time.perf_counter()
         batch = next(loader)
-        waited += time.perf_counter() - started
+        window.waited += time.perf_counter() - started
         if ledger is not None:
             with ledger.open("a") as stream:
                 stream.write(json.dumps({"step": step, "samples": loader.last_refs}) + "\n")
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         window.count(batch)
+        samples += len(batch["text_present"])
         with accelerator.accumulate(model), accelerator.autocast():
             output = model(**batch, return_loss=True, loss_weights=weights)
             accelerator.backward(output.loss + _touch_every_parameter(model, accelerator))
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / recipe.train.grad_accum
-    window.end_step(waited)
-    return totals
+    return totals, samples
 
 
 def _touch_every_parameter(model: torch.nn.Module, accelerator: Accelerator) -> torch.Tensor | float:
@@ -200,24 +199,15 @@ class _Window:
         self.samples = 0
         self.tokens = dict.fromkeys(MODALITIES, 0)
         self.waited = 0.0
-        self.last_samples = 0
-
-    def start_step(self) -> None:
-        self.last_samples = 0
 
     def count(self, batch: dict[str, torch.Tensor]) -> None:
-        size = len(batch["text_present"])
-        self.samples += size
-        self.last_samples += size
+        self.samples += len(batch["text_present"])
         if "text_attention_mask" in batch:
             self.tokens["text"] += int(batch["text_attention_mask"].sum())
         if "speech_attention_mask" in batch:
             self.tokens["speech"] += int(batch["speech_attention_mask"].sum()) // 160  # 10 ms frames
         if "pixel_values" in batch:
             self.tokens["vision"] += int(batch["pixel_values"].shape[0])  # images
-
-    def end_step(self, waited: float) -> None:
-        self.waited += waited
 
     def summary(self, losses, grad_norm, learning_rate, counters: Counters) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -323,19 +313,15 @@ def _tokenizer(recipe: PretrainRecipe):
         raise UserError(f"model.tokenizer={source}: cannot load a tokenizer there ({err})") from None
 
 
-def _config_overrides(recipe: PretrainRecipe, tokenizer) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"mask_token_id": tokenizer.mask_token_id}
-    if recipe.model.text.pretrained is None:
-        overrides["text"] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    return overrides
-
-
 def _model(recipe: PretrainRecipe, tokenizer) -> ZidongModel:
     folders = {m: getattr(recipe.model, m).pretrained for m in MODALITIES}
-    overrides = _config_overrides(recipe, tokenizer)
-    if "text" in overrides:  # from_pretrained_towers takes `text` as the tower folder: pass the whole config
-        text_config = {**PRESETS[recipe.model.preset]["text_config"], **overrides.pop("text")}
-        overrides["text_config"] = text_config
+    overrides: dict[str, Any] = {"mask_token_id": tokenizer.mask_token_id}
+    if folders["text"] is None:  # a from-scratch text tower takes its vocabulary from the tokenizer
+        overrides["text_config"] = {
+            **PRESETS[recipe.model.preset]["text_config"],
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     try:
         model = ZidongModel.from_pretrained_towers(recipe.model.preset, **folders, **overrides)
     except ValueError as err:
