@@ -218,11 +218,12 @@ def test_two_process_ddp_trains_and_checkpoints_every_rank(corpus: dict[str, Pat
     assert "held-out retrieval after 4 steps" in result.stderr
 
 
-def test_two_process_deepspeed_zero2_saves_resumes_and_continues(corpus: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_two_process_deepspeed_saves_resumes_and_continues(corpus: dict[str, Path], tmp_path: Path, stage: int) -> None:
     recipe = write_recipe(tmp_path, corpus, train={"max_steps": 4}, data={"num_workers": 1})
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "recipes/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",
+        str(REPO_ROOT / f"recipes/accelerate/deepspeed_zero{stage}.yaml"), "--num_processes", "2",
         "-m", "zidong", "pretrain", str(recipe),
     ]  # fmt: skip
     env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -231,6 +232,9 @@ def test_two_process_deepspeed_zero2_saves_resumes_and_continues(corpus: dict[st
     assert "2 process(es), DEEPSPEED" in first.stderr
     saved = tmp_path / "run" / "checkpoints" / "step-00000004"
     assert {"pytorch_model", "data-rank0.json", "data-rank1.json", "trainer.json"} <= {p.name for p in saved.iterdir()}
+    shards = {p.name for p in (saved / "pytorch_model").iterdir()}
+    # ZeRO-3 partitions the weights too: one model-state file per rank
+    assert ("zero_pp_rank_1_mp_rank_00_model_states.pt" in shards) == (stage == 3)
     second = subprocess.run(
         [*command, "train.max_steps=6"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
     )

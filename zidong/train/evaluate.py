@@ -26,9 +26,16 @@ logger = get_logger(__name__)
 
 @torch.no_grad()
 def retrieval(
-    model: torch.nn.Module, folder: str | Path, pipeline: SamplePipeline, batch_size: int, accelerator: Accelerator
+    model: torch.nn.Module,
+    folder: str | Path,
+    pipeline: SamplePipeline,
+    batch_size: int,
+    accelerator: Accelerator,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective)."""
+    """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective).
+
+    `lockstep` (DeepSpeed): every process makes the same number of lockstep forward calls, idle ones included."""
     shards = ShardFolder(folder)
     refs = [(shard, position) for shard, count in enumerate(shards.counts) for position in range(count)]
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -38,7 +45,8 @@ def retrieval(
     present = {m: torch.zeros(len(mine), dtype=torch.bool) for m in MODALITIES}
     was_training = model.training
     model.eval()
-    for start in range(0, len(mine), batch_size):
+    longest = -(-len(refs) // world)  # blocks differ by at most one sample; every process runs as many batches
+    for start in range(0, longest if lockstep else len(mine), batch_size):
         samples, rows = [], []
         for row, (shard, position) in enumerate(mine[start : start + batch_size], start=start):
             try:
@@ -46,11 +54,13 @@ def retrieval(
                 rows.append(row)
             except SampleError as err:
                 logger.warning("evaluation skipped an unreadable sample: %s", err, extra=EVERY_RANK)
-        if not samples:
+        if not samples and not lockstep:
             continue
-        batch = {key: value.to(accelerator.device) for key, value in pipeline.collate(samples).items()}
+        batch = (
+            {key: value.to(accelerator.device) for key, value in pipeline.collate(samples).items()} if samples else {}
+        )
         with accelerator.autocast():
-            output = model(**batch)
+            output = model(**batch, lockstep=lockstep)
         for modality in MODALITIES:
             if getattr(output, f"{modality}_embeds") is not None:
                 embeds[modality][rows] = getattr(output, f"{modality}_embeds").float().cpu()

@@ -13,6 +13,7 @@ command continues from the latest checkpoint, with the data stream exactly where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers.integrations import unset_hf_deepspeed_config
 
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
@@ -66,7 +68,8 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     set_seed(recipe.seed)
     _ensure_demo_corpus(recipe, accelerator)
     tokenizer = _tokenizer(recipe)
-    model = _model(recipe, tokenizer)
+    with _built_whole(accelerator):
+        model = _model(recipe, tokenizer, _lockstep(accelerator))
     processor = ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
     optimizer = _optimizer(model, recipe, accelerator)
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.max_steps)
@@ -122,7 +125,9 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
             _append_metrics(accelerator, output_dir, {"kind": "train", **record})
         done = counters.step == recipe.train.max_steps
         if recipe.data.eval and (done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)):
-            metrics = retrieval(model, recipe.data.eval, eval_pipeline, recipe.train.batch_size, accelerator)
+            metrics = retrieval(
+                model, recipe.data.eval, eval_pipeline, recipe.train.batch_size, accelerator, _lockstep(accelerator)
+            )
             _append_metrics(accelerator, output_dir, {"kind": "eval", "step": counters.step, **metrics})
         checkpoint_due = done or stopping or counters.step % recipe.checkpoint.every_steps == 0
         if checkpoint_due and counters.bad_steps_in_a_row == 0:  # never checkpoint a state that just went non-finite
@@ -172,20 +177,19 @@ def _train_step(model, loader, weights, recipe, accelerator, window, ledger, ste
         window.count(batch)
         samples += len(batch["text_present"])
         with accelerator.accumulate(model), accelerator.autocast():
-            output = model(**batch, return_loss=True, loss_weights=weights)
-            accelerator.backward(output.loss + _touch_every_parameter(model, accelerator))
+            output = model(**batch, return_loss=True, loss_weights=weights, lockstep=_lockstep(accelerator))
+            accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / recipe.train.grad_accum
     return totals, samples
 
 
-def _touch_every_parameter(model: torch.nn.Module, accelerator: Accelerator) -> torch.Tensor | float:
-    """0 x (a sum over every trainable parameter) under DeepSpeed: a tower that a process's batch did not use
-    still gets a (zero) gradient, so every process reduces the same gradient buckets (ZeRO has no
-    `find_unused_parameters`; mismatched buckets abort the job)."""
-    if accelerator.state.deepspeed_plugin is None:
-        return 0.0
-    return 0.0 * sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad)
+def _lockstep(accelerator: Accelerator) -> bool:
+    """Under DeepSpeed every process runs every tower and head on every step (placeholders where its batch has
+    nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in the order
+    modules run, so processes whose batches differ in modalities must still make the same calls. DDP instead
+    runs with find_unused_parameters."""
+    return accelerator.state.deepspeed_plugin is not None
 
 
 class _Window:
@@ -313,7 +317,25 @@ def _tokenizer(recipe: PretrainRecipe):
         raise UserError(f"model.tokenizer={source}: cannot load a tokenizer there ({err})") from None
 
 
-def _model(recipe: PretrainRecipe, tokenizer) -> ZidongModel:
+@contextlib.contextmanager
+def _built_whole(accelerator: Accelerator):
+    """Build the model whole on every process, then let DeepSpeed partition it in `prepare`.
+
+    Accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under
+    ZeRO-3 transformers would then build the towers inside `deepspeed.zero.Init`, where their weight
+    initialisation fails on partitioned (empty) tensors."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def _model(recipe: PretrainRecipe, tokenizer, lockstep: bool) -> ZidongModel:
     folders = {m: getattr(recipe.model, m).pretrained for m in MODALITIES}
     overrides: dict[str, Any] = {"mask_token_id": tokenizer.mask_token_id}
     if folders["text"] is None:  # a from-scratch text tower takes its vocabulary from the tokenizer
@@ -328,6 +350,12 @@ def _model(recipe: PretrainRecipe, tokenizer) -> ZidongModel:
         raise UserError(str(err)) from None
     if recipe.train.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if lockstep:  # LayerDrop skips random layers, differently on each process: ZeRO needs the same calls
+        for modality, tower in model.towers().items():
+            if getattr(tower.config, "layerdrop", 0.0):
+                logger.info("%s tower: layerdrop %.2f -> 0 under DeepSpeed", modality, tower.config.layerdrop)
+                tower.config.layerdrop = 0.0
+                getattr(model.config, f"{modality}_config").layerdrop = 0.0
     return model
 
 

@@ -86,8 +86,9 @@ class ZidongFusionEncoder(nn.Module):
 
     def embed(self, modality: str, token_states: torch.Tensor) -> torch.Tensor:
         """Tower states (n, tokens, tower width) -> fusion inputs (n, tokens, fusion width) with the type tag."""
-        index = MODALITIES.index(modality)
-        return self.input_projections[modality](token_states) + self.modality_embeddings.weight[index]
+        # through the module call, not `.weight[...]`: ZeRO-3 gathers a module's parameters when it is called
+        index = torch.tensor(MODALITIES.index(modality), device=token_states.device)
+        return self.input_projections[modality](token_states) + self.modality_embeddings(index)
 
     def forward(self, streams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FusedStreams:
         """`streams` maps a modality to (embedded states (batch, tokens, width), mask (batch, tokens) bool) with

@@ -22,17 +22,25 @@ Objectives (`loss_weights`; a weight of 0 or a missing key skips that objective'
   modalities unmasked, predicts the masked tokens, pixels (per-patch normalised) and filterbank steps. With
   `modality_mask_probability` a whole modality of a multi-modal sample is masked (modality-level masking).
 
+Lockstep (`lockstep=True`, used under DeepSpeed). ZeRO gathers and reduces parameters with collectives, so every
+process must run the same modules in the same order and give every parameter a gradient, whatever its batch
+holds. In lockstep a tower whose modality the batch lacks runs on a one-row placeholder, and a head with nothing
+to score runs on one row; their outputs enter the loss multiplied by 0 (a zero gradient, the same call sequence
+on every process). A forward with no inputs at all is a valid lockstep call (an idle evaluation batch).
+
 Each tower is wrapped by an adapter that yields `TowerOutput(token_states, attention_mask, pooled)`: text and
 speech pool by masked mean (independent of padding), vision takes its first (CLS) token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -254,11 +262,13 @@ class ZidongModel(ZidongPreTrainedModel):
         speech_present: torch.Tensor | None = None,
         return_loss: bool = False,
         loss_weights: Mapping[str, float] | None = None,
+        lockstep: bool = False,
         **kwargs,
     ) -> ZidongOutput:
         """Embeddings of every given modality and, with `return_loss`, the weighted objectives.
 
         `loss_weights` maps objective names (`OBJECTIVES`) to weights; by default only `contrastive` (1.0).
+        `lockstep=True` runs every tower and every weighted head on every call (see the module docstring).
         """
         weights = self._loss_weights(loss_weights) if return_loss else {}
         inputs = {
@@ -267,25 +277,33 @@ class ZidongModel(ZidongPreTrainedModel):
             "speech": (input_values, speech_attention_mask),
         }
         presence = self._presence(inputs, {"text": text_present, "vision": vision_present, "speech": speech_present})
+        idle: list[torch.Tensor] | None = [] if lockstep else None
+        if lockstep:  # absent modalities run on a placeholder row; presence (all False) keeps it out of every loss
+            inputs = {m: value if presence[m].any() else self._placeholder(m) for m, value in inputs.items()}
         towers: dict[str, TowerOutput] = {}
         embeds: dict[str, torch.Tensor | None] = dict.fromkeys(MODALITIES)
         for modality in MODALITIES:
-            if presence[modality].any():
-                towers[modality] = self._encode(modality, *inputs[modality])
+            if presence[modality].any() or lockstep:
+                with self._idle_if(not presence[modality].any()):
+                    towers[modality] = self._encode(modality, *inputs[modality])
                 embeds[modality] = scatter_rows(self._embed(modality, towers[modality]), presence[modality])
+                if idle is not None:  # a projection that no pair loss reads still takes part
+                    idle.append(embeds[modality])
         losses: dict[str, torch.Tensor] = {}
         if weights.get("contrastive"):
             losses.update(self.contrastive_losses(embeds, presence))
         if weights.get("matching"):
-            losses.update(self.matching_loss(towers, embeds, presence))
+            losses.update(self.matching_loss(towers, embeds, presence, idle))
         if any(weights.get(f"masked_{modality}") for modality in MODALITIES):
-            losses.update(self.masked_modelling_losses(inputs, towers, presence, weights))
+            losses.update(self.masked_modelling_losses(inputs, towers, presence, weights, idle))
         loss = None
         if return_loss:
             loss = self.logit_scale[0] * 0.0  # keeps a graph even when nothing in the batch can be scored
             for objective, weight in weights.items():
                 if objective in losses:
                     loss = loss + weight * losses[objective]
+            for term in idle or []:
+                loss = loss + 0.0 * term.float().sum()
         return ZidongOutput(
             loss=loss,
             losses=losses if return_loss else None,
@@ -297,6 +315,32 @@ class ZidongModel(ZidongPreTrainedModel):
             speech_present=presence["speech"],
             logit_scale=self.logit_scale,
         )
+
+    @contextlib.contextmanager
+    def _idle_if(self, idle: bool):
+        """Around lockstep placeholder work: leaves torch's and numpy's random state as it found them, so the
+        real rows' dropout and masks are those of an ordinary forward."""
+        if not idle:
+            yield
+            return
+        numpy_state = np.random.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            yield
+        np.random.set_state(numpy_state)
+
+    def _placeholder(self, modality: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One short, valid input row for a tower (lockstep): two tokens, a blank image, half a second of silence."""
+        if modality == "text":
+            token = self.config.text_config.pad_token_id or 0
+            return torch.full((1, 2), token, dtype=torch.long, device=self.device), None
+        if modality == "vision":
+            vision = self.config.vision_config
+            size = getattr(vision, "image_size", 224)
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            channels = getattr(vision, "num_channels", 3)
+            return torch.zeros(1, channels, height, width, dtype=self.dtype, device=self.device), None
+        samples = self.config.sampling_rate // 2
+        return torch.zeros(1, samples, device=self.device), torch.ones(1, samples, dtype=torch.long, device=self.device)
 
     def _encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None) -> TowerOutput:
         if modality == "text":
@@ -369,9 +413,16 @@ class ZidongModel(ZidongPreTrainedModel):
         return losses
 
     def matching_loss(
-        self, towers: dict[str, TowerOutput], embeds: dict[str, torch.Tensor | None], presence: dict[str, torch.Tensor]
+        self,
+        towers: dict[str, TowerOutput],
+        embeds: dict[str, torch.Tensor | None],
+        presence: dict[str, torch.Tensor],
+        idle: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Multi-way matching on each multi-modal sample and one hard negative of it (one modality swapped)."""
+        """Multi-way matching on each multi-modal sample and one hard negative of it (one modality swapped).
+
+        With nothing to score and an `idle` list (lockstep), the fusion encoder and head run on one row and
+        their output is appended to `idle` instead."""
         streams = {m: self._fusion_stream(m, towers[m], presence[m]) for m in towers}
         present = torch.stack([presence[m] for m in MODALITIES], dim=1)  # (B, 3)
         eligible = present.sum(dim=1) >= 2
@@ -380,6 +431,10 @@ class ZidongModel(ZidongPreTrainedModel):
         negatives = swapped >= 0
         positive_rows, negative_rows = eligible.nonzero()[:, 0], negatives.nonzero()[:, 0]
         if positive_rows.numel() == 0:
+            if idle is not None:
+                with self._idle_if(True):
+                    fused = self.fusion({m: (states[:1], mask[:1]) for m, (states, mask) in streams.items()})
+                idle.append(self.matching_head(fused.states[:, 0]))
             return {}
         fused_inputs = {}
         for m, (states, mask) in streams.items():
@@ -449,20 +504,30 @@ class ZidongModel(ZidongPreTrainedModel):
         towers: dict[str, TowerOutput],
         presence: dict[str, torch.Tensor],
         weights: dict[str, float],
+        idle: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Masked text / vision / speech modelling through the fusion encoder, in one extra pass."""
+        """Masked text / vision / speech modelling through the fusion encoder, in one extra pass.
+
+        With an `idle` list (lockstep), a head with nothing masked runs on one fused row, appended to `idle`."""
         targets = [m for m in towers if weights.get(f"masked_{m}")]
         whole = self._modality_level_mask(targets, presence)
         streams, predictions = {}, {}
         for modality, tower_output in towers.items():
             if modality in targets:
                 masker = getattr(self, f"_mask_{modality}")
-                tower_output, predictions[modality] = masker(*inputs[modality], whole[modality][presence[modality]])
+                rows = whole[modality][presence[modality]]
+                if not presence[modality].any():  # a lockstep placeholder row
+                    rows = torch.zeros(tower_output.pooled.shape[0], dtype=torch.bool, device=self.device)
+                with self._idle_if(not presence[modality].any()):
+                    tower_output, predictions[modality] = masker(*inputs[modality], rows)
             streams[modality] = self._fusion_stream(modality, tower_output, presence[modality])
         fused = self.fusion(streams)
         losses = {}
         for modality, (chosen, target, score) in predictions.items():
+            chosen = chosen if presence[modality].any() else chosen[:0]
             if not chosen.any():
+                if idle is not None:
+                    idle.append(getattr(self, f"{modality}_head")(fused.modality(modality)[:1, :1]))
                 continue
             states = fused.modality(modality)[presence[modality]]
             states = states[:, states.shape[1] - chosen.shape[1] :][chosen]  # vision: skip CLS/prefix tokens
