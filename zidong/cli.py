@@ -100,6 +100,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from zidong.train.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def _data_build(args: argparse.Namespace) -> int:
     from zidong.config import config_from_overrides
     from zidong.data.normalize import BuildSettings
@@ -240,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="plot loss and retrieval curves of a run as PNG files")
     report.add_argument("run_dir", type=_existing_dir, metavar="RUN_DIR")
-    report.set_defaults(handler=_unavailable_handler("report"))
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -157,6 +158,69 @@ def test_a_missing_tokenizer_folder_exits_2(corpus: dict[str, Path], tmp_path: P
     assert result.returncode == 2
     assert f"model.tokenizer={tmp_path / 'nowhere'}: no such folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_frozen_towers_stay_put_and_a_timed_freeze_ends(corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        corpus,
+        model={"vision": {"frozen_steps": -1}, "speech": {"frozen_steps": 2}},
+        train={"max_steps": 4, "warmup_steps": 0},
+        checkpoint={"every_steps": 1, "keep_last": 4},
+        data={"num_workers": 0, "eval": None},
+        loss={"matching": {"weight": 0.5, "warmup_steps": 3}},
+    )
+    result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "frozen for the whole run: vision" in result.stderr
+    weights = [load_file(tmp_path / "run" / "checkpoints" / f"step-{s:08d}" / "model.safetensors") for s in (1, 2, 4)]
+
+    def same(prefix: str, first: int, second: int) -> bool:
+        names = [name for name in weights[0] if name.startswith(prefix)]
+        return all(torch.equal(weights[first][n], weights[second][n]) for n in names)
+
+    assert same("vision_model.", 0, 2)  # frozen for good
+    assert same("speech_model.", 0, 1)  # frozen for steps 1-2 ...
+    assert not same("speech_model.", 1, 2)  # ... and trained after
+    assert not same("text_model.", 0, 1)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("learning_rate_speech") for r in records] == [0.0, 0.0, None, None]
+    assert all(r["mfu"] > 0 and r["model_tflops_per_s"] > 0 for r in records)
+    assert list((tmp_path / "run" / "tensorboard" / "run").glob("events.out.tfevents.*"))  # the default tracker
+    for r in records:  # matching ramps over 3 steps; masked_vision/speech keep their default weight 1
+        ramp = 0.5 * min(1.0, r["step"] / 3)
+        expected = r["contrastive"] + ramp * r["matching"] + 0.5 * r["masked_text"] + r["masked_vision"]
+        assert r["loss"] == pytest.approx(expected + r["masked_speech"], abs=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_that_is_not_installed_exits_2(corpus: dict[str, Path], tmp_path: Path) -> None:
+    result = run_cli("pretrain", str(write_recipe(tmp_path, corpus)), "train.trackers=[tensorboard, wandb]")
+    assert result.returncode == 2
+    assert "train.trackers lists wandb, but the wandb package is not installed" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_compile_on_cpu_is_refused_before_any_work(corpus: dict[str, Path], tmp_path: Path) -> None:
+    result = run_cli("pretrain", str(write_recipe(tmp_path, corpus)), "train.compile=true")
+    assert result.returncode == 2
+    assert "train.compile=true needs a CUDA device" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_on_cpu_is_refused_instead_of_training_twice(corpus: dict[str, Path], tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO_ROOT / "recipes/accelerate/fsdp.yaml"), "--num_processes", "2",
+        "-m", "zidong", "pretrain", str(write_recipe(tmp_path, corpus)),
+    ]  # fmt: skip
+    env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "2 processes were launched, but Accelerate set up no distributed training" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path], tmp_path: Path) -> None:

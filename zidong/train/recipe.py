@@ -20,9 +20,20 @@ def _require(condition: bool, field_name: str, message: str) -> None:
 
 @dataclass
 class TowerSection:
-    """One modality tower: built from the preset, or loaded from a local Hugging Face folder."""
+    """One modality tower: built from the preset, or loaded from a local Hugging Face folder; its learning rate
+    is `train.learning_rate x lr_multiplier`; `frozen_steps` freezes it (see zidong/train/optim.py)."""
 
     pretrained: str | None = None
+    lr_multiplier: float = 1.0
+    frozen_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.lr_multiplier > 0, "lr_multiplier", f"must be greater than 0, got {self.lr_multiplier}")
+        _require(
+            self.frozen_steps >= -1,
+            "frozen_steps",
+            f"must be 0 (never frozen), N (frozen for the first N steps) or -1 (the whole run), got {self.frozen_steps}",
+        )
 
 
 @dataclass
@@ -89,6 +100,9 @@ class TrainSection:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5
     log_every: int = 10
+    compile: bool = False
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "max_bad_steps", "log_every"):
@@ -96,6 +110,11 @@ class TrainSection:
             _require(value >= 1, name, f"must be at least 1, got {value}")
         _require(self.learning_rate > 0, "learning_rate", f"must be greater than 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "peak_tflops",
+            f"must be greater than 0 (TFLOP/s per device) or null (measure it), got {self.peak_tflops}",
+        )
 
 
 @dataclass
@@ -120,12 +139,15 @@ class EvalSection:
 
 @dataclass
 class ObjectiveSection:
-    """One training objective; weight 0 switches it off and skips its compute."""
+    """One training objective; weight 0 switches it off and skips its compute. With `warmup_steps` the weight
+    ramps linearly from weight/warmup_steps at step 1 to `weight` at step `warmup_steps`."""
 
     weight: float = 1.0
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, "weight", f"must be 0 or more, got {self.weight}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
 
 
 @dataclass

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from transformers import AutoTokenizer
 from transformers.integrations import unset_hf_deepspeed_config
 
+from zidong.config import to_dict
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
@@ -36,12 +37,22 @@ from zidong.models.zidong.configuration_zidong import MODALITIES, PRESETS
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
-from zidong.train.evaluate import RECALL_AT, retrieval
+from zidong.train.evaluate import retrieval
+from zidong.train.flops import StepFlops, measured_peak_flops
+from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers, retrieval_table
+from zidong.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    drop_gradients,
+    freeze_for_good,
+    frozen_now,
+    learning_rates,
+    objective_weights,
+)
 from zidong.train.recipe import PretrainRecipe
 from zidong.utils.log import get_logger, progress
 
 logger = get_logger(__name__)
-METRICS_FILE = "metrics.jsonl"
 LEDGER_FILE = "ledger-rank{rank}.jsonl"
 
 
@@ -57,90 +68,70 @@ class Counters:
     bad_steps_in_a_row: int = 0
 
 
+@dataclass
+class _Run:
+    """Everything the loop works with, built by `_setup`."""
+
+    recipe: PretrainRecipe
+    accelerator: Accelerator
+    output_dir: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: StreamLoader
+    eval_pipeline: SamplePipeline
+    counters: Counters
+    step_flops: StepFlops
+    log: MetricsLog
+    window: ThroughputWindow
+    ledger: Path | None
+
+
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     """Train as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
-    accelerator = _accelerator(recipe)
-    logger.info(
-        "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
-    )
-    output_dir = Path(recipe.output_dir)
-    resume_from = _resume_point(recipe, output_dir)
-    set_seed(recipe.seed)
-    _ensure_demo_corpus(recipe, accelerator)
-    tokenizer = _tokenizer(recipe)
-    with _built_whole(accelerator):
-        model = _model(recipe, tokenizer, _lockstep(accelerator))
-    processor = ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
-    optimizer = _optimizer(model, recipe, accelerator)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.train.warmup_steps, recipe.train.max_steps)
-    _configure_deepspeed(accelerator, recipe)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    counters, data_state = Counters(), None
-    if resume_from is not None:
-        trainer_state, data_state = load_checkpoint(accelerator, resume_from)
-        counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
-        logger.info("resumed from %s (step %d)", resume_from, counters.step)
-    loader = _train_loader(recipe, processor, accelerator, data_state)
-    eval_pipeline = SamplePipeline(
-        processor,
-        train=False,
-        max_text_tokens=recipe.data.max_text_tokens,
-        max_speech_seconds=recipe.data.max_speech_seconds,
-    )
-    weights = {name: getattr(recipe.loss, name).weight for name in OBJECTIVES}
+    run = _setup(recipe)
+    counters, train = run.counters, recipe.train
     stop = _PreemptionFlag()
-    ledger = output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None
+    bar = progress(total=train.max_steps, initial=counters.step, desc="pretrain")
     metrics: dict[str, float] = {}
-    bar = progress(total=recipe.train.max_steps, initial=counters.step, desc="pretrain")
-    window = _Window()
     stopping = False
-    while counters.step < recipe.train.max_steps and not stopping:
-        model.train()
-        losses, samples = _train_step(model, loader, weights, recipe, accelerator, window, ledger, counters.step + 1)
-        # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
-        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm))
-        # every process must take the same decisions: skip the update, and stop after this step
-        loss_finite, stopping = _agree(accelerator, math.isfinite(losses["loss"]), stop.requested)
-        finite = bool(torch.isfinite(grad_norm)) and loss_finite
-        if finite:
-            optimizer.step()
-            counters.bad_steps_in_a_row = 0
-        else:
-            counters.skipped_steps += 1
-            counters.bad_steps_in_a_row += 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        counters.step += 1
-        counters.samples += samples
+    while counters.step < train.max_steps and not stopping:
+        losses, grad_norm, rates, stopping = _optimizer_step(run, stop.requested)
         bar.update(1)
-        if counters.bad_steps_in_a_row >= recipe.train.max_bad_steps:
+        if counters.bad_steps_in_a_row >= train.max_bad_steps:
             raise TrainingError(
                 f"{counters.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
                 f"{counters.step}); nothing was checkpointed from them. Lower train.learning_rate, raise "
                 "train.warmup_steps, or resume from an earlier checkpoint with resume=PATH"
             )
-        if counters.step % recipe.train.log_every == 0 or counters.step == recipe.train.max_steps:
-            record = window.summary(losses, grad_norm, scheduler.get_last_lr()[0], counters)
+        done = counters.step == train.max_steps
+        if counters.step % train.log_every == 0 or done:
+            record = run.window.summary(counters.step, losses, {**rates, **_step_numbers(grad_norm, counters)})
             bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
-            _append_metrics(accelerator, output_dir, {"kind": "train", **record})
-        done = counters.step == recipe.train.max_steps
+            run.log.write({"kind": "train", **record})
         if recipe.data.eval and (done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)):
             metrics = retrieval(
-                model, recipe.data.eval, eval_pipeline, recipe.train.batch_size, accelerator, _lockstep(accelerator)
+                run.model,
+                recipe.data.eval,
+                run.eval_pipeline,
+                train.batch_size,
+                run.accelerator,
+                _lockstep(run.accelerator),
             )
-            _append_metrics(accelerator, output_dir, {"kind": "eval", "step": counters.step, **metrics})
+            run.log.write({"kind": "eval", "step": counters.step, **metrics})
         checkpoint_due = done or stopping or counters.step % recipe.checkpoint.every_steps == 0
         if checkpoint_due and counters.bad_steps_in_a_row == 0:  # never checkpoint a state that just went non-finite
+            state = run.loader.state_dict()
             save_checkpoint(
-                accelerator,
-                output_dir,
+                run.accelerator,
+                run.output_dir,
                 counters.step,
                 dict(counters.__dict__),
-                loader.state_dict(),
+                state,
                 recipe.checkpoint.keep_last,
             )
     bar.close()
-    loader.close()
+    run.loader.close()
     if stopping:
         logger.info(
             "stopped by %s at step %d after saving a checkpoint; relaunch to continue",
@@ -149,8 +140,64 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
         )
     elif metrics:
         logger.info("held-out retrieval after %d steps:\n%s", counters.step, retrieval_table(metrics))
-    accelerator.end_training()
+    run.accelerator.end_training()
     return metrics
+
+
+def _optimizer_step(run: _Run, stop_requested: bool) -> tuple[dict[str, float], torch.Tensor, dict[str, float], bool]:
+    """One optimizer step: micro-batches, clipping, the (possibly skipped) update, the schedule.
+
+    Returns the losses, the gradient norm, the learning rates the step used, and whether to stop after it."""
+    recipe, accelerator, counters = run.recipe, run.accelerator, run.counters
+    run.model.train()
+    weights = objective_weights(recipe, counters.step + 1, OBJECTIVES)
+    losses, samples = _forward_backward(run, weights)
+    if accelerator.state.deepspeed_plugin is None:  # a tower frozen for now: no say in clipping or Adam
+        drop_gradients(run.model, frozen_now(recipe, counters.step))
+    # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
+    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm))
+    # every process must take the same decisions: skip the update, and stop after this step
+    loss_finite, stopping = _agree(accelerator, math.isfinite(losses["loss"]), stop_requested)
+    if bool(torch.isfinite(grad_norm)) and loss_finite:
+        run.optimizer.step()
+        counters.bad_steps_in_a_row = 0
+    else:
+        counters.skipped_steps += 1
+        counters.bad_steps_in_a_row += 1
+    rates = learning_rates(run.optimizer)  # those this step used
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    counters.step += 1
+    counters.samples += samples
+    return losses, grad_norm, rates, stopping
+
+
+def _forward_backward(run: _Run, weights: dict[str, float]) -> tuple[dict[str, float], int]:
+    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them and the samples
+    (gradients are all-reduced on the last micro-batch only, through `accelerator.accumulate`)."""
+    accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
+    totals: dict[str, float] = {}
+    samples = 0
+    for _ in range(accumulation):
+        started = time.perf_counter()
+        batch = next(run.loader)
+        run.window.waited += time.perf_counter() - started
+        if run.ledger is not None:
+            with run.ledger.open("a") as stream:
+                stream.write(json.dumps({"step": run.counters.step + 1, "samples": run.loader.last_refs}) + "\n")
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+        run.window.count(batch, run.step_flops.of_batch(batch, weights))
+        samples += len(batch["text_present"])
+        with accelerator.accumulate(run.model), accelerator.autocast():
+            output = run.model(**batch, return_loss=True, loss_weights=weights, lockstep=_lockstep(run.accelerator))
+            accelerator.backward(output.loss)
+        for name, value in {"loss": output.loss, **output.losses}.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
+    return totals, samples
+
+
+def _step_numbers(grad_norm: torch.Tensor, counters: Counters) -> dict[str, float]:
+    return {"grad_norm": float(grad_norm), "skipped_steps": counters.skipped_steps}
 
 
 def _agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) -> tuple[bool, bool]:
@@ -162,104 +209,113 @@ def _agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) ->
     return bool(flags[0] == 0), bool(flags[1] > 0)
 
 
-def _train_step(model, loader, weights, recipe, accelerator, window, ledger, step) -> tuple[dict[str, float], int]:
-    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them and the samples."""
-    totals: dict[str, float] = {}
-    samples = 0
-    for _ in range(recipe.train.grad_accum):
-        started = time.perf_counter()
-        batch = next(loader)
-        window.waited += time.perf_counter() - started
-        if ledger is not None:
-            with ledger.open("a") as stream:
-                stream.write(json.dumps({"step": step, "samples": loader.last_refs}) + "\n")
-        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-        window.count(batch)
-        samples += len(batch["text_present"])
-        with accelerator.accumulate(model), accelerator.autocast():
-            output = model(**batch, return_loss=True, loss_weights=weights, lockstep=_lockstep(accelerator))
-            accelerator.backward(output.loss)
-        for name, value in {"loss": output.loss, **output.losses}.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach()) / recipe.train.grad_accum
-    return totals, samples
-
-
 def _lockstep(accelerator: Accelerator) -> bool:
-    """Under DeepSpeed every process runs every tower and head on every step (placeholders where its batch has
+    """Under DeepSpeed and FSDP every process runs every tower and head on every step (placeholders where its batch has
     nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in the order
-    modules run, so processes whose batches differ in modalities must still make the same calls. DDP instead
+    modules run (FSDP likewise per sharded layer), so processes whose batches differ in modalities must still make
+    the same calls. DDP instead
     runs with find_unused_parameters."""
-    return accelerator.state.deepspeed_plugin is not None
-
-
-class _Window:
-    """Throughput and data-wait accounting between two log lines."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.started = time.perf_counter()
-        self.samples = 0
-        self.tokens = dict.fromkeys(MODALITIES, 0)
-        self.waited = 0.0
-
-    def count(self, batch: dict[str, torch.Tensor]) -> None:
-        self.samples += len(batch["text_present"])
-        if "text_attention_mask" in batch:
-            self.tokens["text"] += int(batch["text_attention_mask"].sum())
-        if "speech_attention_mask" in batch:
-            self.tokens["speech"] += int(batch["speech_attention_mask"].sum()) // 160  # 10 ms frames
-        if "pixel_values" in batch:
-            self.tokens["vision"] += int(batch["pixel_values"].shape[0])  # images
-
-    def summary(self, losses, grad_norm, learning_rate, counters: Counters) -> dict[str, Any]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        record = {
-            "step": counters.step,
-            **{name: round(value, 5) for name, value in losses.items()},
-            "learning_rate": learning_rate,
-            "grad_norm": float(grad_norm),
-            "samples_per_s": self.samples / elapsed,
-            "text_tokens_per_s": self.tokens["text"] / elapsed,
-            "speech_frames_per_s": self.tokens["speech"] / elapsed,
-            "images_per_s": self.tokens["vision"] / elapsed,
-            "data_wait_fraction": self.waited / elapsed,
-            "skipped_steps": counters.skipped_steps,
-        }
-        if torch.cuda.is_available():
-            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.reset()
-        return record
-
-
-def retrieval_table(metrics: dict[str, float]) -> str:
-    """The retrieval metrics as a fixed-width table, with the chance level of each k."""
-    pairs = sorted({key.split("/")[0] for key in metrics if "/R@" in key})
-    count = int(metrics.get("samples", 0))
-    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT)]
-    for pair in pairs:
-        lines.append(f"{pair:<16}" + "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT))
-    if count:
-        lines.append(f"{'chance':<16}" + "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT))
-    return "\n".join(lines)
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def _accelerator(recipe: PretrainRecipe) -> Accelerator:
+def _setup(recipe: PretrainRecipe) -> _Run:
+    """Accelerator, corpus, tokenizer, model, optimizer, data stream, resume point, metrics sinks."""
+    check_trackers(recipe.train.trackers)
+    output_dir = Path(recipe.output_dir)
+    accelerator = _accelerator(recipe, output_dir)
+    logger.info(
+        "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
+    )
+    if recipe.train.compile and accelerator.device.type != "cuda":
+        # seen with torch 2.11: inductor's CPU backward of the towers' scaled-dot-product attention fails a
+        # stride assertion after minutes of compiling
+        raise UserError("train.compile=true needs a CUDA device (compiling the towers for CPU fails in torch 2.11)")
+    resume_from = _resume_point(recipe, output_dir)
+    set_seed(recipe.seed)
+    _ensure_demo_corpus(recipe, accelerator)
+    tokenizer = _tokenizer(recipe)
+    with _built_whole(accelerator):
+        model = _model(recipe, tokenizer, lockstep=_lockstep(accelerator))
+    processor = ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
+    frozen = freeze_for_good(model, recipe)
+    if frozen:
+        logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
+    step_flops = StepFlops(model)
+    if recipe.train.compile:
+        _compile(model)
+    optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
+    scheduler = build_scheduler(optimizer, recipe)
+    _configure_deepspeed(accelerator, recipe)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    counters, data_state = Counters(), None
+    if resume_from is not None:
+        trainer_state, data_state = load_checkpoint(accelerator, resume_from)
+        counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
+        logger.info("resumed from %s (step %d)", resume_from, counters.step)
+    eval_pipeline = SamplePipeline(
+        processor,
+        train=False,
+        max_text_tokens=recipe.data.max_text_tokens,
+        max_speech_seconds=recipe.data.max_speech_seconds,
+    )
+    return _Run(
+        recipe=recipe,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=_train_loader(recipe, processor, accelerator, data_state),
+        eval_pipeline=eval_pipeline,
+        counters=counters,
+        step_flops=step_flops,
+        log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
+        window=ThroughputWindow(_peak_flops(recipe, accelerator)),
+        ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
+    )
+
+
+def _peak_flops(recipe: PretrainRecipe, accelerator: Accelerator) -> float:
+    if recipe.train.peak_tflops:
+        return recipe.train.peak_tflops * 1e12
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    peak = measured_peak_flops(accelerator.device, dtype)
+    logger.info("matmul peak measured on %s (%s): %.1f TFLOP/s per process", accelerator.device, dtype, peak / 1e12)
+    return peak
+
+
+def _compile(model: ZidongModel) -> None:
+    """`torch.compile` each tower in place (parameter names unchanged, so checkpoints are the same)."""
+    for tower in model.towers().values():
+        tower.compile()
+
+
+def _accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     cpu = not torch.cuda.is_available()
     # a rank whose batch lacks a modality does not run that tower
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl"))
     # no `cpu=` here: it would override a DeepSpeed launch; a CPU box under torchrun needs ACCELERATE_USE_CPU=1
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision if not cpu else "no",
         gradient_accumulation_steps=recipe.train.grad_accum,
         kwargs_handlers=handlers,
+        log_with=list(recipe.train.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise UserError(
+            f"{world} processes were launched, but Accelerate set up no distributed training for them on "
+            f"{accelerator.device} (each would train alone and overwrite the others' files). FSDP needs GPUs; on "
+            "CPU launch DDP with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m zidong pretrain ...` or "
+            "DeepSpeed with `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml ...`"
+        )
+    return accelerator
 
 
 def _configure_deepspeed(accelerator: Accelerator, recipe: PretrainRecipe) -> None:
@@ -350,22 +406,15 @@ def _model(recipe: PretrainRecipe, tokenizer, lockstep: bool) -> ZidongModel:
         raise UserError(str(err)) from None
     if recipe.train.activation_checkpointing:
         model.activation_checkpointing_enable()
-    if lockstep:  # LayerDrop skips random layers, differently on each process: ZeRO needs the same calls
+    if lockstep:  # LayerDrop skips random layers, differently on each process: ZeRO/FSDP need the same calls
         for modality, tower in model.towers().items():
             if getattr(tower.config, "layerdrop", 0.0):
-                logger.info("%s tower: layerdrop %.2f -> 0 under DeepSpeed", modality, tower.config.layerdrop)
+                logger.info(
+                    "%s tower: layerdrop %.2f -> 0 (lockstep under DeepSpeed/FSDP)", modality, tower.config.layerdrop
+                )
                 tower.config.layerdrop = 0.0
                 getattr(model.config, f"{modality}_config").layerdrop = 0.0
     return model
-
-
-def _optimizer(model: torch.nn.Module, recipe: PretrainRecipe, accelerator: Accelerator) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms, biases and scalars (the temperature) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = accelerator.device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=recipe.train.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 def _train_loader(recipe, processor, accelerator, state) -> StreamLoader:
@@ -394,13 +443,6 @@ def _train_loader(recipe, processor, accelerator, state) -> StreamLoader:
         state=state,
         pin_memory=accelerator.device.type == "cuda",
     )
-
-
-def _append_metrics(accelerator: Accelerator, output_dir: Path, record: dict[str, Any]) -> None:
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with (output_dir / METRICS_FILE).open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
 
 
 class _PreemptionFlag:

@@ -1,0 +1,114 @@
+"""Parameter groups, per-tower learning rates, freezing and objective warm-up (zidong/train/optim.py)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.models.test_modeling import tiny_config
+from zidong.config import ConfigError, load_config
+from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
+from zidong.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    drop_gradients,
+    freeze_for_good,
+    frozen_now,
+    learning_rates,
+    objective_weights,
+    owner_of,
+)
+from zidong.train.recipe import PretrainRecipe
+
+BASE = "output_dir: unused\ndata: {train: [{path: unused}]}\ntrain: {learning_rate: 0.1}\n"
+
+
+def recipe(*overrides: str) -> PretrainRecipe:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "recipe.yaml"
+        path.write_text(BASE)
+        return load_config(PretrainRecipe, path, overrides)
+
+
+@pytest.fixture(scope="module")
+def model() -> ZidongModel:
+    torch.manual_seed(0)
+    return ZidongModel(tiny_config())
+
+
+def test_groups_split_by_tower_and_decay_with_multipliers() -> None:
+    model = ZidongModel(tiny_config())
+    optimizer = build_optimizer(model, recipe("model.text.lr_multiplier=0.1"), fused=False)
+    seen = set()
+    for group in optimizer.param_groups:
+        expected_lr = 0.010000000000000002 if group["owner"] == "text" else 0.1
+        assert group["lr"] == pytest.approx(expected_lr)
+        for parameter in group["params"]:
+            assert (group["weight_decay"] > 0) == (parameter.ndim >= 2)
+            seen.add(id(parameter))
+    assert seen == {id(p) for p in model.parameters()}  # every parameter exactly once
+    assert owner_of("speech_model.encoder.layers.0.ffn1.intermediate_dense.weight") == "speech"
+    assert owner_of("text_projection.weight") == "rest"  # projections learn at the base rate
+
+
+def test_frozen_for_good_leaves_the_optimizer_and_autograd() -> None:
+    model = ZidongModel(tiny_config())
+    settings = recipe("model.vision.frozen_steps=-1")
+    assert freeze_for_good(model, settings) == ["vision"]
+    optimizer = build_optimizer(model, settings, fused=False)
+    assert "vision" not in {group["owner"] for group in optimizer.param_groups}
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in model.vision_projection.parameters())
+
+
+def test_timed_freeze_is_a_zero_learning_rate_then_the_schedule() -> None:
+    model = ZidongModel(tiny_config())
+    settings = recipe("model.speech.frozen_steps=3", "train.warmup_steps=2", "train.max_steps=10")
+    optimizer = build_optimizer(model, settings, fused=False)
+    scheduler = build_scheduler(optimizer, settings)
+    history = []
+    for step in range(10):
+        history.append(learning_rates(optimizer))
+        assert frozen_now(settings, step) == (["speech"] if step < 3 else [])
+        optimizer.step()
+        scheduler.step()
+    assert [round(h["learning_rate"], 4) for h in history[:4]] == [
+        0.0,
+        0.05,
+        0.1,
+        0.0962,
+    ]  # cos ramp: 0.5 (1 + cos(pi / 8))
+    assert [h.get("learning_rate_speech", "same") for h in history[:4]] == ["same", 0.0, 0.0, "same"]  # step 0: both 0
+
+
+def test_dropped_gradients_do_not_count_or_move(model: ZidongModel) -> None:
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    drop_gradients(model, ["speech"])
+    assert all(p.grad is None for p in model.speech_model.parameters())
+    assert all(p.grad is not None for p in model.text_model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_objective_warmup_ramps_linearly() -> None:
+    settings = recipe("loss.matching.weight=0.5", "loss.matching.warmup_steps=4", "loss.masked_text.weight=0")
+    ramp = [objective_weights(settings, step, OBJECTIVES)["matching"] for step in (1, 2, 4, 9)]
+    assert ramp == [0.125, 0.25, 0.5, 0.5]
+    assert objective_weights(settings, 1, OBJECTIVES)["contrastive"] == 1.0
+    assert objective_weights(settings, 1, OBJECTIVES)["masked_text"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.text.lr_multiplier=0", "model.text.lr_multiplier"),
+        ("model.speech.frozen_steps=-2", "model.speech.frozen_steps"),
+        ("loss.matching.warmup_steps=-1", "loss.matching.warmup_steps"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        recipe(override)

@@ -1,0 +1,94 @@
+"""Model FLOPs of a training step, and the matmul peak they are compared with (MFU).
+
+Model FLOPs count what the model needs for the real (unpadded) content of each batch, the usual
+"6 x parameters x tokens" rule per pass (2 for the forward, 4 for the backward; a tower frozen for the whole run
+has no backward, so 2):
+- each tower over its real tokens (text tokens, image patches + 1, 20 ms speech steps), once more when its
+  masked objective is on (the masked pass);
+- the fusion encoder over the real tokens of the samples it reads: twice the multi-modal samples' tokens for
+  `matching` (positives and their hard negatives), and every sample's tokens for the masked objectives.
+Embedding tables are excluded, and so is attention's quadratic term, so MFU is slightly understated for long
+sequences. Padding is compute the model does not need: it lowers MFU, which is the point.
+
+The peak is `train.peak_tflops` when the recipe gives it (the accelerator's datasheet figure for the
+precision trained in), otherwise measured at start-up: the median rate of large square matmuls in the training
+precision (fp32 on CPU, bf16 on GPU under bf16) on this process's device.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from zidong.models.zidong.configuration_zidong import MODALITIES
+
+
+def _non_embedding(module: torch.nn.Module) -> tuple[int, bool]:
+    """(parameters outside embedding tables, whether any of them trains)."""
+    embedded = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    parameters = [p for p in module.parameters() if id(p) not in embedded]
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in parameters)  # ZeRO-3 keeps the full size in ds_numel
+    return count, any(p.requires_grad for p in parameters)
+
+
+class StepFlops:
+    """Model FLOPs of the batches a step trains on (built from the unwrapped model before `prepare`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config
+        self.towers = {m: _non_embedding(tower) for m, tower in model.towers().items()}
+        self.fusion = _non_embedding(model.fusion)[0]
+        self.samples_per_speech_step = model.fbank.window_shift * config.speech_frame_stack
+        self.patch_size = getattr(config.vision_config, "patch_size", None)
+
+    def of_batch(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> float:
+        tokens = self._tokens_per_sample(batch)
+        flops = 0.0
+        for modality, (parameters, trains) in self.towers.items():
+            passes = 1 + bool(weights.get(f"masked_{modality}"))
+            flops += (6 if trains else 2) * parameters * float(tokens[modality].sum()) * passes
+        per_sample = sum(tokens.values())
+        multi_modal = sum((tokens[m] > 0).long() for m in MODALITIES) >= 2
+        fusion_tokens = 0.0
+        if weights.get("matching"):
+            fusion_tokens += 2 * float(per_sample[multi_modal].sum())
+        if any(weights.get(f"masked_{m}") for m in MODALITIES):
+            fusion_tokens += float(per_sample.sum())
+        return flops + 6 * self.fusion * fusion_tokens
+
+    def _tokens_per_sample(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        size = len(batch["text_present"])
+        tokens = {m: torch.zeros(size, dtype=torch.long) for m in MODALITIES}
+        if "input_ids" in batch:
+            mask = batch.get("text_attention_mask", torch.ones_like(batch["input_ids"]))
+            tokens["text"][batch["text_present"].cpu()] = mask.sum(dim=1).cpu()
+        if "pixel_values" in batch and self.patch_size:
+            height, width = batch["pixel_values"].shape[-2:]
+            tokens["vision"][batch["vision_present"].cpu()] = (height // self.patch_size) * (
+                width // self.patch_size
+            ) + 1
+        if "input_values" in batch:
+            mask = batch.get("speech_attention_mask", torch.ones_like(batch["input_values"]))
+            tokens["speech"][batch["speech_present"].cpu()] = mask.sum(dim=1).cpu() // self.samples_per_speech_step
+        return tokens
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of `size` x `size` matmuls on `device` in `dtype` (median of `repeats` after a warm-up)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG is the training run's
+    first = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    second = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    rates = []
+    for attempt in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        torch.mm(first, second)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:  # the first is the warm-up
+            rates.append(2 * size**3 / (time.perf_counter() - started))
+    return statistics.median(rates)

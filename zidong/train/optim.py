@@ -1,0 +1,116 @@
+"""Optimizer, learning-rate schedule, tower freezing and objective warm-up for `zidong pretrain`.
+
+Parameters fall into groups by owner (`text`, `vision`, `speech` tower, or `rest`: projections, fusion encoder,
+heads, temperature) and by weight decay (matrices decay; biases, norms and scalars do not). Every group follows
+the same warm-up + cosine curve, scaled by its tower's `model.<tower>.lr_multiplier`.
+
+Freezing a tower (`model.<tower>.frozen_steps`):
+- `-1`: for the whole run. Its parameters get `requires_grad=False` before the model is wrapped, so no
+  gradient is computed or communicated for them and the optimizer holds no state for them.
+- `N > 0`: for the first N steps. Its learning rate is 0 until then, and outside DeepSpeed its gradients are
+  dropped before clipping, so they neither count in the clipped norm nor move the Adam moments. The parameters
+  stay trainable throughout because DDP and ZeRO fix the set of trainable parameters when they wrap the model;
+  under DeepSpeed, whose engine clips and steps inside `backward`, the frozen tower's gradient still counts in
+  the clipped norm and the Adam moments (its learning rate is 0, so the weights do not move).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.train.recipe import PretrainRecipe
+
+OWNERS = (*MODALITIES, "rest")
+
+
+def owner_of(parameter_name: str) -> str:
+    """`text_model.encoder...` -> `text`; projections, fusion and heads -> `rest`."""
+    for modality in MODALITIES:
+        if parameter_name.startswith(f"{modality}_model."):
+            return modality
+    return "rest"
+
+
+def freeze_for_good(model: torch.nn.Module, recipe: PretrainRecipe) -> list[str]:
+    """`requires_grad=False` on the towers with `frozen_steps: -1`; returns their names."""
+    frozen = [m for m in MODALITIES if getattr(recipe.model, m).frozen_steps == -1]
+    for name, parameter in model.named_parameters():
+        if owner_of(name) in frozen:
+            parameter.requires_grad_(False)
+    return frozen
+
+
+def build_optimizer(model: torch.nn.Module, recipe: PretrainRecipe, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one group per (owner, decay), each with its tower's learning rate."""
+    groups = []
+    for owner in OWNERS:
+        multiplier = 1.0 if owner == "rest" else getattr(recipe.model, owner).lr_multiplier
+        mine = [(n, p) for n, p in model.named_parameters() if p.requires_grad and owner_of(n) == owner]
+        for decays in (True, False):
+            params = [p for _, p in mine if (p.ndim >= 2) == decays]
+            if params:
+                groups.append(
+                    {
+                        "params": params,
+                        "weight_decay": recipe.train.weight_decay if decays else 0.0,
+                        "lr": recipe.train.learning_rate * multiplier,
+                        "owner": owner,
+                    }
+                )
+    return torch.optim.AdamW(groups, lr=recipe.train.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: PretrainRecipe) -> LambdaLR:
+    """Linear warm-up over `train.warmup_steps`, cosine decay to 0 at `train.max_steps`, 0 while frozen."""
+    warmup, total = recipe.train.warmup_steps, recipe.train.max_steps
+
+    def curve(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def for_group(owner: str):
+        frozen = 0 if owner == "rest" else getattr(recipe.model, owner).frozen_steps
+        return lambda step: curve(step) if step >= frozen else 0.0
+
+    return LambdaLR(optimizer, [for_group(group["owner"]) for group in optimizer.param_groups])
+
+
+def frozen_now(recipe: PretrainRecipe, step: int) -> list[str]:
+    """Towers frozen for a limited time that are still frozen at (0-based) optimizer step `step`."""
+    return [m for m in MODALITIES if step < getattr(recipe.model, m).frozen_steps]
+
+
+def drop_gradients(model: torch.nn.Module, owners: Iterable[str]) -> None:
+    """Forget the gradients of the named towers (before clipping and the optimizer step)."""
+    owners = set(owners)
+    if owners:
+        for name, parameter in model.named_parameters():
+            if owner_of(name.removeprefix("module.")) in owners:
+                parameter.grad = None
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`learning_rate` (the base curve, from the `rest` group) and `learning_rate_<tower>` where it differs."""
+    by_owner = {group["owner"]: group["lr"] for group in optimizer.param_groups}
+    rates = {"learning_rate": by_owner.get("rest", 0.0)}
+    for owner in MODALITIES:
+        if owner in by_owner and by_owner[owner] != rates["learning_rate"]:
+            rates[f"learning_rate_{owner}"] = by_owner[owner]
+    return rates
+
+
+def objective_weights(recipe: PretrainRecipe, step: int, objectives: Iterable[str]) -> dict[str, float]:
+    """Each objective's weight at (1-based) step `step`: ramped linearly over `loss.<objective>.warmup_steps`."""
+    weights = {}
+    for name in objectives:
+        section = getattr(recipe.loss, name)
+        ramp = min(1.0, step / section.warmup_steps) if section.warmup_steps else 1.0
+        weights[name] = section.weight * ramp
+    return weights
