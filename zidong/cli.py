@@ -100,6 +100,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from zidong.export.folders import export
+
+    print(export(args.checkpoint, args.out, args.towers, args.push_to_hub, args.license))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from zidong.train.report import write_report
 
@@ -238,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, metavar="DIR")
     export.add_argument("--towers", action="store_true", help="also write one plain transformers folder per tower")
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository")
-    export.set_defaults(handler=_unavailable_handler("export"))
+    export.add_argument("--license", default="apache-2.0", help="license named in the model card (default apache-2.0)")
+    export.set_defaults(handler=_export)
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained model for a downstream task")
     finetune.add_argument("task", choices=FINETUNE_TASKS, metavar="TASK", help=" | ".join(FINETUNE_TASKS))

@@ -57,7 +57,7 @@ def test_normalize_and_stack_uses_real_frames_only() -> None:
     assert step_mask.tolist() == [[True] * 5, [True, True, True, False, False]]
     real = stacked[1, :3].reshape(6, 4)
     assert torch.allclose(real.mean(dim=0), torch.zeros(4), atol=1e-5)
-    assert torch.allclose(real.var(dim=0, unbiased=False), torch.ones(4), atol=1e-3)
+    assert torch.allclose(real.var(dim=0, unbiased=True), torch.ones(4), atol=1e-3)
     assert stacked[1, 3:].abs().sum() == 0
 
 
@@ -75,3 +75,32 @@ def test_feature_extractor_rejects_wrong_rate_and_stereo() -> None:
         extractor([np.ones(5)], sampling_rate=8000)
     with pytest.raises(ValueError, match=r"audio\[0\] must be a mono 1-D waveform"):
         extractor([np.ones((2, 5))])
+
+
+def test_speech_steps_match_the_stock_w2v_bert_feature_extractor() -> None:
+    # what an exported speech tower's users get from plain transformers (SeamlessM4TFeatureExtractor, numpy, float64)
+    from transformers import SeamlessM4TFeatureExtractor
+
+    from tests.models.test_modeling import tiny_config
+    from zidong.models.zidong.modeling_zidong import ZidongModel
+
+    model = ZidongModel(tiny_config()).eval()
+    generator = torch.Generator().manual_seed(0)
+    lengths = (16000, 11201)  # one utterance with an odd number of frames
+    waves = torch.zeros(2, 16000)
+    for row, length in enumerate(lengths):
+        time = torch.arange(length) / 16000
+        waves[row, :length] = 0.3 * torch.sin(2 * torch.pi * 220 * time) + 0.05 * torch.randn(
+            length, generator=generator
+        )
+    mask = (torch.arange(16000)[None] < torch.tensor(lengths)[:, None]).long()
+    steps, step_mask = model.speech_steps(waves, mask)
+    stock = SeamlessM4TFeatureExtractor(stride=model.config.speech_frame_stack)
+    expected = stock(
+        [w[:n].numpy() for w, n in zip(waves, lengths, strict=True)], sampling_rate=16000, return_tensors="pt"
+    )
+    assert steps.shape == expected["input_features"].shape
+    assert torch.equal(step_mask, expected["attention_mask"].bool())
+    real = step_mask[..., None].expand_as(steps)
+    difference = (steps[real] - expected["input_features"][real].float()).abs().max()
+    assert difference < 5e-4, difference  # measured 1.2e-4: float32 here, float64 there

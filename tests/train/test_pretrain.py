@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
 from tests.helpers import REPO_ROOT, run_cli
@@ -308,3 +309,12 @@ def test_two_process_deepspeed_saves_resumes_and_continues(corpus: dict[str, Pat
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "trainer.json").read_text())["step"] == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s > 4] == [5, 6, 6]  # two train records, then the final evaluation
+    # export gathers the (ZeRO-3: partitioned) fp32 weights on one CPU process, no cluster needed
+    final = tmp_path / "run" / "checkpoints" / "step-00000006"
+    exported = run_cli("export", str(final), "--out", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+    weights = AutoModel.from_pretrained(tmp_path / "export").state_dict()
+    if stage == 2:  # the engine's module copy is whole under ZeRO-2 (fp32 here): the export must equal it
+        module = torch.load(final / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(torch.equal(weights[name], module[name]) for name in weights)
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())

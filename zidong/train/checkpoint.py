@@ -1,8 +1,9 @@
 """Atomic training checkpoints: `OUTPUT_DIR/checkpoints/step-00000100/`.
 
 A checkpoint folder holds what `Accelerator.save_state` writes (model, optimizer, scheduler, every process's RNG
-states; sharded under DeepSpeed/FSDP), `trainer.json` (step and counters) and one `data-rank{r}.json` per
-process (its data-stream state). Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N`
+states; sharded under DeepSpeed/FSDP), `trainer.json` (step and counters), one `data-rank{r}.json` per
+process (its data-stream state), and what `describe` adds (the trainer: `model/` with the model's
+`config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else). Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N`
 once every process has finished, so a folder named `step-N` is always complete and an interrupted save leaves
 only a `.tmp` folder that the next save or resume ignores and removes.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from accelerate import Accelerator
 from zidong.errors import UserError
 
 FOLDER = "checkpoints"
+MODEL_FILES = "model"  # config.json + processor files inside a checkpoint
+RECIPE_FILE = "recipe.yaml"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -39,8 +43,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     data_state: dict[str, Any],
     keep_last: int,
+    describe: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` (collective: every process calls it) and prune to the last `keep_last`."""
+    """Write the checkpoint of `step` (collective: every process calls it) and prune to the last `keep_last`;
+    `describe(folder)` runs on rank 0 to add files of its own."""
     final = Path(output_dir) / FOLDER / f"step-{step:08d}"
     partial = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -51,6 +57,8 @@ def save_checkpoint(
     (partial / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
     if accelerator.is_main_process:
         (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        if describe is not None:
+            describe(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

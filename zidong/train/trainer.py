@@ -14,11 +14,13 @@ command continues from the latest checkpoint, with the data stream exactly where
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,14 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from transformers import AutoTokenizer
 from transformers.integrations import unset_hf_deepspeed_config
 
-from zidong.config import to_dict
+from zidong.config import to_dict, to_yaml
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import MODALITIES, PRESETS
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from zidong.train.checkpoint import MODEL_FILES, RECIPE_FILE, checkpoints, load_checkpoint, save_checkpoint
 from zidong.train.evaluate import retrieval
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers, retrieval_table
@@ -85,6 +87,7 @@ class _Run:
     log: MetricsLog
     window: ThroughputWindow
     ledger: Path | None
+    describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
 
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
@@ -129,6 +132,7 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
                 dict(counters.__dict__),
                 state,
                 recipe.checkpoint.keep_last,
+                describe=run.describe,
             )
     bar.close()
     run.loader.close()
@@ -275,7 +279,14 @@ def _setup(recipe: PretrainRecipe) -> _Run:
         log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
         window=ThroughputWindow(_peak_flops(recipe, accelerator)),
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
+        describe=functools.partial(_describe, accelerator.unwrap_model(model).config, processor, recipe),
     )
+
+
+def _describe(config, processor: ZidongProcessor, recipe: PretrainRecipe, folder: Path) -> None:
+    config.save_pretrained(folder / MODEL_FILES)
+    processor.save_pretrained(folder / MODEL_FILES)
+    (folder / RECIPE_FILE).write_text(to_yaml(recipe))
 
 
 def _peak_flops(recipe: PretrainRecipe, accelerator: Accelerator) -> float:

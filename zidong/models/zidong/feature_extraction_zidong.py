@@ -124,12 +124,14 @@ def normalize_and_stack(
     """Per-utterance mean/variance normalisation over real frames, then stack `stack` frames into one step.
 
     Stacking halves (for stack=2) the frame rate: 100 frames/s become 50 steps/s with 2x the feature width,
-    the input layout of w2v-BERT-style encoders. A step is real only when all its frames are.
+    the input layout of w2v-BERT-style encoders. A step is real only when all its frames are. The variance is the
+    unbiased one, as in transformers' `SeamlessM4TFeatureExtractor`, so an exported speech tower gets the same
+    features from that stock extractor.
     """
     weights = frame_mask[..., None].to(features.dtype)
     count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
     mean = (features * weights).sum(dim=1, keepdim=True) / count
-    variance = ((features - mean).pow(2) * weights).sum(dim=1, keepdim=True) / count
+    variance = ((features - mean).pow(2) * weights).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1.0)
     normalized = (features - mean) / (variance + 1e-7).sqrt() * weights
     batch, frames, bins = normalized.shape
     steps = frames // stack

@@ -1,0 +1,255 @@
+"""`zidong export`: reload equality (joint model and every tower), remote code and plain-transformers loading in
+clean processes, sharding, DeepSpeed/FSDP layouts, and exit 2 for every bad checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import run_cli
+from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
+from zidong.export.trained import load_trained, read_weights
+from zidong.models.zidong.configuration_zidong import MODALITIES
+
+BLOCK_ZIDONG = """
+import importlib.abc, sys
+class NoZidong(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "zidong" or name.startswith("zidong."):
+            raise ImportError("zidong is not installed in this process")
+sys.meta_path.insert(0, NoZidong())
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    folder = tmp_path_factory.mktemp("trained")
+    recipe = write_recipe(folder, corpus, train={"max_steps": 2}, data={"num_workers": 0})
+    result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model"
+    result = run_cli("export", str(run_dir), "--out", str(out), "--towers")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def sample_inputs(processor) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 9000, 12345)]
+    text = ["a red circle", "两个蓝色的方块", "three small green triangles"]
+    return processor(text=text, images=images, audio=audio, sampling_rate=16000, return_tensors="pt")
+
+
+def test_export_folder_has_what_the_hub_needs(exported: Path) -> None:
+    names = {p.name for p in exported.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "processor_config.json",
+        "text",
+        "vision",
+        "speech",
+    } <= names
+    assert {"modeling_zidong.py", "configuration_zidong.py"} <= names  # remote code
+    config = json.loads((exported / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_zidong.ZidongModel"
+    card = (exported / "README.md").read_text()
+    assert "library_name: transformers" in card
+    assert "| text tower | BertModel |" in card
+    assert "Held-out retrieval (step 2, 12 samples)" in card
+    assert "| samples | modalities |" in card
+    assert "text+vision+speech" in card
+    assert "```yaml" in card  # the recipe
+
+
+def test_reloaded_export_equals_the_checkpoint(run_dir: Path, exported: Path) -> None:
+    from transformers import AutoModel
+
+    original, processor, _, _ = load_trained(run_dir)
+    reloaded = AutoModel.from_pretrained(exported).eval()
+    inputs = sample_inputs(processor)
+    with torch.no_grad():
+        expected, got = original(**inputs), reloaded(**inputs)
+    for modality in MODALITIES:
+        assert torch.equal(getattr(expected, f"{modality}_embeds"), getattr(got, f"{modality}_embeds")), modality
+
+
+REMOTE = BLOCK_ZIDONG + textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModel
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    inputs = torch.load(sys.argv[2])
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.save({m: getattr(out, m + "_embeds") for m in ("text", "vision", "speech")}, sys.argv[3])
+    """
+)
+
+TOWERS = BLOCK_ZIDONG + textwrap.dedent(
+    """
+    import numpy as np, torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoModel, AutoTokenizer
+    root = sys.argv[1]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 9000, 12345)]
+    text = ["a red circle", "两个蓝色的方块", "three small green triangles"]
+    calls = {
+        "text": (AutoTokenizer, lambda pre: pre(text, return_tensors="pt", padding=True)),
+        "vision": (AutoImageProcessor, lambda pre: pre(images=images, return_tensors="pt")),
+        "speech": (AutoFeatureExtractor, lambda pre: pre(audio, sampling_rate=16000, return_tensors="pt", padding=True)),
+    }
+    embeddings = {}
+    for modality, (kind, call) in calls.items():
+        folder = f"{root}/{modality}"
+        tower = AutoModel.from_pretrained(folder).eval()
+        assert type(tower).__module__.startswith("transformers.models."), type(tower).__module__
+        inputs = call(kind.from_pretrained(folder))
+        projection = load_file(f"{folder}/projection.safetensors")["weight"]
+        with torch.no_grad():
+            states = tower(**inputs).last_hidden_state
+        if modality == "vision":
+            pooled = states[:, 0]
+        else:
+            mask = inputs["attention_mask"].unsqueeze(-1).float()
+            pooled = (states * mask).sum(1) / mask.sum(1)
+        embeddings[modality] = torch.nn.functional.normalize(pooled @ projection.T, dim=-1)
+    assert not any(name.startswith("zidong") for name in sys.modules)
+    torch.save(embeddings, sys.argv[2])
+    """
+)
+
+
+def _clean_run(tmp_path: Path, script: str, *args: str) -> None:
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path, env=environment
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_remote_code_loads_without_zidong_and_gives_the_same_outputs(
+    run_dir: Path, exported: Path, tmp_path: Path
+) -> None:
+    original, processor, _, _ = load_trained(run_dir)
+    inputs = dict(sample_inputs(processor))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    _clean_run(tmp_path, REMOTE, str(exported), str(tmp_path / "inputs.pt"), str(tmp_path / "remote.pt"))
+    remote = torch.load(tmp_path / "remote.pt")
+    with torch.no_grad():
+        local = original(**inputs)
+    for modality in MODALITIES:
+        assert torch.equal(remote[modality], getattr(local, f"{modality}_embeds")), modality
+
+
+def test_each_tower_loads_with_plain_transformers_and_embeds_like_the_joint_model(
+    run_dir: Path, exported: Path, tmp_path: Path
+) -> None:
+    _clean_run(tmp_path, TOWERS, str(exported), str(tmp_path / "towers.pt"))
+    towers = torch.load(tmp_path / "towers.pt")
+    original, processor, _, _ = load_trained(run_dir)
+    inputs = sample_inputs(processor)
+    with torch.no_grad():
+        joint = {
+            "text": original.get_text_features(inputs["input_ids"], inputs["text_attention_mask"]),
+            "vision": original.get_vision_features(inputs["pixel_values"]),
+            "speech": original.get_speech_features(inputs["input_values"], inputs["speech_attention_mask"]),
+        }
+    torch.testing.assert_close(towers["text"], joint["text"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(towers["vision"], joint["vision"], rtol=0, atol=1e-6)
+    # the stock speech extractor computes the filterbank in float64 numpy: equal to zidong's to ~1e-4
+    torch.testing.assert_close(towers["speech"], joint["speech"], rtol=0, atol=2e-3)
+
+
+def test_large_models_are_sharded(run_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    from zidong.export.folders import export
+
+    out = export(run_dir, tmp_path / "sharded", max_shard_size="2MB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    original, _, _, _ = load_trained(run_dir)
+    reloaded = AutoModel.from_pretrained(out)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_fsdp_sharded_checkpoints_are_read(run_dir: Path, tmp_path: Path) -> None:
+    # the layout Accelerate writes for FSDP's SHARDED_STATE_DICT: torch.distributed.checkpoint of {"model": ...}
+    import torch.distributed.checkpoint as dcp
+
+    source = sorted((run_dir / "checkpoints").iterdir())[-1]
+    weights = read_weights(source)
+    fsdp = tmp_path / "step-00000002"
+    shutil.copytree(source, fsdp, ignore=shutil.ignore_patterns("model.safetensors"))
+    dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(fsdp / "pytorch_model_fsdp_0"))
+    again = read_weights(fsdp)
+    assert set(again) == set(weights)
+    assert all(torch.equal(again[name], weights[name]) for name in weights)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("partial", "is an unfinished checkpoint (its save was interrupted)"),
+        ("no weights", "holds no model weights in a layout zidong knows"),
+        ("other config", "do not fit its model/config.json"),
+        ("old checkpoint", "has no model/config.json"),
+        ("not a run", "is neither a run folder with checkpoints"),
+    ],
+)
+def test_a_bad_checkpoint_exits_2(run_dir: Path, tmp_path: Path, breakage: str, message: str) -> None:
+    source = sorted((run_dir / "checkpoints").iterdir())[-1]
+    broken = tmp_path / ("step-00000002.tmp" if breakage == "partial" else "step-00000002")
+    shutil.copytree(source, broken)
+    if breakage == "no weights":
+        (broken / "model.safetensors").unlink()
+    elif breakage == "other config":
+        config = json.loads((broken / "model" / "config.json").read_text())
+        config["projection_dim"] = config["projection_dim"] * 2
+        (broken / "model" / "config.json").write_text(json.dumps(config))
+    elif breakage == "old checkpoint":
+        shutil.rmtree(broken / "model")
+    elif breakage == "not a run":
+        broken = tmp_path / "empty"
+        broken.mkdir()
+    out = tmp_path / "out"
+    result = run_cli("export", str(broken), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert not (tmp_path / "out.tmp").exists()
+
+
+def test_an_existing_output_folder_is_left_alone(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("export", str(run_dir), "--out", str(out))
+    assert result.returncode == 2
+    assert "already exists and is not an empty folder" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

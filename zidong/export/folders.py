@@ -1,0 +1,109 @@
+"""`zidong export CHECKPOINT --out DIR [--towers] [--push-to-hub REPO]`: Hugging Face folders from a checkpoint.
+
+DIR holds the joint model (`config.json` with `auto_map`, `model.safetensors`, sharded above `max_shard_size`,
+the remote code, the processor) and a model card. With `--towers`, `DIR/text`, `DIR/vision` and `DIR/speech`
+each hold one tower as a plain transformers model of its own architecture with its own preprocessor, loadable
+with `AutoModel` alone, plus `projection.safetensors` (the linear map into the shared embedding space) and a
+README saying how to pool and project. Everything is written into `DIR.tmp` and renamed at the end, so DIR is
+either complete or absent; an existing non-empty DIR is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2FeatureExtractor
+
+from zidong.errors import UserError
+from zidong.export.card import model_card, tower_card
+from zidong.export.trained import load_trained
+from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.models.zidong.processing_zidong import ZidongProcessor
+from zidong.utils.log import get_logger
+
+logger = get_logger(__name__)
+PROJECTION_FILE = "projection.safetensors"
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    towers: bool = False,
+    push_to_hub: str | None = None,
+    license: str = "apache-2.0",
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write the export folder of `source` (run folder, checkpoint or export) to `out`; returns `out`."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not an empty folder; choose a new one (nothing written)")
+    model, processor, recipe, folder = load_trained(source)
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, max_shard_size=max_shard_size)
+    processor.save_pretrained(staging)
+    if towers:
+        for modality in MODALITIES:
+            write_tower(model, processor, modality, staging / modality)
+    (staging / "README.md").write_text(model_card(model, recipe, folder, towers, license))
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    logger.info("exported %s to %s%s", folder, out, " (with one folder per tower)" if towers else "")
+    if push_to_hub:
+        _push(out, push_to_hub)
+    return out
+
+
+def write_tower(model: ZidongModel, processor: ZidongProcessor, modality: str, folder: Path) -> None:
+    """One tower as a stock transformers folder + its preprocessor + the projection into the shared space."""
+    tower = model.towers()[modality]
+    tower.save_pretrained(folder)
+    if modality == "text":
+        processor.tokenizer.save_pretrained(folder)
+    elif modality == "vision":
+        processor.image_processor.save_pretrained(folder)
+    else:
+        speech_feature_extractor(model).save_pretrained(folder)
+    projection = getattr(model, f"{modality}_projection").weight.detach().contiguous()
+    save_file({"weight": projection}, folder / PROJECTION_FILE, metadata={"format": "pt"})
+    (folder / "README.md").write_text(tower_card(model, modality))
+
+
+def speech_feature_extractor(model: ZidongModel):
+    """The stock extractor that feeds the speech tower what zidong's front end computes: w2v-BERT-style
+    filterbank steps (SeamlessM4TFeatureExtractor; equal to zidong's to ~1e-4) or the raw 16 kHz waveform."""
+    config = model.config
+    if model.speech_model.main_input_name == "input_features":
+        return SeamlessM4TFeatureExtractor(
+            feature_size=config.num_mel_bins,
+            num_mel_bins=config.num_mel_bins,
+            sampling_rate=config.sampling_rate,
+            stride=config.speech_frame_stack,
+        )
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=config.sampling_rate,
+        padding_value=0.0,
+        do_normalize=False,
+        return_attention_mask=True,
+    )
+
+
+def _push(folder: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="zidong export")
+    except Exception as err:  # network, authentication, permissions: the local export is complete either way
+        raise UserError(
+            f"the export in {folder} is complete, but uploading it to {repo} failed ({err}); log in with "
+            "`huggingface-cli login` and retry, or upload the folder yourself"
+        ) from None
+    logger.info("uploaded %s to https://huggingface.co/%s", folder, repo)
