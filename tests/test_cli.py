@@ -119,9 +119,9 @@ def test_bad_arguments_exit_2(argv: list[str], expected: str, capsys: pytest.Cap
 
 
 def test_unavailable_command_says_so_with_its_own_code(tmp_path: Path) -> None:
-    result = run_cli("export", str(tmp_path), "--out", str(tmp_path / "out"))
+    result = run_cli("finetune", "retrieval", TINY)
     assert result.returncode == EXIT_NOT_AVAILABLE
-    assert "`zidong export` is not implemented yet" in result.stderr
+    assert "`zidong finetune` is not implemented yet" in result.stderr
     assert "Traceback" not in result.stderr
 
 
