@@ -12,6 +12,7 @@ and `torchrun -m zidong`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,6 +98,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     record_run(recipe.output_dir, recipe)
     pretrain(recipe)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from zidong.evaluation.zero_shot import evaluate
+
+    evaluate(args.model, args.data, args.labels, args.out, args.batch_size)
     return 0
 
 
@@ -238,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, type=_existing_dir, metavar="DIR")
     evaluate.add_argument("--labels", type=_existing_file, metavar="FILE", help="label prompts for classification")
     evaluate.add_argument("--out", type=Path, metavar="metrics.json", help="also write the metrics as JSON")
-    evaluate.set_defaults(handler=_unavailable_handler("eval"))
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="samples per forward")
+    evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="write a checkpoint as Hugging Face folders")
     export.add_argument("checkpoint", type=_existing_path, metavar="CHECKPOINT")
@@ -273,6 +282,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 success, 2 user error, 3 not implemented yet."""
     args = _parse(build_parser(), argv)
+    _quiet_deepspeed_on_cpu()
     try:
         return args.handler(args)
     except UserError as err:
@@ -281,6 +291,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _NotAvailable as err:
         print(f"zidong: {err}", file=sys.stderr)
         return EXIT_NOT_AVAILABLE
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """Without a GPU, tell DeepSpeed so (what it would pick anyway), or it prints a warning on stdout whenever
+    Accelerate imports it, polluting the output of `zidong eval` and friends."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def run() -> None:

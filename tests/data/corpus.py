@@ -55,6 +55,7 @@ def make_corpus(
     for number in range(samples):
         combination = combinations[number % len(combinations)]
         line: dict = {"id": f"{prefix}{number}", "lang": "en" if number % 2 else "zh"}
+        line["labels"] = {"parity": "odd" if number % 2 else "even"}  # a class for classification tests
         if "text" in combination:
             line["text"] = caption_of(prefix, number, rng)
         if "vision" in combination:

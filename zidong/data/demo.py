@@ -133,7 +133,9 @@ def write_split(
         rate, pitch = int(rng.integers(170, 240)), int(rng.integers(30, 70))
         modalities = names[int(choices[number])].split("+")
         sample_id = f"{prefix}-{number:06d}"
-        record: dict = {"id": sample_id, "lang": language}
+        # labels for classification: the first group the caption names is the scene's main object
+        labels = {"shape": groups[0].shape, "color": groups[0].color, "groups": len(groups)}
+        record: dict = {"id": sample_id, "lang": language, "labels": labels}
         text = caption(groups, language)
         scene = render(groups, rng)  # drawn even when unused, so the random stream does not depend on the mix
         if "text" in modalities:

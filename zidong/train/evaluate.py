@@ -1,4 +1,4 @@
-"""Zero-shot retrieval on held-out shards: Recall@1/5/10 for every modality pair and direction.
+"""Zero-shot retrieval on held-out shards: Recall@1/5/10 and median rank for every modality pair and direction.
 
 Every process embeds a contiguous block of the held-out samples (evaluation transforms: centre crop, audio
 head); the embeddings are gathered to every process and scored there. For the pair (a, b) only samples that have
@@ -24,7 +24,6 @@ RECALL_AT = (1, 5, 10)
 logger = get_logger(__name__)
 
 
-@torch.no_grad()
 def retrieval(
     model: torch.nn.Module,
     folder: str | Path,
@@ -33,11 +32,27 @@ def retrieval(
     accelerator: Accelerator,
     lockstep: bool = False,
 ) -> dict[str, float]:
-    """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective).
+    """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective)."""
+    embeds, presence = embed_folder(model, folder, pipeline, batch_size, accelerator, lockstep)
+    return recall_at_k(embeds, presence)
 
-    `lockstep` (DeepSpeed): every process makes the same number of lockstep forward calls, idle ones included."""
+
+@torch.no_grad()
+def embed_folder(
+    model: torch.nn.Module,
+    folder: str | Path,
+    pipeline: SamplePipeline,
+    batch_size: int,
+    accelerator: Accelerator,
+    lockstep: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Embeddings (n, d) and presence (n,) of every sample of a shard folder, in shard order, on every process
+    (collective). Each process embeds a contiguous block; an unreadable sample is skipped (absent everywhere).
+
+    `lockstep` (DeepSpeed/FSDP): every process makes the same number of lockstep forward calls, idle ones
+    included."""
     shards = ShardFolder(folder)
-    refs = [(shard, position) for shard, count in enumerate(shards.counts) for position in range(count)]
+    refs = sample_refs(shards)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = refs[rank * len(refs) // world : (rank + 1) * len(refs) // world]
     width = accelerator.unwrap_model(model).config.projection_dim
@@ -69,7 +84,12 @@ def retrieval(
     shards.close()
     gathered = {m: _gather_rows(accelerator, embeds[m], len(refs)) for m in MODALITIES}
     presence = {m: _gather_rows(accelerator, present[m], len(refs)) for m in MODALITIES}
-    return recall_at_k(gathered, presence)
+    return gathered, presence
+
+
+def sample_refs(shards: ShardFolder) -> list[tuple[int, int]]:
+    """(shard, position) of every sample of a shard folder, in the order `embed_folder` returns them."""
+    return [(shard, position) for shard, count in enumerate(shards.counts) for position in range(count)]
 
 
 def _gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> torch.Tensor:
@@ -102,5 +122,6 @@ def recall_at_k(embeds: dict[str, torch.Tensor], present: dict[str, torch.Tensor
         rank = (similarity > own).sum(dim=1)  # how many candidates beat the right one
         for k in RECALL_AT:
             metrics[f"{query}->{target}/R@{k}"] = float((rank < k).float().mean())
+        metrics[f"{query}->{target}/median_rank"] = float((rank + 1).float().median())
         metrics[f"{query}->{target}/count"] = float(count)
     return metrics

@@ -117,12 +117,14 @@ class ThroughputWindow:
 
 
 def retrieval_table(metrics: dict[str, float]) -> str:
-    """The retrieval metrics as a fixed-width table, with the chance level of each k."""
+    """The retrieval metrics as a fixed-width table (R@k and median rank), with their chance levels."""
     pairs = sorted({key.split("/")[0] for key in metrics if "/R@" in key})
     count = int(metrics.get("samples", 0))
-    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT)]
+    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT) + f"{'median':>8}"]
     for pair in pairs:
-        lines.append(f"{pair:<16}" + "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT))
+        recalls = "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT)
+        lines.append(f"{pair:<16}{recalls}{metrics.get(f'{pair}/median_rank', float('nan')):>8.1f}")
     if count:
-        lines.append(f"{'chance':<16}" + "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT))
+        chance = "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT)
+        lines.append(f"{'chance':<16}{chance}{(count + 1) / 2:>8.1f}")
     return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""`zidong eval`: retrieval and classification metrics on constructed embeddings, the CLI on a trained
+checkpoint, and exit 2 for bad label files, data folders and models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
+from tests.helpers import run_cli
+from tests.train.test_pretrain import corpus  # noqa: F401  (a fixture)
+from zidong.evaluation.zero_shot import classify
+from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.train.evaluate import recall_at_k
+
+SAMPLES = 400
+
+
+def _random_embeddings(seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(SAMPLES, 64, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_perfect_embeddings_give_recall_1_and_median_rank_1() -> None:
+    shared = _random_embeddings(0)
+    embeds = dict.fromkeys(MODALITIES, shared)
+    presence = {m: torch.ones(SAMPLES, dtype=torch.bool) for m in MODALITIES}
+    metrics = recall_at_k(embeds, presence)
+    for query in MODALITIES:
+        for target in MODALITIES:
+            if query != target:
+                assert metrics[f"{query}->{target}/R@1"] == 1.0
+                assert metrics[f"{query}->{target}/median_rank"] == 1.0
+
+
+def test_unrelated_embeddings_give_chance() -> None:
+    embeds = {m: _random_embeddings(seed) for seed, m in enumerate(MODALITIES)}
+    presence = {m: torch.ones(SAMPLES, dtype=torch.bool) for m in MODALITIES}
+    metrics = recall_at_k(embeds, presence)
+    recall_10 = [v for k, v in metrics.items() if k.endswith("/R@10")]
+    medians = [v for k, v in metrics.items() if k.endswith("/median_rank")]
+    assert len(recall_10) == 6
+    assert all(abs(r - 10 / SAMPLES) < 0.03 for r in recall_10)  # chance 0.025
+    assert all(abs(m - SAMPLES / 2) < SAMPLES * 0.15 for m in medians)
+
+
+def test_only_samples_with_both_modalities_count() -> None:
+    shared = _random_embeddings(0)
+    presence = {m: torch.ones(SAMPLES, dtype=torch.bool) for m in MODALITIES}
+    presence["speech"][: SAMPLES // 2] = False
+    metrics = recall_at_k(dict.fromkeys(MODALITIES, shared), presence)
+    assert metrics["text->speech/count"] == SAMPLES // 2
+    assert metrics["text->vision/count"] == SAMPLES
+
+
+def test_classification_on_constructed_embeddings() -> None:
+    prototypes = F.normalize(torch.eye(3, 8), dim=-1)
+    names = ["circle", "square", "triangle"]
+    truth = [names[i % 3] for i in range(30)]
+    perfect = F.normalize(torch.eye(3, 8)[[i % 3 for i in range(30)]] + 0.01, dim=-1)
+    wrong = F.normalize(torch.eye(3, 8)[[(i + 1) % 3 for i in range(30)]], dim=-1)
+    presence = {"vision": torch.ones(30, dtype=torch.bool), "speech": torch.ones(30, dtype=torch.bool)}
+    presence["speech"][:10] = False
+    labels = [*truth[:29], None]  # an unlabelled sample does not count
+    metrics = classify({"vision": perfect, "speech": wrong}, presence, labels, prototypes, names)
+    assert metrics["classify/vision/accuracy"] == 1.0
+    assert metrics["classify/vision/count"] == 29
+    assert metrics["classify/speech/accuracy"] == 0.0
+    assert metrics["classify/speech/count"] == 19
+    assert metrics["classify/vision/chance"] == pytest.approx(1 / 3)
+
+
+def _label_file(folder: Path, text: str) -> Path:
+    path = folder / "labels.yaml"
+    path.write_text(text)
+    return path
+
+
+PARITY = "field: labels.parity\nclasses:\n  even: [an even item]\n  odd: [an odd item, odd]\n"
+
+
+def test_eval_cli_prints_tables_and_writes_json(
+    run_dir: Path,  # noqa: F811
+    corpus: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "metrics.json"
+    labels = _label_file(tmp_path, PARITY)
+    result = run_cli("eval", str(run_dir), "--data", str(corpus["eval"]), "--labels", str(labels), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["samples"] == 12
+    for query in MODALITIES:
+        for target in MODALITIES:
+            if query != target:
+                assert f"{query}->{target:<{15 - len(query) - 2}}" in result.stdout
+                assert 1 <= metrics[f"{query}->{target}/median_rank"] <= 12
+    assert "zero-shot classification of labels.parity (2 classes)" in result.stdout
+    assert metrics["classify/vision/count"] == 12
+    assert metrics["classify/speech/count"] == 12
+    assert f"{metrics['classify/vision/accuracy']:.3f}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ("field: labels.parity\n", "expected exactly the keys `field` and `classes`"),
+        ("field: labels.parity\nclasses: {even: [x]}\n", "must map at least two class names"),
+        ("field: labels.parity\nclasses: {even: [], odd: [y]}\n", "class 'even' needs one or more"),
+        ("field: [a]\nclasses: {even: x, odd: y}\n", "`field` must be a dotted path"),
+        ("field: labels.colour\nclasses: {red: x, blue: y}\n", "no sample has a `labels.colour` value"),
+        ("{unclosed", "not valid YAML"),
+    ],
+    ids=["no classes", "one class", "no prompts", "bad field", "unknown field", "broken yaml"],
+)
+def test_bad_label_files_exit_2(
+    run_dir: Path,  # noqa: F811
+    corpus: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    labels: str,
+    message: str,
+) -> None:
+    out = tmp_path / "metrics.json"
+    result = run_cli(
+        "eval", str(run_dir), "--data", str(corpus["eval"]), "--labels", str(_label_file(tmp_path, labels)),
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_folder_that_is_not_shards_or_a_model_exits_2(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    result = run_cli("eval", str(run_dir), "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    result = run_cli("eval", str(tmp_path), "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert "is neither a run folder with checkpoints" in result.stderr

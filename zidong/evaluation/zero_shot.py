@@ -1,0 +1,137 @@
+"""`zidong eval MODEL_OR_CHECKPOINT --data DIR [--labels FILE] [--out metrics.json]`.
+
+Embeds every sample of a shard folder in batches (evaluation transforms: centre crop, head of the audio), then:
+- retrieval for every modality pair and direction the data has: Recall@1/5/10 and median rank (1 = always
+  first) over the samples that have both modalities;
+- with `--labels`, zero-shot classification: each class's prompts are embedded by the text tower (mean of the
+  normalised prompt embeddings), and every sample's image and speech embedding is assigned the most similar
+  class; accuracy per modality against the label in the sample's metadata, with chance (1 / classes) and the
+  share of the majority class for reference.
+
+Runs as one process, or under `accelerate launch` (each process embeds a block; results gathered).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from zidong.data.shards import SampleError, ShardFolder
+from zidong.data.transforms import SamplePipeline
+from zidong.errors import UserError
+from zidong.evaluation.labels import LabelSet, load_labels
+from zidong.export.trained import load_trained
+from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.train.evaluate import embed_folder, recall_at_k, sample_refs
+from zidong.train.metrics import retrieval_table
+from zidong.utils.log import get_logger
+
+logger = get_logger(__name__)
+CLASSIFIED = ("vision", "speech")  # modalities classified against text prompts
+
+
+def evaluate(
+    source: str | Path,
+    data: str | Path,
+    labels: str | Path | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Run the evaluation, print the tables (rank 0), write `out` as JSON when given; returns the metrics."""
+    label_set = load_labels(labels) if labels else None
+    accelerator = Accelerator()
+    model, processor, _, folder = load_trained(source)
+    model.to(accelerator.device)
+    pipeline = SamplePipeline(processor, train=False)
+    try:
+        embeds, presence = embed_folder(model, data, pipeline, batch_size, accelerator)
+    except SampleError as err:
+        raise UserError(f"--data {data}: {err}") from None
+    metrics = recall_at_k(embeds, presence)
+    if label_set is not None:
+        prototypes = class_prototypes(model, processor, label_set)
+        labels_by_row = _labels_of(data, label_set)
+        metrics.update(classify(embeds, presence, labels_by_row, prototypes, list(label_set.classes)))
+    if accelerator.is_main_process:
+        print(f"model: {folder}\ndata: {data} ({int(metrics['samples'])} samples)\n")
+        print(retrieval_table(metrics))
+        if label_set is not None:
+            print("\n" + classification_table(metrics, label_set))
+        if out is not None:
+            Path(out).write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.end_training()
+    return metrics
+
+
+@torch.no_grad()
+def class_prototypes(model: ZidongModel, processor, label_set: LabelSet) -> torch.Tensor:
+    """(classes, d): per class, the normalised mean of its prompts' normalised text embeddings."""
+    rows = []
+    for prompts in label_set.classes.values():
+        tokens = processor.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
+        features = model.get_text_features(
+            tokens["input_ids"].to(model.device), tokens["attention_mask"].to(model.device)
+        )
+        rows.append(F.normalize(features.float(), dim=-1).mean(dim=0).cpu())
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def classify(
+    embeds: dict[str, torch.Tensor],
+    presence: dict[str, torch.Tensor],
+    labels: list[str | None],
+    prototypes: torch.Tensor,
+    names: list[str],
+) -> dict[str, float]:
+    """`classify/<modality>/accuracy` (and count, chance, majority share) over the samples with a label: each
+    embedding takes the class of its most similar prototype."""
+    target = torch.tensor([names.index(label) if label is not None else -1 for label in labels])
+    metrics: dict[str, float] = {}
+    for modality in CLASSIFIED:
+        rows = presence[modality] & (target >= 0)
+        count = int(rows.sum())
+        if count == 0:
+            continue
+        predicted = (embeds[modality][rows] @ prototypes.T).argmax(dim=1)
+        truth = target[rows]
+        prefix = f"classify/{modality}"
+        metrics[f"{prefix}/accuracy"] = float((predicted == truth).float().mean())
+        metrics[f"{prefix}/count"] = float(count)
+        metrics[f"{prefix}/chance"] = 1.0 / len(names)
+        metrics[f"{prefix}/majority"] = float(torch.bincount(truth, minlength=len(names)).max()) / count
+    return metrics
+
+
+def _labels_of(data: str | Path, label_set: LabelSet) -> list[str | None]:
+    """Every sample's class in `embed_folder` order (read from the metadata member only)."""
+    shards = ShardFolder(data)
+    labels = []
+    for shard, position in sample_refs(shards):
+        try:
+            labels.append(label_set.label_of(shards.read(shard, position, only=()).meta))
+        except SampleError:
+            labels.append(None)
+    shards.close()
+    if not any(labels):
+        raise UserError(
+            f"--data {data}: no sample has a `{label_set.field}` value among the label file's classes "
+            f"({', '.join(label_set.classes)}); check `field` against the manifest fields"
+        )
+    return labels
+
+
+def classification_table(metrics: dict[str, float], label_set: LabelSet) -> str:
+    lines = [f"zero-shot classification of {label_set.field} ({len(label_set.classes)} classes)"]
+    lines.append(f"{'modality':<12}{'accuracy':>10}{'chance':>10}{'majority':>10}{'samples':>10}")
+    for modality in CLASSIFIED:
+        prefix = f"classify/{modality}"
+        if f"{prefix}/accuracy" in metrics:
+            lines.append(
+                f"{modality:<12}{metrics[f'{prefix}/accuracy']:>10.3f}{metrics[f'{prefix}/chance']:>10.3f}"
+                f"{metrics[f'{prefix}/majority']:>10.3f}{int(metrics[f'{prefix}/count']):>10}"
+            )
+    return "\n".join(lines)
