@@ -12,7 +12,7 @@ import yaml
 
 from tests.helpers import REPO_ROOT, run_cli
 from zidong import __version__
-from zidong.cli import EXIT_NOT_AVAILABLE, EXIT_USAGE, main
+from zidong.cli import EXIT_USAGE, main
 
 TINY = str(REPO_ROOT / "recipes" / "pretrain" / "tiny.yaml")
 SUBCOMMANDS = ["data", "tokenizer", "pretrain", "eval", "export", "finetune", "report"]
@@ -118,13 +118,6 @@ def test_bad_arguments_exit_2(argv: list[str], expected: str, capsys: pytest.Cap
     assert expected in capsys.readouterr().err
 
 
-def test_unavailable_command_says_so_with_its_own_code(tmp_path: Path) -> None:
-    result = run_cli("finetune", "retrieval", TINY)
-    assert result.returncode == EXIT_NOT_AVAILABLE
-    assert "`zidong finetune` is not implemented yet" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_pretrain_records_the_run_in_output_dir(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run_cli("pretrain", TINY, f"output_dir={out}", "train.max_steps=9")
@@ -144,3 +137,21 @@ def test_unwritable_output_dir_exits_2(tmp_path: Path) -> None:
     assert "cannot write the run record into output_dir" in result.stderr
     assert "Traceback" not in result.stderr
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("task", "overrides", "message"),
+    [
+        ("classify", ["finetune.modalities=[vision, speech]"], "classify takes exactly one modality"),
+        ("classify", ["finetune.labels=null"], "classify needs a label file"),
+        ("retrieval", ["finetune.modalities=[text]"], "retrieval needs two or three modalities"),
+        ("retrieval", ["finetune.source=nowhere"], "nowhere: no such folder"),
+    ],
+)
+def test_bad_finetune_recipes_exit_2(task: str, overrides: list[str], message: str, tmp_path: Path) -> None:
+    recipe = f"recipes/finetune/{'probe-color-speech' if task == 'classify' else 'retrieval-text-vision'}.yaml"
+    result = run_cli("finetune", task, recipe, f"output_dir={tmp_path / 'run'}", *overrides)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from zidong.data.demo import COLORS, SHAPES
-from zidong.evaluation.labels import load_labels
+from zidong.data.labels import load_labels
 
 LABEL_FILES = sorted((REPO_ROOT / "recipes" / "labels").glob("*.yaml"))
 

@@ -11,9 +11,11 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from zidong.config import load_config
+from zidong.train.finetune import FinetuneRecipe
 from zidong.train.recipe import PretrainRecipe
 
 PRETRAIN_RECIPES = sorted((REPO_ROOT / "recipes" / "pretrain").glob("*.yaml"))
+FINETUNE_RECIPES = sorted((REPO_ROOT / "recipes" / "finetune").glob("*.yaml"))
 
 
 def test_recipes_are_shipped() -> None:
@@ -54,3 +56,12 @@ def test_dry_run_sizes_the_large_recipe_without_allocating_it() -> None:
     assert "ZeRO-3:" in result.stdout
     peak_gib = int(re.search(r"peak_rss_kb (\d+)", result.stdout).group(1)) / 2**20
     assert peak_gib < 2.0  # the fp32 weights alone would take 4.3 GiB
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda path: path.name)
+def test_finetune_recipe_validates_and_gives_its_launch_command(path: Path) -> None:
+    recipe = load_config(FinetuneRecipe, path)
+    task = "classify" if recipe.finetune.labels else "retrieval"
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"zidong finetune {task} {path.relative_to(REPO_ROOT).as_posix()}" in line for line in header)
+    assert len(FINETUNE_RECIPES) == 3

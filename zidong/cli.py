@@ -16,13 +16,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from zidong import __version__
 from zidong.errors import UserError
 
 EXIT_USAGE = 2
-EXIT_NOT_AVAILABLE = 3
 DOCS_HINT = "Recipes live in recipes/, guides in docs/ (start with docs/cli.md and docs/recipes.md)."
 FINETUNE_TASKS = ("retrieval", "classify")
 
@@ -72,14 +70,6 @@ _existing_path = _existing("file or folder")
 # ----------------------------------------------------------------------------------------- handlers
 
 
-class _NotAvailable(Exception):
-    """The subcommand is part of the contract but its implementation has not landed yet."""
-
-
-def _not_available(command: str) -> NoReturn:
-    raise _NotAvailable(f"`zidong {command}` is not implemented yet in zidong {__version__}")
-
-
 def _pretrain(args: argparse.Namespace) -> int:
     from zidong.config import load_config, to_yaml
     from zidong.train.recipe import PretrainRecipe
@@ -98,6 +88,17 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     record_run(recipe.output_dir, recipe)
     pretrain(recipe)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from zidong.config import load_config
+    from zidong.train.finetune import FinetuneRecipe, finetune
+    from zidong.utils.run_info import record_run
+
+    recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)
+    record_run(recipe.output_dir, recipe)
+    finetune(args.task, recipe)
     return 0
 
 
@@ -169,13 +170,6 @@ def _data_inspect(args: argparse.Namespace) -> int:
     problems = check_shards(args.folder, index, checksums=args.checksums)
     sys.stdout.write(summary(args.folder, index, problems))
     return EXIT_USAGE if problems else 0
-
-
-def _unavailable_handler(command: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        _not_available(command)
-
-    return handler
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -261,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("task", choices=FINETUNE_TASKS, metavar="TASK", help=" | ".join(FINETUNE_TASKS))
     finetune.add_argument("recipe", type=_existing_file, metavar="RECIPE.yaml")
     finetune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    finetune.set_defaults(handler=_unavailable_handler("finetune"), takes_overrides=True)
+    finetune.set_defaults(handler=_finetune, takes_overrides=True)
 
     report = commands.add_parser("report", help="plot loss and retrieval curves of a run as PNG files")
     report.add_argument("run_dir", type=_existing_dir, metavar="RUN_DIR")
@@ -280,7 +274,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI and return its exit code: 0 success, 2 user error, 3 not implemented yet."""
+    """Run the CLI and return its exit code: 0 success, 2 user error."""
     args = _parse(build_parser(), argv)
     _quiet_deepspeed_on_cpu()
     try:
@@ -288,9 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"zidong: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except _NotAvailable as err:
-        print(f"zidong: {err}", file=sys.stderr)
-        return EXIT_NOT_AVAILABLE
 
 
 def _quiet_deepspeed_on_cpu() -> None:

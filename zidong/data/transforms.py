@@ -20,9 +20,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import soundfile
+import torch
 from PIL import Image
 
+from zidong.data.labels import LabelSet
 from zidong.data.shards import RawSample, SampleError
+from zidong.models.zidong.configuration_zidong import MODALITIES
 
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -34,6 +37,7 @@ class DecodedSample:
     text: str | None
     image: Image.Image | None
     audio: np.ndarray | None
+    label: int = -1  # class index under the pipeline's label set; -1 without one
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class SamplePipeline:
         max_speech_seconds: longer audio is cut to this length.
         crop_scale: range of the crop's area as a fraction of the image (training only).
         crop_ratio: range of the crop's aspect ratio (training only).
+        modalities: the modalities read; the others count as absent (fine-tuning one pair or one tower).
+        label_set: when given, each sample's class index (-1 if it has none) is collated as `labels`.
     """
 
     processor: Any
@@ -55,6 +61,8 @@ class SamplePipeline:
     max_speech_seconds: float = 15.0
     crop_scale: tuple[float, float] = (0.9, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    modalities: tuple[str, ...] = MODALITIES
+    label_set: LabelSet | None = None
 
     # members `lengths` needs besides the metadata: the stream reads only these to form a bucketing pool
     LENGTH_MEMBERS: ClassVar[tuple[str, ...]] = ("txt",)
@@ -65,7 +73,7 @@ class SamplePipeline:
 
     def lengths(self, raw: RawSample) -> tuple[float, float]:
         """(speech seconds, text tokens) after the caps, -1 for an absent modality: the bucketing key."""
-        modalities = raw.meta["modalities"]
+        modalities = self._modalities(raw)
         speech = min(raw.meta["audio_seconds"], self.max_speech_seconds) if "speech" in modalities else -1.0
         text = -1.0
         if "text" in modalities:
@@ -77,13 +85,21 @@ class SamplePipeline:
 
     def decode(self, raw: RawSample, rng: np.random.Generator) -> DecodedSample:
         """Decode one stored sample; raises SampleError (naming shard and key) when a listed member is bad."""
-        modalities = raw.meta["modalities"]
+        modalities = self._modalities(raw)
+        label = -1
+        if self.label_set is not None:
+            name = self.label_set.label_of(raw.meta)
+            label = -1 if name is None else list(self.label_set.classes).index(name)
         with _naming(raw):
             return DecodedSample(
                 text=self._text(raw) if "text" in modalities else None,
                 image=self._image(raw, rng) if "vision" in modalities else None,
                 audio=self._audio(raw, rng) if "speech" in modalities else None,
+                label=label,
             )
+
+    def _modalities(self, raw: RawSample) -> list[str]:
+        return [m for m in raw.meta["modalities"] if m in self.modalities]
 
     def collate(self, samples: list[DecodedSample]) -> dict[str, Any]:
         """Pad decoded samples into the inputs of `ZidongModel.forward`."""
@@ -95,6 +111,8 @@ class SamplePipeline:
             max_length=self.max_text_tokens,
             return_tensors="pt",
         )
+        if self.label_set is not None:
+            batch["labels"] = torch.tensor([sample.label for sample in samples])
         return dict(batch)
 
     def _text(self, raw: RawSample) -> str:

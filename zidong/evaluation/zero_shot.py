@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from zidong.data.labels import LabelSet, load_labels
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
-from zidong.evaluation.labels import LabelSet, load_labels
 from zidong.export.trained import load_trained
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train.evaluate import embed_folder, recall_at_k, sample_refs

@@ -50,6 +50,15 @@ def model_card(model: ZidongModel, recipe: dict | None, checkpoint: Path, towers
         architecture = type(model.towers()[modality]).__name__
         lines.append(f"| {modality} tower | {architecture} | {counts[modality]:,} |")
     lines += [f"| fusion, heads, projections | zidong | {counts['fusion, heads, projections']:,} |", ""]
+    if getattr(config, "classification_modality", None):
+        classes = ", ".join(str(name) for name in config.id2label.values())
+        lines += [
+            f"A classifier on the {config.classification_modality} tower ({len(config.id2label)} classes: {classes}); "
+            "load it with `ZidongForClassification.from_pretrained(FOLDER)` after `import zidong`, or "
+            "`AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)`; its `logits` "
+            "are (batch, classes).",
+            "",
+        ]
     lines += _training_section(recipe, checkpoint)
     lines += _metrics_section(checkpoint)
     lines += _loading_section(towers)

@@ -47,8 +47,9 @@ def export(
     model.save_pretrained(staging, max_shard_size=max_shard_size)
     processor.save_pretrained(staging)
     if towers:
+        joint = getattr(model, "zidong", model)  # a classifier's towers are those of its joint model
         for modality in MODALITIES:
-            write_tower(model, processor, modality, staging / modality)
+            write_tower(joint, processor, modality, staging / modality)
     (staging / "README.md").write_text(model_card(model, recipe, folder, towers, license))
     if out.exists():
         out.rmdir()

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import ZidongConfig
-from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel, ZidongPreTrainedModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.checkpoint import MODEL_FILES, RECIPE_FILE, checkpoints
 
@@ -53,11 +53,12 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_trained(path: str | Path) -> tuple[ZidongModel, ZidongProcessor, dict | None, Path]:
-    """(model in eval mode, processor, recipe as a dict or None, the folder it came from)."""
+def load_trained(path: str | Path) -> tuple[ZidongPreTrainedModel, ZidongProcessor, dict | None, Path]:
+    """(model in eval mode, processor, recipe as a dict or None, the folder it came from). The model is a
+    `ZidongModel`, or a `ZidongForClassification` when a classify fine-tuning wrote the checkpoint."""
     folder = find_checkpoint(path)
     if _is_export(folder):
-        model = ZidongModel.from_pretrained(folder).eval()
+        model = _model_class(ZidongConfig.from_pretrained(folder)).from_pretrained(folder).eval()
         return model, ZidongProcessor.from_pretrained(folder), None, folder
     files = folder / MODEL_FILES
     if not (files / "config.json").is_file():
@@ -66,7 +67,7 @@ def load_trained(path: str | Path) -> tuple[ZidongModel, ZidongProcessor, dict |
             "model configuration in checkpoints; resume the run for one more checkpoint and export that"
         )
     config = ZidongConfig.from_pretrained(files)
-    model = ZidongModel(config)
+    model = _model_class(config)(config)
     _load_weights(model, folder)
     processor = ZidongProcessor.from_pretrained(files)
     recipe = yaml.safe_load((folder / RECIPE_FILE).read_text()) if (folder / RECIPE_FILE).is_file() else None
@@ -94,7 +95,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _load_weights(model: ZidongModel, folder: Path) -> None:
+def _load_weights(model: ZidongPreTrainedModel, folder: Path) -> None:
     weights = read_weights(folder)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -110,6 +111,11 @@ def _load_weights(model: ZidongModel, folder: Path) -> None:
             "Was the folder assembled from different runs?"
         )
     model.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in weights.items()})
+
+
+def _model_class(config: ZidongConfig) -> type[ZidongPreTrainedModel]:
+    classes = {cls.__name__: cls for cls in (ZidongModel, ZidongForClassification)}
+    return classes.get((config.architectures or ["ZidongModel"])[0], ZidongModel)
 
 
 def _is_export(folder: Path) -> bool:

@@ -8,8 +8,10 @@ Chance level for R@k is k / n.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import permutations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,13 +53,38 @@ def embed_folder(
 
     `lockstep` (DeepSpeed/FSDP): every process makes the same number of lockstep forward calls, idle ones
     included."""
+    total = len(ShardFolder(folder))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = (rank + 1) * total // world - rank * total // world
+    width = accelerator.unwrap_model(model).config.projection_dim
+    embeds = {m: torch.zeros(mine, width) for m in MODALITIES}
+    present = {m: torch.zeros(mine, dtype=torch.bool) for m in MODALITIES}
+    for rows, _, output in forward_folder(model, folder, pipeline, batch_size, accelerator, lockstep):
+        for modality in MODALITIES:
+            if getattr(output, f"{modality}_embeds") is not None:
+                embeds[modality][rows] = getattr(output, f"{modality}_embeds").float().cpu()
+            present[modality][rows] = getattr(output, f"{modality}_present").cpu()
+    gathered = {m: gather_rows(accelerator, embeds[m], total) for m in MODALITIES}
+    presence = {m: gather_rows(accelerator, present[m], total) for m in MODALITIES}
+    return gathered, presence
+
+
+@torch.no_grad()
+def forward_folder(
+    model: torch.nn.Module,
+    folder: str | Path,
+    pipeline: SamplePipeline,
+    batch_size: int,
+    accelerator: Accelerator,
+    lockstep: bool = False,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], Any]]:
+    """(rows of this process's block, batch, model output) for each batch of this process's contiguous block of
+    a shard folder, in eval mode; unreadable samples are skipped (collective under `lockstep`: every process makes
+    the same number of forward calls, idle ones included)."""
     shards = ShardFolder(folder)
     refs = sample_refs(shards)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = refs[rank * len(refs) // world : (rank + 1) * len(refs) // world]
-    width = accelerator.unwrap_model(model).config.projection_dim
-    embeds = {m: torch.zeros(len(mine), width) for m in MODALITIES}
-    present = {m: torch.zeros(len(mine), dtype=torch.bool) for m in MODALITIES}
     was_training = model.training
     model.eval()
     longest = -(-len(refs) // world)  # blocks differ by at most one sample; every process runs as many batches
@@ -76,15 +103,9 @@ def embed_folder(
         )
         with accelerator.autocast():
             output = model(**batch, lockstep=lockstep)
-        for modality in MODALITIES:
-            if getattr(output, f"{modality}_embeds") is not None:
-                embeds[modality][rows] = getattr(output, f"{modality}_embeds").float().cpu()
-            present[modality][rows] = getattr(output, f"{modality}_present").cpu()
+        yield rows, batch, output
     model.train(was_training)
     shards.close()
-    gathered = {m: _gather_rows(accelerator, embeds[m], len(refs)) for m in MODALITIES}
-    presence = {m: _gather_rows(accelerator, present[m], len(refs)) for m in MODALITIES}
-    return gathered, presence
 
 
 def sample_refs(shards: ShardFolder) -> list[tuple[int, int]]:
@@ -92,7 +113,7 @@ def sample_refs(shards: ShardFolder) -> list[tuple[int, int]]:
     return [(shard, position) for shard, count in enumerate(shards.counts) for position in range(count)]
 
 
-def _gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> torch.Tensor:
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> torch.Tensor:
     """Concatenate every process's block in rank order (blocks differ in size by at most one row)."""
     if accelerator.num_processes == 1:
         return rows

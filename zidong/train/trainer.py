@@ -70,10 +70,47 @@ class Counters:
     bad_steps_in_a_row: int = 0
 
 
+class Task:
+    """What a kind of training brings to the shared loop: pretraining here; fine-tuning tasks
+    (zidong/train/finetune.py) override these methods."""
+
+    name = "pretrain"
+    evaluation = "retrieval"  # what `evaluate` measures, for the log
+
+    def build(self, recipe: PretrainRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
+        """The model (not yet prepared) and its processor; runs with DeepSpeed's config unregistered."""
+        _ensure_demo_corpus(recipe, accelerator)
+        tokenizer = _tokenizer(recipe)
+        model = _model(recipe, tokenizer, lockstep=lockstep_enabled(accelerator))
+        return model, ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
+
+    def pipeline_options(self, recipe: PretrainRecipe) -> dict[str, Any]:
+        """Extra `SamplePipeline` settings for training and evaluation (modalities read, labels)."""
+        return {}
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        return retrieval(
+            run.model,
+            run.recipe.data.eval,
+            run.eval_pipeline,
+            run.recipe.train.batch_size,
+            run.accelerator,
+            lockstep_enabled(run.accelerator),
+        )
+
+    def report(self, metrics: dict[str, float]) -> str:
+        """The end-of-run table (logged as "held-out evaluation after N steps")."""
+        return retrieval_table(metrics)
+
+    def finish(self, run: Run, metrics: dict[str, float]) -> None:
+        """After the last step's checkpoint (every process calls it)."""
+
+
 @dataclass
-class _Run:
+class Run:
     """Everything the loop works with, built by `_setup`."""
 
+    task: Task
     recipe: PretrainRecipe
     accelerator: Accelerator
     output_dir: Path
@@ -91,8 +128,13 @@ class _Run:
 
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
-    """Train as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
-    run = _setup(recipe)
+    """Pretrain as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
+    return train(recipe, Task())
+
+
+def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
+    """The shared loop: set up, step, log, evaluate, checkpoint; returns the last evaluation's metrics."""
+    run = _setup(recipe, task)
     counters, train = run.counters, recipe.train
     stop = _PreemptionFlag()
     bar = progress(total=train.max_steps, initial=counters.step, desc="pretrain")
@@ -113,14 +155,7 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
             bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
             run.log.write({"kind": "train", **record})
         if recipe.data.eval and (done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)):
-            metrics = retrieval(
-                run.model,
-                recipe.data.eval,
-                run.eval_pipeline,
-                train.batch_size,
-                run.accelerator,
-                _lockstep(run.accelerator),
-            )
+            metrics = task.evaluate(run)
             run.log.write({"kind": "eval", "step": counters.step, **metrics})
         checkpoint_due = done or stopping or counters.step % recipe.checkpoint.every_steps == 0
         if checkpoint_due and counters.bad_steps_in_a_row == 0:  # never checkpoint a state that just went non-finite
@@ -142,13 +177,15 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
             stop.signal_name or "a signal to another process",
             counters.step,
         )
-    elif metrics:
-        logger.info("held-out retrieval after %d steps:\n%s", counters.step, retrieval_table(metrics))
+    else:
+        task.finish(run, metrics)
+        if metrics:
+            logger.info("held-out %s after %d steps:\n%s", task.evaluation, counters.step, task.report(metrics))
     run.accelerator.end_training()
     return metrics
 
 
-def _optimizer_step(run: _Run, stop_requested: bool) -> tuple[dict[str, float], torch.Tensor, dict[str, float], bool]:
+def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], torch.Tensor, dict[str, float], bool]:
     """One optimizer step: micro-batches, clipping, the (possibly skipped) update, the schedule.
 
     Returns the losses, the gradient norm, the learning rates the step used, and whether to stop after it."""
@@ -176,7 +213,7 @@ def _optimizer_step(run: _Run, stop_requested: bool) -> tuple[dict[str, float], 
     return losses, grad_norm, rates, stopping
 
 
-def _forward_backward(run: _Run, weights: dict[str, float]) -> tuple[dict[str, float], int]:
+def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, float], int]:
     """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them and the samples
     (gradients are all-reduced on the last micro-batch only, through `accelerator.accumulate`)."""
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
@@ -193,7 +230,9 @@ def _forward_backward(run: _Run, weights: dict[str, float]) -> tuple[dict[str, f
         run.window.count(batch, run.step_flops.of_batch(batch, weights))
         samples += len(batch["text_present"])
         with accelerator.accumulate(run.model), accelerator.autocast():
-            output = run.model(**batch, return_loss=True, loss_weights=weights, lockstep=_lockstep(run.accelerator))
+            output = run.model(
+                **batch, return_loss=True, loss_weights=weights, lockstep=lockstep_enabled(run.accelerator)
+            )
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
@@ -213,7 +252,7 @@ def _agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) ->
     return bool(flags[0] == 0), bool(flags[1] > 0)
 
 
-def _lockstep(accelerator: Accelerator) -> bool:
+def lockstep_enabled(accelerator: Accelerator) -> bool:
     """Under DeepSpeed and FSDP every process runs every tower and head on every step (placeholders where its batch has
     nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in the order
     modules run (FSDP likewise per sharded layer), so processes whose batches differ in modalities must still make
@@ -225,7 +264,7 @@ def _lockstep(accelerator: Accelerator) -> bool:
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def _setup(recipe: PretrainRecipe) -> _Run:
+def _setup(recipe: PretrainRecipe, task: Task) -> Run:
     """Accelerator, corpus, tokenizer, model, optimizer, data stream, resume point, metrics sinks."""
     check_trackers(recipe.train.trackers)
     output_dir = Path(recipe.output_dir)
@@ -239,15 +278,12 @@ def _setup(recipe: PretrainRecipe) -> _Run:
         raise UserError("train.compile=true needs a CUDA device (compiling the towers for CPU fails in torch 2.11)")
     resume_from = _resume_point(recipe, output_dir)
     set_seed(recipe.seed)
-    _ensure_demo_corpus(recipe, accelerator)
-    tokenizer = _tokenizer(recipe)
     with _built_whole(accelerator):
-        model = _model(recipe, tokenizer, lockstep=_lockstep(accelerator))
-    processor = ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
+        model, processor = task.build(recipe, accelerator)
     frozen = freeze_for_good(model, recipe)
     if frozen:
         logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
-    step_flops = StepFlops(model)
+    step_flops = StepFlops(getattr(model, "zidong", model))  # a classifier: count its towers
     if recipe.train.compile:
         _compile(model)
     optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
@@ -264,26 +300,30 @@ def _setup(recipe: PretrainRecipe) -> _Run:
         train=False,
         max_text_tokens=recipe.data.max_text_tokens,
         max_speech_seconds=recipe.data.max_speech_seconds,
+        **task.pipeline_options(recipe),
     )
-    return _Run(
+    return Run(
+        task=task,
         recipe=recipe,
         accelerator=accelerator,
         output_dir=output_dir,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        loader=_train_loader(recipe, processor, accelerator, data_state),
+        loader=_train_loader(recipe, processor, accelerator, data_state, task.pipeline_options(recipe)),
         eval_pipeline=eval_pipeline,
         counters=counters,
         step_flops=step_flops,
         log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
         window=ThroughputWindow(_peak_flops(recipe, accelerator)),
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
-        describe=functools.partial(_describe, accelerator.unwrap_model(model).config, processor, recipe),
+        describe=functools.partial(_describe, accelerator.unwrap_model(model), processor, recipe),
     )
 
 
-def _describe(config, processor: ZidongProcessor, recipe: PretrainRecipe, folder: Path) -> None:
+def _describe(model: torch.nn.Module, processor: ZidongProcessor, recipe: PretrainRecipe, folder: Path) -> None:
+    config = model.config
+    config.architectures = [type(model).__name__]  # which class `zidong export` rebuilds
     config.save_pretrained(folder / MODEL_FILES)
     processor.save_pretrained(folder / MODEL_FILES)
     (folder / RECIPE_FILE).write_text(to_yaml(recipe))
@@ -415,20 +455,25 @@ def _model(recipe: PretrainRecipe, tokenizer, lockstep: bool) -> ZidongModel:
         model = ZidongModel.from_pretrained_towers(recipe.model.preset, **folders, **overrides)
     except ValueError as err:
         raise UserError(str(err)) from None
+    return apply_train_settings(model, recipe, lockstep)
+
+
+def apply_train_settings(model: torch.nn.Module, recipe: PretrainRecipe, lockstep: bool) -> torch.nn.Module:
+    """Activation checkpointing as the recipe says; LayerDrop off in lockstep (it skips random layers,
+    differently on each process, and ZeRO/FSDP need the same calls everywhere)."""
+    zidong = getattr(model, "zidong", model)  # a classifier wraps the joint model
     if recipe.train.activation_checkpointing:
-        model.activation_checkpointing_enable()
-    if lockstep:  # LayerDrop skips random layers, differently on each process: ZeRO/FSDP need the same calls
-        for modality, tower in model.towers().items():
+        zidong.activation_checkpointing_enable()
+    if lockstep:
+        for modality, tower in zidong.towers().items():
             if getattr(tower.config, "layerdrop", 0.0):
-                logger.info(
-                    "%s tower: layerdrop %.2f -> 0 (lockstep under DeepSpeed/FSDP)", modality, tower.config.layerdrop
-                )
+                logger.info("%s tower: layerdrop %.2f -> 0 (lockstep)", modality, tower.config.layerdrop)
                 tower.config.layerdrop = 0.0
-                getattr(model.config, f"{modality}_config").layerdrop = 0.0
+                getattr(zidong.config, f"{modality}_config").layerdrop = 0.0
     return model
 
 
-def _train_loader(recipe, processor, accelerator, state) -> StreamLoader:
+def _train_loader(recipe, processor, accelerator, state, options: dict[str, Any]) -> StreamLoader:
     data = recipe.data
     pipeline = SamplePipeline(
         processor,
@@ -436,6 +481,7 @@ def _train_loader(recipe, processor, accelerator, state) -> StreamLoader:
         max_text_tokens=data.max_text_tokens,
         max_speech_seconds=data.max_speech_seconds,
         crop_scale=(data.crop_scale_min, 1.0),
+        **options,
     )
     settings = StreamSettings(
         batch_size=recipe.train.batch_size,

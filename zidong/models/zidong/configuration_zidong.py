@@ -108,6 +108,8 @@ class ZidongConfig(PreTrainedConfig):
     speech_mask_ratio, speech_mask_span: share of 20 ms speech steps blanked, in runs of `speech_mask_span` steps.
     modality_mask_probability (`float`): chance that a multi-modal sample has one whole modality masked in the
         masked-modelling pass (the others must then predict it alone).
+    classification_modality (`str`): for `ZidongForClassification`, the tower whose pooled output is classified
+        into `id2label` (`text`, `vision` or `speech`).
     """
 
     model_type = "zidong"
@@ -143,6 +145,7 @@ class ZidongConfig(PreTrainedConfig):
     speech_mask_ratio: float | int = 0.3
     speech_mask_span: int = 5
     modality_mask_probability: float | int = 0.1
+    classification_modality: str | None = None
 
     def __post_init__(self, **kwargs):
         for name in self.sub_configs_defaults:
@@ -196,6 +199,11 @@ class ZidongConfig(PreTrainedConfig):
             raise ValueError(
                 f"ZidongConfig.logit_scale_init_value ({self.logit_scale_init_value}) is above "
                 f"logit_scale_max ({self.logit_scale_max})"
+            )
+        if self.classification_modality is not None and self.classification_modality not in MODALITIES:
+            raise ValueError(
+                f"ZidongConfig.classification_modality must be one of {', '.join(MODALITIES)}, "
+                f"got {self.classification_modality!r}"
             )
         speech_input_dim = getattr(self.speech_config, "feature_projection_input_dim", None)
         expected = self.num_mel_bins * self.speech_frame_stack

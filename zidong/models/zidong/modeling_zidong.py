@@ -634,6 +634,80 @@ class ZidongModel(ZidongPreTrainedModel):
         return tower_output, (chosen & tower_output.attention_mask, target, F.mse_loss)
 
 
+@dataclass
+class ZidongClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None  # (batch, classes); zero rows where a sample lacks the modality
+    present: torch.Tensor | None = None  # (batch,) bool: the rows that were classified
+
+
+class ZidongForClassification(ZidongPreTrainedModel):
+    """A linear classifier on one tower's pooled output (`config.classification_modality`, classes from
+    `config.id2label`): the tower's mean-pooled (text, speech) or CLS (vision) state, as in `ZidongModel`.
+
+    Takes the processor's batch (other modalities are ignored) and `labels` (batch,), -1 for unlabelled rows;
+    the loss is the cross-entropy over the rows that have the modality and a label. `lockstep` as in
+    `ZidongModel.forward`: a batch without the modality still runs the tower on a placeholder row.
+    """
+
+    def __init__(self, config: ZidongConfig):
+        super().__init__(config)
+        if config.classification_modality not in MODALITIES:
+            raise ValueError(
+                f"ZidongForClassification needs config.classification_modality in {', '.join(MODALITIES)}, "
+                f"got {config.classification_modality!r}"
+            )
+        self.zidong = ZidongModel(config)
+        self.classifier = nn.Linear(self.zidong._tower_width(config.classification_modality), config.num_labels)
+        self.post_init()
+
+    def towers(self) -> dict[str, PreTrainedModel]:
+        return self.zidong.towers()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        speech_attention_mask: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+        vision_present: torch.Tensor | None = None,
+        speech_present: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        lockstep: bool = False,
+        **kwargs,
+    ) -> ZidongClassifierOutput:
+        modality = self.config.classification_modality
+        inputs = {
+            "text": (input_ids, text_attention_mask),
+            "vision": (pixel_values, None),
+            "speech": (input_values, speech_attention_mask),
+        }
+        given = {"text": text_present, "vision": vision_present, "speech": speech_present}
+        present = self.zidong._presence(inputs, given)[modality]
+        logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
+        idle = None
+        if present.any():
+            rows = self.classifier(self.zidong._encode(modality, *inputs[modality]).pooled)
+            logits = scatter_rows(rows, present)
+        elif lockstep:
+            with self.zidong._idle_if(True):
+                idle = self.classifier(self.zidong._encode(modality, *self.zidong._placeholder(modality)).pooled)
+        loss = None
+        if labels is not None:
+            scored = present & (labels.to(present.device) >= 0)
+            loss = self.classifier.bias.sum() * 0.0  # a graph even when nothing in the batch can be scored
+            if scored.any():
+                loss = loss + F.cross_entropy(logits[scored].float(), labels.to(present.device)[scored])
+            if idle is not None:
+                loss = loss + 0.0 * idle.float().sum()
+        return ZidongClassifierOutput(
+            loss=loss, losses={"classify": loss} if loss is not None else None, logits=logits, present=present
+        )
+
+
 def _tower_config(modality: str, folder: str | os.PathLike):
     """The config of a local pretrained tower folder, after checking that the folder holds a model."""
     field = f"model.{modality}.pretrained"
@@ -646,4 +720,12 @@ def _tower_config(modality: str, folder: str | os.PathLike):
     return AutoConfig.from_pretrained(folder)
 
 
-__all__ = ["MATCHING_CLASSES", "OBJECTIVES", "ZidongModel", "ZidongOutput", "ZidongPreTrainedModel"]
+__all__ = [
+    "MATCHING_CLASSES",
+    "OBJECTIVES",
+    "ZidongClassifierOutput",
+    "ZidongForClassification",
+    "ZidongModel",
+    "ZidongOutput",
+    "ZidongPreTrainedModel",
+]

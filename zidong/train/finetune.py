@@ -1,0 +1,187 @@
+"""`zidong finetune TASK RECIPE.yaml [key=value ...]`: downstream fine-tuning with the pretraining loop.
+
+A fine-tuning recipe is a pretraining recipe (same `data`, `train`, `checkpoint`, `eval`, `model.<tower>` keys:
+learning-rate multipliers and freezing) plus a `finetune` section:
+
+    finetune:
+      source: exports/tiny          # an export folder, a checkpoint, or a run folder (its latest checkpoint)
+      modalities: [vision]          # retrieval: the modalities whose pairs are trained (2 or 3); classify: one
+      labels: recipes/labels/demo-shape.yaml   # classify: the label file (field + classes)
+
+Tasks:
+- `retrieval`: the contrastive objective on pairs of `modalities` only (the other modalities are not read);
+  evaluated by held-out retrieval.
+- `classify`: `ZidongForClassification`, a linear head on one tower's pooled output, cross-entropy on the
+  labelled samples; a linear probe with `model.<tower>.frozen_steps: -1`, a full fine-tune without. Evaluated by
+  held-out accuracy (with chance and the majority-class share).
+Because the loop is the pretraining loop, launchers (torchrun, Accelerate, DeepSpeed), resume, preemption,
+trackers and checkpoints work the same. At the end the model is exported as a Hugging Face folder to
+`OUTPUT_DIR/model` (`zidong export` of the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+
+from zidong.config import InvalidValue
+from zidong.data.labels import LabelSet, load_labels
+from zidong.errors import UserError
+from zidong.export.trained import load_trained
+from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel
+from zidong.models.zidong.processing_zidong import ZidongProcessor
+from zidong.train.evaluate import forward_folder, gather_rows
+from zidong.train.recipe import PretrainRecipe
+from zidong.train.trainer import Run, Task, apply_train_settings, lockstep_enabled, train
+from zidong.utils.log import get_logger
+
+logger = get_logger(__name__)
+TASKS = ("retrieval", "classify")
+EXPORT_FOLDER = "model"
+
+
+@dataclass
+class FinetuneSection:
+    source: str
+    modalities: list[Literal["text", "vision", "speech"]] = field(default_factory=lambda: list(MODALITIES))
+    labels: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
+            raise InvalidValue("modalities", f"must list distinct modalities, got {self.modalities}")
+
+
+@dataclass(kw_only=True)
+class FinetuneRecipe(PretrainRecipe):
+    """A pretraining recipe plus the `finetune` section (module docstring)."""
+
+    finetune: FinetuneSection
+
+
+def finetune(task_name: str, recipe: FinetuneRecipe) -> dict[str, float]:
+    """Run fine-tuning task `task_name` (`retrieval` or `classify`); returns the last held-out metrics."""
+    task = RetrievalTask() if task_name == "retrieval" else ClassifyTask()
+    task.check(recipe)
+    return train(recipe, task)
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+
+    def check(self, recipe: FinetuneRecipe) -> None:
+        if len(recipe.finetune.modalities) < 2:
+            raise UserError("finetune.modalities: retrieval needs two or three modalities (the pairs trained)")
+
+    def build(self, recipe: FinetuneRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
+        model, processor, _, folder = load_trained(recipe.finetune.source)
+        if not isinstance(model, ZidongModel):
+            raise UserError(f"finetune.source: {folder} holds a {type(model).__name__}, not a ZidongModel")
+        logger.info("fine-tuning %s from %s", self.name, folder)
+        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator)), processor
+
+    def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
+        return {"modalities": tuple(recipe.finetune.modalities)}
+
+    def finish(self, run: Run, metrics: dict[str, float]) -> None:
+        _export_final(run)
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    evaluation = "classification"
+
+    def check(self, recipe: FinetuneRecipe) -> None:
+        if len(recipe.finetune.modalities) != 1:
+            raise UserError("finetune.modalities: classify takes exactly one modality, the tower it classifies")
+        if recipe.finetune.labels is None:
+            raise UserError("finetune.labels: classify needs a label file (field + classes, docs/evaluation.md)")
+        self.labels: LabelSet = load_labels(recipe.finetune.labels)
+
+    def build(self, recipe: FinetuneRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
+        base, processor, _, folder = load_trained(recipe.finetune.source)
+        names = list(self.labels.classes)
+        if isinstance(base, ZidongForClassification):
+            base = base.zidong
+        config = base.config
+        config.classification_modality = recipe.finetune.modalities[0]
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: index for index, name in enumerate(names)}
+        model = ZidongForClassification(config)
+        model.zidong.load_state_dict(base.state_dict())
+        logger.info(
+            "classifying %s into %s (%d classes) with the %s tower of %s",
+            self.labels.field,
+            ", ".join(names),
+            len(names),
+            config.classification_modality,
+            folder,
+        )
+        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator)), processor
+
+    def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
+        return {"modalities": tuple(recipe.finetune.modalities), "label_set": self.labels}
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        return classification_accuracy(
+            run.model,
+            run.recipe.data.eval,
+            run.eval_pipeline,
+            run.recipe.train.batch_size,
+            run.accelerator,
+            lockstep_enabled(run.accelerator),
+        )
+
+    def report(self, metrics: dict[str, float]) -> str:
+        return (
+            f"{'accuracy':>10}{'chance':>10}{'majority':>10}{'samples':>10}\n"
+            f"{metrics['accuracy']:>10.3f}{metrics['chance']:>10.3f}{metrics['majority']:>10.3f}"
+            f"{int(metrics['samples']):>10}"
+        )
+
+    def finish(self, run: Run, metrics: dict[str, float]) -> None:
+        _export_final(run)
+
+
+def classification_accuracy(
+    model: torch.nn.Module, folder, pipeline, batch_size: int, accelerator: Accelerator, lockstep: bool
+) -> dict[str, float]:
+    """Held-out accuracy of a `ZidongForClassification` over the samples with the modality and a label."""
+    predicted, truth = [], []
+    for _, batch, output in forward_folder(model, folder, pipeline, batch_size, accelerator, lockstep):
+        if not batch:
+            continue
+        scored = output.present & (batch["labels"] >= 0)
+        predicted.append(output.logits[scored].argmax(dim=-1).cpu())
+        truth.append(batch["labels"][scored].cpu())
+    classes = accelerator.unwrap_model(model).config.num_labels
+    predicted_all = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+    truth_all = torch.cat(truth) if truth else torch.zeros(0, dtype=torch.long)
+    correct = predicted_all.eq(truth_all).sum()[None]
+    local = torch.cat([correct, torch.tensor([truth_all.numel()]), torch.bincount(truth_all, minlength=classes)])
+    totals = gather_rows(accelerator, local[None], accelerator.num_processes).sum(dim=0)
+    correct, count, per_class = int(totals[0]), int(totals[1]), totals[2:]
+    if count == 0:
+        return {"accuracy": 0.0, "chance": 1.0 / classes, "majority": 0.0, "samples": 0.0}
+    return {
+        "accuracy": correct / count,
+        "chance": 1.0 / classes,
+        "majority": float(per_class.max()) / count,
+        "samples": float(count),
+    }
+
+
+def _export_final(run: Run) -> None:
+    """Export the last checkpoint to OUTPUT_DIR/model (rank 0; every process waits for it)."""
+    from zidong.export.folders import export
+    from zidong.train.checkpoint import checkpoints
+
+    if run.accelerator.is_main_process:
+        target = run.output_dir / EXPORT_FOLDER
+        shutil.rmtree(target, ignore_errors=True)
+        export(checkpoints(run.output_dir)[-1], target)
+    run.accelerator.wait_for_everyone()
