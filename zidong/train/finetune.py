@@ -37,7 +37,7 @@ from zidong.models.zidong.modeling_zidong import ZidongForClassification, Zidong
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.evaluate import forward_folder, gather_rows
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.trainer import Run, Task, apply_train_settings, lockstep_enabled, train
+from zidong.train.trainer import Run, Task, apply_train_settings, evaluation_arguments, lockstep_enabled, train
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -127,14 +127,7 @@ class ClassifyTask(Task):
         return {"modalities": tuple(recipe.finetune.modalities), "label_set": self.labels}
 
     def evaluate(self, run: Run) -> dict[str, float]:
-        return classification_accuracy(
-            run.model,
-            run.recipe.data.eval,
-            run.eval_pipeline,
-            run.recipe.train.batch_size,
-            run.accelerator,
-            lockstep_enabled(run.accelerator),
-        )
+        return classification_accuracy(*evaluation_arguments(run))
 
     def report(self, metrics: dict[str, float]) -> str:
         return (

@@ -89,14 +89,7 @@ class Task:
         return {}
 
     def evaluate(self, run: Run) -> dict[str, float]:
-        return retrieval(
-            run.model,
-            run.recipe.data.eval,
-            run.eval_pipeline,
-            run.recipe.train.batch_size,
-            run.accelerator,
-            lockstep_enabled(run.accelerator),
-        )
+        return retrieval(*evaluation_arguments(run))
 
     def report(self, metrics: dict[str, float]) -> str:
         """The end-of-run table (logged as "held-out evaluation after N steps")."""
@@ -127,6 +120,12 @@ class Run:
     describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
 
 
+def evaluation_arguments(run: Run) -> tuple:
+    """(model, held-out folder, eval pipeline, batch size, accelerator, lockstep): what an evaluation needs."""
+    lockstep = lockstep_enabled(run.accelerator)
+    return run.model, run.recipe.data.eval, run.eval_pipeline, run.recipe.train.batch_size, run.accelerator, lockstep
+
+
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     """Pretrain as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
     return train(recipe, Task())
@@ -135,22 +134,22 @@ def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
 def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
     """The shared loop: set up, step, log, evaluate, checkpoint; returns the last evaluation's metrics."""
     run = _setup(recipe, task)
-    counters, train = run.counters, recipe.train
+    counters, settings = run.counters, recipe.train
     stop = _PreemptionFlag()
-    bar = progress(total=train.max_steps, initial=counters.step, desc="pretrain")
+    bar = progress(total=settings.max_steps, initial=counters.step, desc=task.name)
     metrics: dict[str, float] = {}
     stopping = False
-    while counters.step < train.max_steps and not stopping:
+    while counters.step < settings.max_steps and not stopping:
         losses, grad_norm, rates, stopping = _optimizer_step(run, stop.requested)
         bar.update(1)
-        if counters.bad_steps_in_a_row >= train.max_bad_steps:
+        if counters.bad_steps_in_a_row >= settings.max_bad_steps:
             raise TrainingError(
                 f"{counters.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
                 f"{counters.step}); nothing was checkpointed from them. Lower train.learning_rate, raise "
                 "train.warmup_steps, or resume from an earlier checkpoint with resume=PATH"
             )
-        done = counters.step == train.max_steps
-        if counters.step % train.log_every == 0 or done:
+        done = counters.step == settings.max_steps
+        if counters.step % settings.log_every == 0 or done:
             record = run.window.summary(counters.step, losses, {**rates, **_step_numbers(grad_norm, counters)})
             bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
             run.log.write({"kind": "train", **record})

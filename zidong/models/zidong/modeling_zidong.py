@@ -89,6 +89,15 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask) -> dict:
+    """The forward's arguments grouped as modality -> (values, attention mask or None)."""
+    return {
+        "text": (input_ids, text_attention_mask),
+        "vision": (pixel_values, None),
+        "speech": (input_values, speech_attention_mask),
+    }
+
+
 def scatter_rows(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Rows of the present samples -> a tensor over the whole batch, zeros (or False) where absent."""
     full = rows.new_zeros((present.shape[0], *rows.shape[1:]))
@@ -271,11 +280,7 @@ class ZidongModel(ZidongPreTrainedModel):
         `lockstep=True` runs every tower and every weighted head on every call (see the module docstring).
         """
         weights = self._loss_weights(loss_weights) if return_loss else {}
-        inputs = {
-            "text": (input_ids, text_attention_mask),
-            "vision": (pixel_values, None),
-            "speech": (input_values, speech_attention_mask),
-        }
+        inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         presence = self._presence(inputs, {"text": text_present, "vision": vision_present, "speech": speech_present})
         idle: list[torch.Tensor] | None = [] if lockstep else None
         if lockstep:  # absent modalities run on a placeholder row; presence (all False) keeps it out of every loss
@@ -680,11 +685,7 @@ class ZidongForClassification(ZidongPreTrainedModel):
         **kwargs,
     ) -> ZidongClassifierOutput:
         modality = self.config.classification_modality
-        inputs = {
-            "text": (input_ids, text_attention_mask),
-            "vision": (pixel_values, None),
-            "speech": (input_values, speech_attention_mask),
-        }
+        inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
         present = self.zidong._presence(inputs, given)[modality]
         logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
