@@ -447,8 +447,10 @@ class ZidongModel(ZidongPreTrainedModel):
                 swapped == MODALITIES.index(m), partner, torch.arange(len(partner), device=partner.device)
             )
             negative_index = index[negative_rows]
+            # index_select, not states[...]: a partner can be drawn twice, and the backward of advanced indexing
+            # accumulates repeated rows with atomic adds on CPU (run-to-run differences); index_add is ordered
             fused_inputs[m] = (
-                torch.cat([states[positive_rows], states[negative_index]]),
+                torch.cat([states.index_select(0, positive_rows), states.index_select(0, negative_index)]),
                 torch.cat([mask[positive_rows], mask[negative_index]]),
             )
         logits = self.matching_head(self.fusion(fused_inputs).states[:, 0])
