@@ -83,6 +83,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         print(dry_run_report(recipe, args.gpus))
         return 0
+    _quiet_deepspeed_on_cpu()
     from zidong.train.trainer import pretrain
     from zidong.utils.run_info import record_run
 
@@ -92,6 +93,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    _quiet_deepspeed_on_cpu()
     from zidong.config import load_config
     from zidong.train.finetune import FinetuneRecipe, finetune
     from zidong.utils.run_info import record_run
@@ -103,6 +105,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _quiet_deepspeed_on_cpu()
     from zidong.evaluation.zero_shot import evaluate
 
     evaluate(args.model, args.data, args.labels, args.out, args.batch_size)
@@ -110,6 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _quiet_deepspeed_on_cpu()
     from zidong.export.folders import export
 
     print(export(args.checkpoint, args.out, args.towers, args.push_to_hub, args.license))
@@ -276,7 +280,6 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 success, 2 user error."""
     args = _parse(build_parser(), argv)
-    _quiet_deepspeed_on_cpu()
     try:
         return args.handler(args)
     except UserError as err:
@@ -286,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quiet_deepspeed_on_cpu() -> None:
     """Without a GPU, tell DeepSpeed so (what it would pick anyway), or it prints a warning on stdout whenever
-    Accelerate imports it, polluting the output of `zidong eval` and friends."""
+    Accelerate imports it, polluting the output of `zidong eval` and friends. Called by the commands that load
+    Accelerate or DeepSpeed only, so the data commands do not pay for importing torch."""
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
