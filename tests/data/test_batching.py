@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from zidong import ZidongConfig, ZidongProcessor
+from zidong.bench.training import as_masks, long_tail_lengths, long_tail_padding
 from zidong.data.batching import PaddingMeter, cut_into_batches
 from zidong.data.demo import make_demo
 from zidong.data.stream import StreamLoader, StreamSettings
@@ -19,50 +18,23 @@ from zidong.data.transforms import SamplePipeline
 BATCH = 32
 
 
-def long_tail_lengths(count: int, seed: int = 0) -> list[tuple[float, float]]:
-    """(speech seconds, text tokens), -1 where absent: half triplets, image-text with Pareto-tailed captions,
-    speech-text, image-speech; speech log-normal around 4 s up to 30 s, spoken captions 2.5-4.5 tokens/s."""
-    rng = np.random.default_rng(seed)
-    lengths = []
-    for kind in rng.choice(4, size=count, p=[0.5, 0.2, 0.2, 0.1]):
-        seconds = min(30.0, rng.lognormal(math.log(4), 0.8))
-        tokens = min(64, max(3, int(seconds * rng.uniform(2.5, 4.5)) + 2))
-        if kind == 1:
-            lengths.append((-1.0, float(min(64, 3 + int(rng.pareto(1.5) * 8)))))
-        else:
-            lengths.append((seconds, float(tokens) if kind != 3 else -1.0))
-    return lengths
-
-
-def as_masks(batch: list[tuple[float, float]]) -> dict[str, torch.Tensor]:
-    """The padding masks a collated batch of these lengths would carry (speech in 10 ms frames)."""
-    masks = {}
-    for column, key, unit in ((0, "speech_attention_mask", 100), (1, "text_attention_mask", 1)):
-        sizes = [round(lengths[column] * unit) for lengths in batch if lengths[column] >= 0]
-        if sizes:
-            masks[key] = torch.arange(max(sizes))[None, :] < torch.tensor(sizes)[:, None]
-    return masks
+def test_bucketing_keeps_every_sample_once_in_full_batches() -> None:
+    lengths = long_tail_lengths(BATCH * 16)
+    items = list(enumerate(lengths))
+    for bucketing in (False, True):
+        batches = cut_into_batches(items, BATCH, bucketing=bucketing, rng=np.random.default_rng(0))
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+        assert all(len(batch) == BATCH for batch in batches)
+    assert as_masks([(1.0, 3.0), (0.5, -1.0)])["speech_attention_mask"].sum() == 150
 
 
 def test_long_tail_bucketing_is_at_least_90_percent_efficient() -> None:
-    lengths = long_tail_lengths(BATCH * 128 * 6)
-    rng = np.random.default_rng(0)
-    meters = {"naive": PaddingMeter(), "bucketed": PaddingMeter()}
-    pool = BATCH * 128
-    for start in range(0, len(lengths), pool):
-        items = [(i, lengths[i]) for i in range(start, start + pool)]
-        for name, meter in meters.items():
-            batches = cut_into_batches(items, BATCH, bucketing=name == "bucketed", rng=rng)
-            assert sorted(i for batch in batches for i in batch) == list(range(start, start + pool))
-            assert all(len(batch) == BATCH for batch in batches)
-            for batch in batches:
-                meter.add(as_masks([lengths[i] for i in batch]))
-    naive, bucketed = meters["naive"].efficiency(), meters["bucketed"].efficiency()
-    print(f"long tail padding efficiency: naive {naive}, bucketed {bucketed}")
-    assert naive["speech"] < 0.5
-    assert naive["text"] < 0.5
-    assert bucketed["speech"] >= 0.90
-    assert bucketed["text"] >= 0.90
+    efficiency = long_tail_padding(BATCH, pools=6)
+    print(f"long tail padding efficiency: {efficiency}")
+    assert efficiency["naive"]["speech"] < 0.5
+    assert efficiency["naive"]["text"] < 0.5
+    assert efficiency["bucketed"]["speech"] >= 0.90
+    assert efficiency["bucketed"]["text"] >= 0.90
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -202,3 +206,36 @@ def test_too_few_samples_for_the_slots_is_refused(corpus: Path, processor: Zidon
 def test_a_folder_that_is_not_a_shard_folder_is_refused(tmp_path: Path, processor: ZidongProcessor) -> None:
     with pytest.raises(UserError, match=r"has no index\.json"):
         StreamLoader([(tmp_path, 1.0)], StreamSettings(batch_size=4), SamplePipeline(processor, train=True))
+
+
+KILLED_TRAINER = """
+import json, os, sys
+from zidong import ZidongProcessor
+from zidong.data.stream import StreamLoader, StreamSettings
+from zidong.data.transforms import SamplePipeline
+
+pipeline = SamplePipeline(ZidongProcessor.from_pretrained(sys.argv[2]), train=True)
+loader = StreamLoader([(sys.argv[1], 1.0)], StreamSettings(batch_size=4, seed=0), pipeline, num_workers=2)
+next(loader)
+print(json.dumps([worker.pid for worker in loader._iterator._workers]), flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_workers_end_when_the_training_process_is_killed(
+    corpus: Path, processor: ZidongProcessor, tmp_path: Path
+) -> None:
+    processor.save_pretrained(tmp_path / "processor")
+    # the output pipes close only once every process holding them has ended: the workers and their forkserver
+    # outlive a killed trainer unless they watch it, and then this call runs into its timeout
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_TRAINER, str(corpus), str(tmp_path / "processor")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert len(json.loads(done.stdout)) == 2
+    assert time.monotonic() - started < 60

@@ -18,6 +18,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-4}
 def padded_batch(lengths: list[int], dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     waves = [torch.randn(n, generator=generator, dtype=dtype) * 0.1 for n in lengths]
+    waves[0][4000:8000] = 0.0  # digital silence: the log floor must be Kaldi's in every precision
     batch = torch.zeros(len(waves), max(lengths), dtype=dtype)
     for row, wave in enumerate(waves):
         batch[row, : len(wave)] = wave
@@ -37,6 +38,14 @@ def test_matches_kaldi_fbank(dtype: torch.dtype) -> None:
         difference = (features[row, : reference.shape[0]] - reference).abs().max().item()
         assert difference < TOLERANCE[dtype]
         assert features[row, reference.shape[0] :].abs().sum() == 0
+
+
+def test_a_batch_with_no_whole_window_gives_empty_features() -> None:
+    features, mask = BatchedFbank()(torch.zeros(2, 300), torch.tensor([300, 120]))
+    assert mask.shape == (2, 1)
+    assert not mask.any()
+    assert features.shape == (2, 1, 80)
+    assert features.abs().sum() == 0
 
 
 def test_a_row_does_not_depend_on_its_batch() -> None:

@@ -1,8 +1,9 @@
 """Two gloo processes: local loss + gather-with-grad equals the naive loss over the global batch, in value and grad.
 
-Each rank holds a slice of one global batch (slices of different sizes, one of them possibly empty) and a copy of
-a small embedding network. After backward, the gradients are averaged over ranks as DDP does; the mean of the
-ranks' losses and the averaged gradients must equal one process computing the textbook loss on the whole batch.
+Each rank holds a slice of one global batch (slices of different sizes, one of them possibly empty; some samples
+lack the second modality) and a copy of a small embedding network. After backward, the gradients are averaged over
+ranks as DDP does; the mean of the ranks' losses and the averaged gradients must equal one process computing the
+textbook loss on the samples of the whole batch that have both modalities.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from zidong.models.zidong.losses_zidong import contrastive_pair_loss
+from zidong.models.zidong.losses_zidong import contrastive_losses
 
 WORLD = 2
 GLOBAL = 7
 WIDTH = 6
+LACKS_SECOND = (2, 5)  # samples without the second modality
 
 
 def make_problem() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -41,8 +43,12 @@ def naive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torc
 
 
 def gradients(loss: torch.Tensor, network: torch.nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> list:
+    """Parameter gradients by `backward()`, as training takes them (it runs every node, placeholders' too)."""
     params = [*network.parameters(), scale, bias]
-    return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+    for param in params:
+        param.grad = None
+    loss.backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
 
 def worker(rank: int, store: str) -> None:
@@ -50,17 +56,24 @@ def worker(rank: int, store: str) -> None:
     try:
         for kind in ("softmax", "sigmoid"):
             for split in (4, 0):  # 4 + 3 rows, and 0 + 7 rows
-                check_case(rank, kind, split)
+                check_case(rank, kind, split, LACKS_SECOND)
+            check_case(rank, kind, 2, (0, 1, 5))  # rank 0 has no second modality at all: None, as the model
     finally:
         dist.destroy_process_group()
 
 
-def check_case(rank: int, kind: str, split: int) -> None:
+def check_case(rank: int, kind: str, split: int, lacks_second: tuple[int, ...]) -> None:
     inputs_a, inputs_b, network, scale, bias = make_problem()
+    has_second = torch.tensor([i not in lacks_second for i in range(GLOBAL)])
     rows = slice(0, split) if rank == 0 else slice(split, GLOBAL)
     a = F.normalize(network(inputs_a[rows]), dim=-1)
-    b = F.normalize(network(inputs_b[rows]), dim=-1)
-    local = contrastive_pair_loss(a, b, scale, bias, kind)
+    b = F.normalize(network(inputs_b[rows]), dim=-1) * has_second[rows, None]  # zeros where absent, as the model
+    if not has_second[rows].any():
+        b = None  # as the model passes a modality none of this rank's samples has
+    presence = {"first": torch.ones(len(a), dtype=torch.bool), "second": has_second[rows]}
+    local = contrastive_losses({"first": a, "second": b}, presence, scale, bias, kind, network.out_features)[
+        "contrastive_first_second"
+    ]
     grads = gradients(local, network, scale, bias)
     for grad in grads:  # what DDP does to parameter gradients
         dist.all_reduce(grad)
@@ -69,8 +82,8 @@ def check_case(rank: int, kind: str, split: int) -> None:
     dist.all_reduce(mean_loss)
     mean_loss /= WORLD
 
-    full_a = F.normalize(network(inputs_a), dim=-1)
-    full_b = F.normalize(network(inputs_b), dim=-1)
+    full_a = F.normalize(network(inputs_a[has_second]), dim=-1)
+    full_b = F.normalize(network(inputs_b[has_second]), dim=-1)
     reference = naive_loss(full_a, full_b, scale, bias, kind)
     expected = gradients(reference, network, scale, bias)
     assert abs(mean_loss.item() - reference.item()) < 1e-6, (mean_loss.item(), reference.item())
@@ -83,6 +96,9 @@ def test_local_loss_equals_global_loss_on_two_processes(tmp_path) -> None:
     mp.start_processes(worker, args=(str(tmp_path / "store"),), nprocs=WORLD, start_method="spawn")
 
 
-def test_no_sample_anywhere_gives_no_loss() -> None:
-    empty = torch.zeros(0, 4)
-    assert contrastive_pair_loss(empty, empty, torch.tensor(1.0), torch.tensor(0.0), "softmax") is None
+def test_no_sample_with_both_gives_no_loss() -> None:
+    embeds = {"first": torch.randn(3, 4), "second": None}
+    presence = {"first": torch.ones(3, dtype=torch.bool), "second": torch.zeros(3, dtype=torch.bool)}
+    assert contrastive_losses(embeds, presence, torch.tensor(1.0), None, "softmax", 4) == {}
+    embeds["second"] = torch.zeros(3, 4)
+    assert contrastive_losses(embeds, presence, torch.tensor(1.0), None, "softmax", 4) == {}

@@ -31,8 +31,11 @@ the loader raises DataError.
 from __future__ import annotations
 
 import copy
+import functools
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,10 +278,37 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _init_worker(_: int) -> None:
+def _init_worker(_: int, trainer_pid: int) -> None:
     # Each worker tokenises one batch at a time: the tokenizer's own thread pool only adds threads, and
     # threads still running when the worker exits were seen to abort it.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    threading.Thread(target=_exit_with, args=(trainer_pid,), name="zidong-trainer-watch", daemon=True).start()
+
+
+def _exit_with(trainer_pid: int) -> None:
+    """End this worker once the training process is gone (killed -9, or exited without closing its loader).
+
+    torch's own watchdog watches the worker's parent, which here is the forkserver; the forkserver in turn lives
+    as long as any worker holds its liveness pipe, so without this an orphaned worker waits forever, holding
+    the launcher's stdout and stderr open."""
+    while _is_running(trainer_pid):
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _is_running(pid: int) -> bool:
+    """Whether `pid` runs: on Linux a killed process stays a zombie (still signalable) until its parent reaps it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        if os.path.isdir("/proc"):
+            return False
+    try:  # no procfs
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class StreamLoader:
@@ -389,7 +419,7 @@ class StreamLoader:
             dataset,
             batch_size=None,
             collate_fn=_unchanged,
-            worker_init_fn=_init_worker,
+            worker_init_fn=functools.partial(_init_worker, trainer_pid=os.getpid()),
             num_workers=self.num_workers,
             multiprocessing_context=_worker_context(),
             persistent_workers=True,
@@ -402,7 +432,10 @@ class StreamLoader:
         return iter(loader)
 
     def close(self) -> None:
-        """Stops the worker processes (they also stop when the loader is garbage-collected)."""
-        self._iterator = None
+        """Stops the worker processes now (not whenever the iterator happens to be garbage-collected)."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # a DataLoader's multi-process iterator
+        if shutdown is not None:
+            shutdown()
         for folder in self.folders:
             folder.close()

@@ -80,12 +80,14 @@ class ThroughputWindow:
 
     def reset(self) -> None:
         self.started = time.perf_counter()
+        self.steps = 0
         self.samples = 0
         self.tokens = dict.fromkeys(MODALITIES, 0)
         self.waited = 0.0
         self.flops = 0.0
 
     def count(self, batch: dict[str, torch.Tensor], flops: float) -> None:
+        """Account one micro-batch."""
         self.samples += len(batch["text_present"])
         self.flops += flops
         if "text_attention_mask" in batch:
@@ -95,12 +97,17 @@ class ThroughputWindow:
         if "pixel_values" in batch:
             self.tokens["vision"] += int(batch["pixel_values"].shape[0])  # images
 
+    def end_step(self) -> None:
+        """Account one optimizer step (for `seconds_per_step`)."""
+        self.steps += 1
+
     def summary(self, step: int, losses: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "step": step,
             **{name: round(value, 5) for name, value in losses.items()},
             **extra,
+            "seconds_per_step": elapsed / max(self.steps, 1),
             "samples_per_s": self.samples / elapsed,
             "text_tokens_per_s": self.tokens["text"] / elapsed,
             "speech_frames_per_s": self.tokens["speech"] / elapsed,

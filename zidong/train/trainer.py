@@ -139,37 +139,43 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
     bar = progress(total=settings.max_steps, initial=counters.step, desc=task.name)
     metrics: dict[str, float] = {}
     stopping = False
-    while counters.step < settings.max_steps and not stopping:
-        losses, grad_norm, rates, stopping = _optimizer_step(run, stop.requested)
-        bar.update(1)
-        if counters.bad_steps_in_a_row >= settings.max_bad_steps:
-            raise TrainingError(
-                f"{counters.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
-                f"{counters.step}); nothing was checkpointed from them. Lower train.learning_rate, raise "
-                "train.warmup_steps, or resume from an earlier checkpoint with resume=PATH"
-            )
-        done = counters.step == settings.max_steps
-        if counters.step % settings.log_every == 0 or done:
-            record = run.window.summary(counters.step, losses, {**rates, **_step_numbers(grad_norm, counters)})
-            bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
-            run.log.write({"kind": "train", **record})
-        if recipe.data.eval and (done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)):
-            metrics = task.evaluate(run)
-            run.log.write({"kind": "eval", "step": counters.step, **metrics})
-        checkpoint_due = done or stopping or counters.step % recipe.checkpoint.every_steps == 0
-        if checkpoint_due and counters.bad_steps_in_a_row == 0:  # never checkpoint a state that just went non-finite
-            state = run.loader.state_dict()
-            save_checkpoint(
-                run.accelerator,
-                run.output_dir,
-                counters.step,
-                dict(counters.__dict__),
-                state,
-                recipe.checkpoint.keep_last,
-                describe=run.describe,
-            )
-    bar.close()
-    run.loader.close()
+    try:  # the loader's worker processes end with the loop, also when it raises
+        while counters.step < settings.max_steps and not stopping:
+            losses, grad_norm, rates, stopping = _optimizer_step(run, stop.requested)
+            bar.update(1)
+            if counters.bad_steps_in_a_row >= settings.max_bad_steps:
+                raise TrainingError(
+                    f"{counters.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (step "
+                    f"{counters.step}); nothing was checkpointed from them. Lower train.learning_rate, raise "
+                    "train.warmup_steps, or resume from an earlier checkpoint with resume=PATH"
+                )
+            done = counters.step == settings.max_steps
+            if counters.step % settings.log_every == 0 or done:
+                record = run.window.summary(counters.step, losses, {**rates, **_step_numbers(grad_norm, counters)})
+                bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+                run.log.write({"kind": "train", **record})
+            if recipe.data.eval and (
+                done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)
+            ):
+                metrics = task.evaluate(run)
+                run.log.write({"kind": "eval", "step": counters.step, **metrics})
+            checkpoint_due = done or stopping or counters.step % recipe.checkpoint.every_steps == 0
+            if (
+                checkpoint_due and counters.bad_steps_in_a_row == 0
+            ):  # never checkpoint a state that just went non-finite
+                state = run.loader.state_dict()
+                save_checkpoint(
+                    run.accelerator,
+                    run.output_dir,
+                    counters.step,
+                    dict(counters.__dict__),
+                    state,
+                    recipe.checkpoint.keep_last,
+                    describe=run.describe,
+                )
+    finally:
+        bar.close()
+        run.loader.close()
     if stopping:
         logger.info(
             "stopped by %s at step %d after saving a checkpoint; relaunch to continue",
@@ -209,6 +215,7 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], t
     run.optimizer.zero_grad(set_to_none=True)
     counters.step += 1
     counters.samples += samples
+    run.window.end_step()
     return losses, grad_norm, rates, stopping
 
 
@@ -309,7 +316,15 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        loader=_train_loader(recipe, processor, accelerator, data_state, task.pipeline_options(recipe)),
+        loader=train_loader(
+            recipe,
+            processor,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            state=data_state,
+            options=task.pipeline_options(recipe),
+            pin_memory=accelerator.device.type == "cuda",
+        ),
         eval_pipeline=eval_pipeline,
         counters=counters,
         step_flops=step_flops,
@@ -472,15 +487,25 @@ def apply_train_settings(model: torch.nn.Module, recipe: PretrainRecipe, lockste
     return model
 
 
-def _train_loader(recipe, processor, accelerator, state, options: dict[str, Any]) -> StreamLoader:
+def train_loader(
+    recipe: PretrainRecipe,
+    processor: ZidongProcessor,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    pin_memory: bool = False,
+    pipeline_type: type[SamplePipeline] = SamplePipeline,
+) -> StreamLoader:
+    """The training stream the recipe describes for one process (`options`: extra `pipeline_type` settings)."""
     data = recipe.data
-    pipeline = SamplePipeline(
+    pipeline = pipeline_type(
         processor,
         train=True,
         max_text_tokens=data.max_text_tokens,
         max_speech_seconds=data.max_speech_seconds,
         crop_scale=(data.crop_scale_min, 1.0),
-        **options,
+        **(options or {}),
     )
     settings = StreamSettings(
         batch_size=recipe.train.batch_size,
@@ -494,10 +519,10 @@ def _train_loader(recipe, processor, accelerator, state, options: dict[str, Any]
         settings,
         pipeline,
         num_workers=data.num_workers,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        rank=rank,
+        world_size=world_size,
         state=state,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=pin_memory,
     )
 
 

@@ -11,8 +11,11 @@ Imports only torch so exported folders load with `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def distributed_world_size() -> int:
@@ -31,43 +34,136 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if distributed_world_size() == 1:
         return tensor, 0
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
 
     counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
     counts = [int(count.item()) for count in counts]
-    padded = F.pad(tensor, (0, 0, 0, max(counts) - tensor.shape[0]))
-    pieces = all_gather(padded)  # its backward sums every rank's gradient into each rank's own rows
-    gathered = torch.cat([piece[:count] for piece, count in zip(pieces, counts, strict=True)])
-    return gathered, sum(counts[: dist.get_rank()])
+    longest = max(counts)
+    # the collective needs equal shapes; pad only when the counts differ (the pad is a copy)
+    padded = tensor if tensor.shape[0] == longest else F.pad(tensor, (0, 0, 0, longest - tensor.shape[0]))
+    blocks = _GatherBlocks.apply(padded)
+    if longest * len(counts) != sum(counts):
+        blocks = torch.cat([blocks[rank * longest : rank * longest + count] for rank, count in enumerate(counts)])
+    return blocks, sum(counts[: dist.get_rank()])
+
+
+class _GatherBlocks(torch.autograd.Function):
+    """Every rank's equally shaped block, concatenated; backward sums every rank's gradient for this rank's block.
+
+    Written here rather than taken from `torch.distributed.nn.all_gather`, whose list of pieces must then be
+    concatenated (a second copy) and whose backward on gloo emulates reduce-scatter with an all-to-all holding
+    about 3.5 gathered sizes at once; this holds the gathered tensor, and one gradient-sized buffer in backward."""
+
+    @staticmethod
+    def forward(ctx, block: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        block = block.contiguous()
+        world, rows = dist.get_world_size(), block.shape[0]
+        gathered = block.new_empty((world * rows, *block.shape[1:]))
+        dist.all_gather([gathered[rank * rows : (rank + 1) * rows] for rank in range(world)], block)
+        ctx.rows = rows
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        rank, rows = dist.get_rank(), ctx.rows
+        if dist.get_backend() == dist.Backend.NCCL:
+            mine = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad.contiguous())
+            return mine
+        summed = grad.clone(memory_format=torch.contiguous_format)  # gloo has no reduce-scatter
+        dist.all_reduce(summed)
+        return summed[rank * rows : (rank + 1) * rows]
+
+
+def contrastive_losses(
+    embeds: dict[str, torch.Tensor | None],
+    presence: dict[str, torch.Tensor],
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    kind: str,
+    width: int,
+) -> dict[str, torch.Tensor]:
+    """`contrastive_<a>_<b>` for every pair of modalities some sample (on any rank) has both of, in `embeds` order.
+
+    `embeds[m]` holds this rank's L2-normalised embeddings over the whole batch (zeros where a sample lacks `m`;
+    None when no sample has it), `presence[m]` which samples have it. Each modality is gathered from every rank
+    once, with its presence as an extra column, and every pair reads those: one collective per modality, whichever
+    pairs the batches hold. Every rank gathers every modality in the same order, so ranks never disagree on the
+    collectives whatever their batches lack.
+    """
+    distributed = distributed_world_size() > 1
+    gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rows = slice(0, 0)
+    for modality, local in embeds.items():
+        if local is None:
+            if not distributed:
+                continue
+            local = logit_scale.new_zeros(len(presence[modality]), width)
+        if distributed and torch.is_grad_enabled() and not local.requires_grad:
+            # the gather's backward is a collective: every rank must run it, also one whose rows are placeholders
+            local = local.detach().requires_grad_()
+        columns, offset = gather_with_grad(torch.cat([local, presence[modality][:, None].to(local.dtype)], dim=1))
+        gathered[modality] = (columns[:, :-1], columns[:, -1] > 0.5)
+        rows = slice(offset, offset + len(local))
+    losses = {}
+    for first, second in itertools.combinations(gathered, 2):
+        (all_first, has_first), (all_second, has_second) = gathered[first], gathered[second]
+        both = has_first & has_second
+        if not both.any():
+            continue
+        if not both.all():  # keep the samples that have both (a copy; a batch of full triplets needs none)
+            all_first, all_second = all_first[both], all_second[both]
+        start = int(both[: rows.start].sum())
+        mine = slice(start, start + int(both[rows].sum()))
+        losses[f"contrastive_{first}_{second}"] = contrastive_pair_loss(
+            all_first, all_second, mine, logit_scale, logit_bias, kind
+        )
+    return losses
 
 
 def contrastive_pair_loss(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None, kind: str
-) -> torch.Tensor | None:
-    """Symmetric InfoNCE ("softmax") or SigLIP ("sigmoid") loss between matched rows of `a` and `b`.
+    all_a: torch.Tensor,
+    all_b: torch.Tensor,
+    mine: slice,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    kind: str,
+) -> torch.Tensor:
+    """Symmetric InfoNCE ("softmax") or SigLIP ("sigmoid") loss between matched rows of `all_a` and `all_b`.
 
-    `a` and `b` are this rank's L2-normalised embeddings of the samples that have both modalities. Negatives
-    are every other sample on every rank. Returns None when no rank has a single such sample.
+    `all_a` and `all_b` hold every rank's L2-normalised embeddings of the samples that have both modalities,
+    gathered with gradient (`gather_with_grad`); this rank's rows are `mine`. Negatives are every other row.
     """
-    world = distributed_world_size()
-    gathered, offset = gather_with_grad(torch.cat([a, b], dim=1))  # one collective for both sides
-    total = gathered.shape[0]
-    if total == 0:
-        return None
-    all_a, all_b = gathered.split([a.shape[1], b.shape[1]], dim=1)
+    # The (local x global) logits and their softmax are recomputed in backward instead of kept until then: they
+    # grow with the global batch, and across three pairs they were most of what the loss held.
+    summed = checkpoint(_summed_pair_loss, all_a, all_b, mine, logit_scale, logit_bias, kind, use_reentrant=False)
+    total = all_a.shape[0]
+    return summed * distributed_world_size() / (total if kind == "sigmoid" else 2 * total)
+
+
+def _summed_pair_loss(
+    all_a: torch.Tensor,
+    all_b: torch.Tensor,
+    mine: slice,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    kind: str,
+) -> torch.Tensor:
+    """The loss of this rank's rows against every rank's, summed over them (not yet averaged)."""
     scale = logit_scale.exp()
-    logits_ab = scale * a @ all_b.T
-    rows = torch.arange(a.shape[0], device=a.device)
+    logits_ab = scale * all_a[mine] @ all_b.T
+    rows = torch.arange(logits_ab.shape[0], device=all_a.device)
     if kind == "sigmoid":
         targets = -torch.ones_like(logits_ab)
-        targets[rows, rows + offset] = 1.0
-        summed = -F.logsigmoid(targets * (logits_ab + logit_bias)).sum()
-        return summed * world / total
-    logits_ba = scale * b @ all_a.T
-    summed = F.cross_entropy(logits_ab, rows + offset, reduction="sum")
-    summed = summed + F.cross_entropy(logits_ba, rows + offset, reduction="sum")
-    return summed * world / (2 * total)
+        targets[rows, rows + mine.start] = 1.0
+        return -F.logsigmoid(targets * (logits_ab + logit_bias)).sum()
+    logits_ba = scale * all_b[mine] @ all_a.T
+    summed = F.cross_entropy(logits_ab, rows + mine.start, reduction="sum")
+    return summed + F.cross_entropy(logits_ba, rows + mine.start, reduction="sum")
 
 
 def multiway_matching_loss(logits: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -96,4 +192,4 @@ def span_mask(valid: torch.Tensor, ratio: float, span: int, generator: torch.Gen
     return spread.bool() & valid
 
 
-__all__ = ["contrastive_pair_loss", "gather_with_grad", "multiway_matching_loss", "span_mask"]
+__all__ = ["contrastive_losses", "contrastive_pair_loss", "gather_with_grad", "multiway_matching_loss", "span_mask"]

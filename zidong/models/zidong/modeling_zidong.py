@@ -35,7 +35,6 @@ speech pool by masked mean (independent of padding), vision takes its first (CLS
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from transformers.utils import ModelOutput
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
 from .fusion_zidong import ZidongFusionEncoder, ZidongFusionLayer, ZidongPredictionHead
-from .losses_zidong import contrastive_pair_loss, distributed_world_size, multiway_matching_loss, span_mask
+from .losses_zidong import contrastive_losses, multiway_matching_loss, span_mask
 
 OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
 MATCHING_CLASSES = ("matched", "text_swapped", "vision_swapped", "speech_swapped")
@@ -397,22 +396,14 @@ class ZidongModel(ZidongPreTrainedModel):
         """`contrastive_<a>_<b>` for every pair some sample (on any rank) has, and `contrastive`, their mean."""
         with torch.no_grad():
             self.logit_scale.clamp_(max=self.config.logit_scale_max)
-        distributed = distributed_world_size() > 1
-        losses = {}
-        for first, second in itertools.combinations(MODALITIES, 2):
-            both = presence[first] & presence[second]
-            if not both.any() and not distributed:
-                continue  # ranks must all join the gather below, so only a single process may skip early
-            dim = self.config.projection_dim
-            pair_loss = contrastive_pair_loss(
-                embeds[first][both] if embeds[first] is not None else self.logit_scale.new_zeros(0, dim),
-                embeds[second][both] if embeds[second] is not None else self.logit_scale.new_zeros(0, dim),
-                self.logit_scale[0],
-                self.logit_bias[0],
-                self.config.contrastive_loss,
-            )
-            if pair_loss is not None:
-                losses[f"contrastive_{first}_{second}"] = pair_loss
+        losses = contrastive_losses(
+            embeds,
+            presence,
+            self.logit_scale[0],
+            self.logit_bias[0],
+            self.config.contrastive_loss,
+            self.config.projection_dim,
+        )
         if losses:
             losses["contrastive"] = torch.stack(list(losses.values())).mean()
         return losses

@@ -1,0 +1,68 @@
+"""scripts/bench.py: the quick mode runs every measurement and writes a complete report; bad arguments exit 2.
+
+Benchmarks are not timed tests: this checks that each measurement runs and that the equalities it states hold
+(equal contrastive losses and gradients, front-end parity), not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench.py"
+
+
+def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], cwd=cwd, capture_output=True, text=True, timeout=900, check=False
+    )
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
+    out = tmp_path / "report" / "bench.json"
+    done = bench("--quick", "--out", str(out), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7]
+    assert len(rows) >= 10  # 11 where CUDA adds the GPU MFU row
+    for row in rows:
+        assert math.isfinite(row["value"]), row
+        assert row["value"] > 0, row
+        assert row["met"] in (True, False)
+        assert row["name"] in done.stdout
+    by_name = {row["name"]: row for row in rows}
+    memory = next(row for row in rows if row["number"] == 6)["details"]
+    assert memory["loss_difference"] < 1e-5
+    assert memory["max_gradient_difference"] < 1e-6
+    assert memory["naive_peak_mib"] > memory["zidong_peak_mib"] > 0
+    frontend = next(row for row in rows if row["number"] == 5)["details"]
+    assert frontend["utterances"] > 0
+    assert frontend["max_abs_difference_float64"] < 1e-6
+    step = next(name for name in by_name if name.startswith("step time, zidong"))
+    assert by_name[step]["details"]["naive_seconds_per_step"] > 0
+    assert report["machine"]["cores"] >= 1
+    assert report["quick"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--only", "9"), "measurement numbers from 1 to 7"),
+        (("--only", "one"), "measurement numbers from 1 to 7"),
+        (("--out", "."), "is a folder"),
+    ],
+)
+def test_bad_arguments_exit_2_without_a_traceback(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    done = bench(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
