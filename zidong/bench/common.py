@@ -86,7 +86,7 @@ def peak_allocated_bytes(work: Callable[[], Any]) -> int:
     in time order."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, acc_events=True) as profiler:
         work()
     events = sorted(
         (event.start_ns(), event.nbytes())

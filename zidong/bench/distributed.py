@@ -77,6 +77,7 @@ def _rank_main(rank: int, port: int, out: str, quick: bool) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD),
         ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",  # else Accelerate sets 2 threads per process: 4 on the 2 cores of this machine
     )
     torch.set_num_threads(1)  # two processes on the cores of one machine
     from accelerate import Accelerator
