@@ -1,8 +1,8 @@
 """zidong's benchmarks: every measurement side by side in one run, a table of ratios, a JSON report.
 
-    .venv/bin/python scripts/bench.py                      # everything (about 15 minutes on 2 CPU cores)
+    .venv/bin/python scripts/bench.py                      # everything (about 5 minutes on 2 CPU cores)
     .venv/bin/python scripts/bench.py --only 1,4 --out runs/bench/steps.json
-    .venv/bin/python scripts/bench.py --quick              # a couple of minutes: checks that everything runs
+    .venv/bin/python scripts/bench.py --quick              # about 1.5 minutes: checks that everything runs
 
 The measurements, their baselines and targets are described in docs/PERFORMANCE.md. Ratios are taken within
 this run (medians after warm-up), so they compare like with like on whatever machine runs them; absolute
