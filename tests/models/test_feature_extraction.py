@@ -40,6 +40,15 @@ def test_matches_kaldi_fbank(dtype: torch.dtype) -> None:
         assert features[row, reference.shape[0] :].abs().sum() == 0
 
 
+def test_autocast_does_not_lower_the_filterbank_precision() -> None:
+    _, batch = padded_batch(LENGTHS, torch.float32)
+    expected, _ = BatchedFbank()(batch, torch.tensor(LENGTHS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features, _ = BatchedFbank()(batch, torch.tensor(LENGTHS))
+    assert features.dtype == torch.float32
+    assert torch.equal(features, expected)
+
+
 def test_a_batch_with_no_whole_window_gives_empty_features() -> None:
     features, mask = BatchedFbank()(torch.zeros(2, 300), torch.tensor([300, 120]))
     assert mask.shape == (2, 1)

@@ -108,8 +108,10 @@ class BatchedFbank(nn.Module):
             waveforms = waveforms.float()
         frames = waveforms.unfold(1, self.window_size, self.window_shift)
         frame_mask = torch.arange(frames.shape[1], device=frames.device) < self.num_frames(lengths)[:, None]
-        # Only real frames are computed: one gathered copy of them, every later step on that flat batch.
-        log_mel = self.log_mel(frames[frame_mask])
+        # Only real frames are computed: one gathered copy of them, every later step on that flat batch. Autocast
+        # is off: a bf16 filter product would move the features away from Kaldi's.
+        with torch.autocast(frames.device.type, enabled=False):
+            log_mel = self.log_mel(frames[frame_mask])
         features = log_mel.new_zeros((*frame_mask.shape, self.num_mel_bins))
         features[frame_mask] = log_mel
         return features, frame_mask
