@@ -308,6 +308,8 @@ def _is_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # it exists, under another user
+        return True
     return True
 
 
