@@ -56,27 +56,23 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def wall_times(step: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of each of `repeats` calls of `step` after `warmup` untimed ones."""
+def timings(
+    step: Callable[[], Any], warmup: int, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
+    """Seconds by `clock` (wall time by default) of each of `repeats` calls of `step` after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = clock()
         step()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return times
 
 
 def cpu_seconds(work: Callable[[], Any], repeats: int) -> float:
     """Median CPU time (every thread of this process) of `repeats` calls, after one untimed call."""
-    work()
-    times = []
-    for _ in range(repeats):
-        started = time.process_time()
-        work()
-        times.append(time.process_time() - started)
-    return median(times)
+    return median(timings(work, 1, repeats, clock=time.process_time))
 
 
 def peak_allocated_bytes(work: Callable[[], Any]) -> int:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from zidong.bench.baseline import NaivePipeline, NaiveTriModal
-from zidong.bench.common import Result, Settings, median, synthetic_batch, wall_times
+from zidong.bench.common import Result, Settings, median, synthetic_batch, timings
 from zidong.config import load_config
 from zidong.data.batching import PaddingMeter, cut_into_batches
 from zidong.models.zidong.configuration_zidong import ZidongConfig
@@ -111,7 +111,7 @@ class TrainingBench:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        seconds = wall_times(step, self.settings.warmup_steps, self.settings.timed_steps)
+        seconds = timings(step, self.settings.warmup_steps, self.settings.timed_steps)
         loader.close()
         return {"seconds_per_step": seconds, "padding": padding.efficiency()}
 
@@ -182,7 +182,7 @@ def base_mfu(settings: Settings, device: torch.device) -> Result:
     with FlopCounterMode(display=False) as counter:  # a cross-check of the 6 x parameters x tokens count
         forward_backward()
     optimizer.zero_grad(set_to_none=True)
-    seconds = median(wall_times(step, 2 if gpu else 1, 10 if gpu else (2 if settings.quick else 4)))
+    seconds = median(timings(step, 2 if gpu else 1, 10 if gpu else (2 if settings.quick else 4)))
     details = {
         "preset": preset,
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
