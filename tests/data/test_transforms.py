@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from zidong import ZidongProcessor
+from zidong.data.labels import LabelSet
 from zidong.data.shards import RawSample, SampleError
-from zidong.data.transforms import SamplePipeline
+from zidong.data.transforms import SamplePipeline, split_rows
 
 
 def raw_sample(text: str | None = None, image_size=None, audio_seconds: float | None = None) -> RawSample:
@@ -89,6 +90,26 @@ def test_collate_marks_presence_and_pads(processor: ZidongProcessor) -> None:
     assert batch["pixel_values"].shape[0] == 2
     assert batch["input_ids"].shape[0] == 2
     assert batch["pixel_values"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 2), (1, 3), (2, 4), (3, 4), (0, 4)])
+def test_rows_of_a_batch_equal_the_batch_of_those_rows(processor: ZidongProcessor, start: int, stop: int) -> None:
+    # the processor collating the rows alone is the independent reference for split_rows
+    pipeline = SamplePipeline(processor, train=False, label_set=LabelSet("labels.x", {"a": ["a"], "b": ["b"]}))
+    rng = np.random.default_rng(0)
+    raws = [
+        raw_sample("s item 1 red blue green", (20, 20), 0.5),
+        raw_sample("s item 22", None, 1.5),
+        raw_sample(None, (30, 20), 0.25),
+        raw_sample("s item 3 left", (24, 24), None),
+    ]
+    for number, raw in enumerate(raws):
+        raw.meta["labels"] = {"x": "ab"[number % 2]}
+    samples = [pipeline.decode(raw, rng) for raw in raws]
+    part, alone = split_rows(pipeline.collate(samples), start, stop), pipeline.collate(samples[start:stop])
+    assert part.keys() == alone.keys()
+    for name, tensor in alone.items():
+        assert torch.equal(part[name], tensor), name
 
 
 @pytest.mark.parametrize(

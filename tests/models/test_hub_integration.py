@@ -28,7 +28,7 @@ from transformers import (
 
 import zidong
 from tests.models.test_modeling import make_inputs, tiny_config
-from zidong.models.zidong.modeling_zidong import MODALITIES
+from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongForClassification
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "two", "三", "个", "圆"]
 
@@ -78,6 +78,46 @@ def test_processor_rejects_lists_of_different_lengths(processor: zidong.ZidongPr
         processor(text=["a", "red"], images=[image((0, 0, 0))])
     with pytest.raises(ValueError, match="at least one of"):
         processor()
+
+
+def test_clip_style_keyword_names_are_honoured_and_unknown_ones_refused(processor: zidong.ZidongProcessor) -> None:
+    torch.manual_seed(0)
+    model = zidong.ZidongModel(tiny_config(text_config={"model_type": "bert", "vocab_size": len(WORDS)})).eval()
+    tokens = processor.tokenizer(["a red circle", "two blue square square square"], padding=True, return_tensors="pt")
+    assert tokens["attention_mask"][0].tolist()[-1] == 0  # the first caption is padded
+    with torch.no_grad():
+        clip_style = model(**tokens).text_embeds  # input_ids, attention_mask (and zero token_type_ids, if any)
+        ours = model(input_ids=tokens["input_ids"], text_attention_mask=tokens["attention_mask"]).text_embeds
+        unmasked = model(input_ids=tokens["input_ids"]).text_embeds
+    torch.testing.assert_close(clip_style, ours, rtol=0, atol=0)
+    assert not torch.allclose(clip_style[0], unmasked[0])  # the mask was really used
+    with pytest.raises(TypeError, match="atention_mask"):
+        model(input_ids=tokens["input_ids"], atention_mask=tokens["attention_mask"])
+    with pytest.raises(TypeError, match="attention_mask and text_attention_mask"):
+        model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            text_attention_mask=tokens["attention_mask"],
+        )
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(input_ids=tokens["input_ids"], token_type_ids=torch.ones_like(tokens["input_ids"]))
+    classifier = ZidongForClassification(
+        tiny_config(
+            text_config={"model_type": "bert", "vocab_size": len(WORDS)},
+            classification_modality="text",
+            id2label={0: "a", 1: "b"},
+        )
+    ).eval()
+    with torch.no_grad():
+        logits = classifier(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).logits
+        expected = classifier(input_ids=tokens["input_ids"], text_attention_mask=tokens["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="pixel_value"):
+        classifier(input_ids=tokens["input_ids"], pixel_value=torch.zeros(2, 3, 64, 64))
+    with pytest.raises(TypeError, match="imgs"):
+        processor(text=["a red circle"], imgs=[image((0, 0, 0))])
+    padded = processor(text=["a", "red circle"], padding="max_length", max_length=6)
+    assert padded["input_ids"].shape == (2, 6)
 
 
 def test_auto_classes_know_zidong(tmp_path: Path, processor: zidong.ZidongProcessor) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from tests.models.test_modeling import tiny_config
 from zidong.config import ConfigError, load_config
-from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
+from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongForClassification, ZidongModel
 from zidong.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -19,7 +19,7 @@ from zidong.train.optim import (
     frozen_now,
     learning_rates,
     objective_weights,
-    owner_of,
+    parameter_owners,
 )
 from zidong.train.recipe import PretrainRecipe
 
@@ -50,8 +50,9 @@ def test_groups_split_by_tower_and_decay_with_multipliers() -> None:
             assert (group["weight_decay"] > 0) == (parameter.ndim >= 2)
             seen.add(id(parameter))
     assert seen == {id(p) for p in model.parameters()}  # every parameter exactly once
-    assert owner_of("speech_model.encoder.layers.0.ffn1.intermediate_dense.weight") == "speech"
-    assert owner_of("text_projection.weight") == "rest"  # projections learn at the base rate
+    owners = parameter_owners(model)
+    assert owners["speech_model.encoder.layers.0.ffn1.intermediate_dense.weight"] == "speech"
+    assert owners["text_projection.weight"] == "rest"  # projections learn at the base rate
 
 
 def test_frozen_for_good_leaves_the_optimizer_and_autograd() -> None:
@@ -62,6 +63,37 @@ def test_frozen_for_good_leaves_the_optimizer_and_autograd() -> None:
     assert "vision" not in {group["owner"] for group in optimizer.param_groups}
     assert not any(p.requires_grad for p in model.vision_model.parameters())
     assert all(p.requires_grad for p in model.vision_projection.parameters())
+
+
+def test_a_classifier_freezes_and_scales_the_tower_it_wraps() -> None:
+    # its parameters are named `zidong.speech_model...`: the tower must still be recognised as the speech tower
+    model = ZidongForClassification(tiny_config(classification_modality="speech", id2label={0: "a", 1: "b"}))
+    settings = recipe("model.speech.frozen_steps=-1", "model.text.lr_multiplier=0.5")
+    assert freeze_for_good(model, settings) == ["speech"]
+    assert not any(p.requires_grad for p in model.zidong.speech_model.parameters())
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    optimizer = build_optimizer(model, settings, fused=False)
+    rates = {group["owner"]: group["lr"] for group in optimizer.param_groups}
+    assert rates == {"text": pytest.approx(0.05), "vision": 0.1, "rest": 0.1}
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    drop_gradients(model, ["vision"])
+    assert all(p.grad is None for p in model.zidong.vision_model.parameters())
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+
+def test_the_schedule_stays_at_zero_after_max_steps() -> None:
+    model = ZidongModel(tiny_config())
+    settings = recipe("train.warmup_steps=2", "train.max_steps=6")
+    optimizer = build_optimizer(model, settings, fused=False)
+    scheduler = build_scheduler(optimizer, settings)
+    history = []
+    for _ in range(12):
+        history.append(learning_rates(optimizer)["learning_rate"])
+        optimizer.step()
+        scheduler.step()
+    assert history[6:] == [0.0] * 6  # a cosine run past its end would climb back to the peak
+    assert max(history) == pytest.approx(0.1)
 
 
 def test_timed_freeze_is_a_zero_learning_rate_then_the_schedule() -> None:

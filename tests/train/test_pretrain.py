@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModel
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
 from tests.helpers import REPO_ROOT, run_cli
@@ -313,40 +312,3 @@ def test_two_process_ddp_kill_9_then_relaunch_matches_the_straight_run(corpus: d
         for ref in json.loads(line)["samples"]
     ]
     assert len(set(epoch)) == 48  # every sample of the first epoch exactly once across both ranks
-
-
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def test_two_process_deepspeed_saves_resumes_and_continues(corpus: dict[str, Path], tmp_path: Path, stage: int) -> None:
-    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 4}, data={"num_workers": 1})
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / f"recipes/accelerate/deepspeed_zero{stage}.yaml"), "--num_processes", "2",
-        "-m", "zidong", "pretrain", str(recipe),
-    ]  # fmt: skip
-    env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-4000:]
-    assert "2 process(es), DEEPSPEED" in first.stderr
-    saved = tmp_path / "run" / "checkpoints" / "step-00000004"
-    assert {"pytorch_model", "data-rank0.json", "data-rank1.json", "trainer.json"} <= {p.name for p in saved.iterdir()}
-    shards = {p.name for p in (saved / "pytorch_model").iterdir()}
-    # ZeRO-3 partitions the weights too: one model-state file per rank
-    assert ("zero_pp_rank_1_mp_rank_00_model_states.pt" in shards) == (stage == 3)
-    second = subprocess.run(
-        [*command, "train.max_steps=6"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "resumed from" in second.stderr
-    assert "(step 4)" in second.stderr
-    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "trainer.json").read_text())["step"] == 6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in steps if s > 4] == [5, 6, 6]  # two train records, then the final evaluation
-    # export gathers the (ZeRO-3: partitioned) fp32 weights on one CPU process, no cluster needed
-    final = tmp_path / "run" / "checkpoints" / "step-00000006"
-    exported = run_cli("export", str(final), "--out", str(tmp_path / "export"))
-    assert exported.returncode == 0, exported.stderr
-    weights = AutoModel.from_pretrained(tmp_path / "export").state_dict()
-    if stage == 2:  # the engine's module copy is whole under ZeRO-2 (fp32 here): the export must equal it
-        module = torch.load(final / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        assert all(torch.equal(weights[name], module[name]) for name in weights)
-    assert all(torch.isfinite(tensor).all() for tensor in weights.values())

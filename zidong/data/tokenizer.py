@@ -139,4 +139,7 @@ def fast_tokenizer_from_sentencepiece(processor, model_max_length: int = 512):
         mask_token="<mask>",
         additional_special_tokens=EXTRA_SPECIAL_TOKENS[1:],
         model_max_length=model_max_length,
+        # one segment per sample: no token_type_ids, so `model(**tokenizer(texts, padding=True))` passes only
+        # what the text tower reads
+        model_input_names=["input_ids", "attention_mask"],
     )

@@ -28,6 +28,13 @@ from zidong.data.shards import RawSample, SampleError
 from zidong.models.zidong.configuration_zidong import MODALITIES
 
 IMAGE_EXTENSIONS = ("jpg", "png")
+# the tensors of a collated batch that hold only the rows of the samples that have the modality
+MODALITY_TENSORS = {
+    "text": ("input_ids", "text_attention_mask"),
+    "vision": ("pixel_values",),
+    "speech": ("input_values", "speech_attention_mask"),
+}
+PADDING_MASKS = {"text": "text_attention_mask", "speech": "speech_attention_mask"}
 
 
 @dataclass(frozen=True)
@@ -187,3 +194,25 @@ def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
+
+
+def split_rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Samples `start:stop` of a collated batch, as `collate` would have made them alone (one process's share
+    of a global batch, or one micro-batch): per-modality tensors keep the rows of those samples that have the
+    modality, and text and audio are cut to the longest kept row."""
+    part: dict[str, torch.Tensor] = {}
+    for modality, names in MODALITY_TENSORS.items():
+        present = batch[f"{modality}_present"]
+        first, count = int(present[:start].sum()), int(present[start:stop].sum())
+        part[f"{modality}_present"] = present[start:stop]
+        if not count:
+            continue
+        rows = {name: batch[name][first : first + count] for name in names if name in batch}
+        mask = rows.get(PADDING_MASKS.get(modality, ""))
+        if mask is not None:  # drop the padding only longer rows of other samples needed
+            longest = int(mask.sum(dim=1).max())
+            rows = {name: tensor[:, :longest] for name, tensor in rows.items()}
+        part.update(rows)
+    if "labels" in batch:
+        part["labels"] = batch["labels"][start:stop]
+    return part

@@ -94,6 +94,10 @@ class RetrievalTask(Task):
 class ClassifyTask(Task):
     name = "classify"
     evaluation = "classification"
+    objectives = ()  # the classifier's cross-entropy only: the recipe's `loss` section does not apply
+
+    def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
+        return {}  # the batch's `labels` make the classifier return its loss
 
     def check(self, recipe: FinetuneRecipe) -> None:
         if len(recipe.finetune.modalities) != 1:
@@ -113,6 +117,7 @@ class ClassifyTask(Task):
         config.label2id = {name: index for index, name in enumerate(names)}
         model = ZidongForClassification(config)
         model.zidong.load_state_dict(base.state_dict())
+        _train_only_what_classifies(model)
         logger.info(
             "classifying %s into %s (%d classes) with the %s tower of %s",
             self.labels.field,
@@ -138,6 +143,16 @@ class ClassifyTask(Task):
 
     def finish(self, run: Run, metrics: dict[str, float]) -> None:
         _export_final(run)
+
+
+def _train_only_what_classifies(model: ZidongForClassification) -> None:
+    """The other towers, the projections, the fusion encoder and the pretraining heads travel with the model
+    (exports keep the joint model whole) but take no part in classification: frozen, so they hold no optimizer
+    state and no update (weight decay included) touches them."""
+    used = {id(p) for p in model.towers()[model.config.classification_modality].parameters()}
+    for parameter in model.zidong.parameters():
+        if id(parameter) not in used:
+            parameter.requires_grad_(False)
 
 
 def classification_accuracy(

@@ -105,7 +105,7 @@ class ThroughputWindow:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {
             "step": step,
-            **{name: round(value, 5) for name, value in losses.items()},
+            **losses,
             **extra,
             "seconds_per_step": elapsed / max(self.steps, 1),
             "samples_per_s": self.samples / elapsed,

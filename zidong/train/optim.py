@@ -28,19 +28,22 @@ from zidong.train.recipe import PretrainRecipe
 OWNERS = (*MODALITIES, "rest")
 
 
-def owner_of(parameter_name: str) -> str:
-    """`text_model.encoder...` -> `text`; projections, fusion and heads -> `rest`."""
-    for modality in MODALITIES:
-        if parameter_name.startswith(f"{modality}_model."):
-            return modality
-    return "rest"
+def parameter_owners(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter's name -> `text`, `vision` or `speech` (inside that tower) or `rest` (projections, fusion,
+    heads, a classifier's head). Towers are found through `model.towers()`, so a model that wraps the joint model
+    (`ZidongForClassification`, names `zidong.speech_model...`) or is wrapped itself (DDP's `module.`) names
+    them right."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    tower_of = {id(p): modality for modality, tower in inner.towers().items() for p in tower.parameters()}
+    return {name: tower_of.get(id(parameter), "rest") for name, parameter in model.named_parameters()}
 
 
 def freeze_for_good(model: torch.nn.Module, recipe: PretrainRecipe) -> list[str]:
     """`requires_grad=False` on the towers with `frozen_steps: -1`; returns their names."""
     frozen = [m for m in MODALITIES if getattr(recipe.model, m).frozen_steps == -1]
+    owners = parameter_owners(model)
     for name, parameter in model.named_parameters():
-        if owner_of(name) in frozen:
+        if owners[name] in frozen:
             parameter.requires_grad_(False)
     return frozen
 
@@ -48,9 +51,10 @@ def freeze_for_good(model: torch.nn.Module, recipe: PretrainRecipe) -> list[str]
 def build_optimizer(model: torch.nn.Module, recipe: PretrainRecipe, fused: bool) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, one group per (owner, decay), each with its tower's learning rate."""
     groups = []
+    owners = parameter_owners(model)
     for owner in OWNERS:
         multiplier = 1.0 if owner == "rest" else getattr(recipe.model, owner).lr_multiplier
-        mine = [(n, p) for n, p in model.named_parameters() if p.requires_grad and owner_of(n) == owner]
+        mine = [(n, p) for n, p in model.named_parameters() if p.requires_grad and owners[n] == owner]
         for decays in (True, False):
             params = [p for _, p in mine if (p.ndim >= 2) == decays]
             if params:
@@ -72,8 +76,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: PretrainRecipe) ->
     def curve(step: int) -> float:
         if step < warmup:
             return step / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))  # past max_steps: stays at 0
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def for_group(owner: str):
         frozen = 0 if owner == "rest" else getattr(recipe.model, owner).frozen_steps
@@ -87,12 +91,23 @@ def frozen_now(recipe: PretrainRecipe, step: int) -> list[str]:
     return [m for m in MODALITIES if step < getattr(recipe.model, m).frozen_steps]
 
 
+def fill_missing_gradients(model: torch.nn.Module) -> None:
+    """A zero gradient for every trainable parameter that got none this step (its modality was in no sample of
+    the global batch, or its objective is off). AdamW skips a parameter without a gradient but moves one with a
+    zero gradient (momentum, weight decay); DeepSpeed steps flat buffers of every parameter, so without this a
+    DeepSpeed run and a DDP or one-process run of the same recipe would train differently."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+
+
 def drop_gradients(model: torch.nn.Module, owners: Iterable[str]) -> None:
     """Forget the gradients of the named towers (before clipping and the optimizer step)."""
     owners = set(owners)
     if owners:
+        owner_of = parameter_owners(model)
         for name, parameter in model.named_parameters():
-            if owner_of(name.removeprefix("module.")) in owners:
+            if owner_of[name] in owners:
                 parameter.grad = None
 
 

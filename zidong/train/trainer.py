@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from transformers import AutoTokenizer
 from transformers.integrations import unset_hf_deepspeed_config
 
@@ -46,6 +53,7 @@ from zidong.train.optim import (
     build_optimizer,
     build_scheduler,
     drop_gradients,
+    fill_missing_gradients,
     freeze_for_good,
     frozen_now,
     learning_rates,
@@ -76,6 +84,7 @@ class Task:
 
     name = "pretrain"
     evaluation = "retrieval"  # what `evaluate` measures, for the log
+    objectives: tuple[str, ...] = OBJECTIVES  # the model objectives weighted by the recipe's `loss` section
 
     def build(self, recipe: PretrainRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
         """The model (not yet prepared) and its processor; runs with DeepSpeed's config unregistered."""
@@ -87,6 +96,10 @@ class Task:
     def pipeline_options(self, recipe: PretrainRecipe) -> dict[str, Any]:
         """Extra `SamplePipeline` settings for training and evaluation (modalities read, labels)."""
         return {}
+
+    def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
+        """What the model's forward takes, besides the batch, to return the training loss."""
+        return {"return_loss": True, "loss_weights": weights}
 
     def evaluate(self, run: Run) -> dict[str, float]:
         return retrieval(*evaluation_arguments(run))
@@ -151,6 +164,7 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
                 )
             done = counters.step == settings.max_steps
             if counters.step % settings.log_every == 0 or done:
+                losses = _averaged_over_processes(run.accelerator, losses)
                 record = run.window.summary(counters.step, losses, {**rates, **_step_numbers(grad_norm, counters)})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
                 run.log.write({"kind": "train", **record})
@@ -196,10 +210,11 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], t
     Returns the losses, the gradient norm, the learning rates the step used, and whether to stop after it."""
     recipe, accelerator, counters = run.recipe, run.accelerator, run.counters
     run.model.train()
-    weights = objective_weights(recipe, counters.step + 1, OBJECTIVES)
+    weights = objective_weights(recipe, counters.step + 1, run.task.objectives)
     losses, samples = _forward_backward(run, weights)
-    if accelerator.state.deepspeed_plugin is None:  # a tower frozen for now: no say in clipping or Adam
-        drop_gradients(run.model, frozen_now(recipe, counters.step))
+    if accelerator.state.deepspeed_plugin is None:  # DeepSpeed steps every parameter (fill_missing_gradients)
+        fill_missing_gradients(run.model)
+        drop_gradients(run.model, frozen_now(recipe, counters.step))  # frozen for now: no say in clipping or Adam
     # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
     grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm))
     # every process must take the same decisions: skip the update, and stop after this step
@@ -236,9 +251,7 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, fl
         run.window.count(batch, run.step_flops.of_batch(batch, weights))
         samples += len(batch["text_present"])
         with accelerator.accumulate(run.model), accelerator.autocast():
-            output = run.model(
-                **batch, return_loss=True, loss_weights=weights, lockstep=lockstep_enabled(run.accelerator)
-            )
+            output = run.model(**batch, **run.task.loss_arguments(weights), lockstep=lockstep_enabled(run.accelerator))
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
@@ -247,6 +260,17 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, fl
 
 def _step_numbers(grad_norm: torch.Tensor, counters: Counters) -> dict[str, float]:
     return {"grad_norm": float(grad_norm), "skipped_steps": counters.skipped_steps}
+
+
+def _averaged_over_processes(accelerator: Accelerator, losses: dict[str, float]) -> dict[str, float]:
+    """Each loss averaged over the processes that have it (collective). `loss` then is what the update minimised
+    (gradients are averaged over processes); a per-objective loss that a process's batch had nothing for
+    (a pair it lacked) is the mean over the others."""
+    if accelerator.num_processes == 1:
+        return losses
+    every = gather_object([losses])
+    names = dict.fromkeys(name for each in every for name in each)
+    return {name: statistics.fmean(each[name] for each in every if name in each) for name in names}
 
 
 def _agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) -> tuple[bool, bool]:
@@ -368,6 +392,10 @@ def _accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision if not cpu else "no",
         gradient_accumulation_steps=recipe.train.grad_accum,
+        # Our schedules count optimizer steps. Linked to the optimizer, Accelerate's scheduler wrapper would step
+        # the schedule once per process on every call (it assumes a dataloader whose batch grows with the
+        # processes), so warm-up and decay would run N times too fast on N processes.
+        step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
         log_with=list(recipe.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),

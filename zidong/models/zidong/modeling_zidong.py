@@ -97,6 +97,21 @@ def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, 
     }
 
 
+def text_mask_argument(
+    text_attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The text padding mask, given as `text_attention_mask` (the processor's name) or `attention_mask` (what a
+    tokenizer returns, the name CLIP and CLAP take). All-zero `token_type_ids` (from a BERT-style tokenizer) are
+    the towers' default and ignored; other segment ids have no meaning here."""
+    if attention_mask is not None and text_attention_mask is not None:
+        raise TypeError("give the text padding mask once: attention_mask and text_attention_mask are the same input")
+    if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
+        raise ValueError("token_type_ids must be all 0: zidong encodes one text segment per sample")
+    return text_attention_mask if text_attention_mask is not None else attention_mask
+
+
 def scatter_rows(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Rows of the present samples -> a tensor over the whole batch, zeros (or False) where absent."""
     full = rows.new_zeros((present.shape[0], *rows.shape[1:]))
@@ -271,13 +286,17 @@ class ZidongModel(ZidongPreTrainedModel):
         return_loss: bool = False,
         loss_weights: Mapping[str, float] | None = None,
         lockstep: bool = False,
-        **kwargs,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> ZidongOutput:
         """Embeddings of every given modality and, with `return_loss`, the weighted objectives.
 
         `loss_weights` maps objective names (`OBJECTIVES`) to weights; by default only `contrastive` (1.0).
         `lockstep=True` runs every tower and every weighted head on every call (see the module docstring).
+        `attention_mask` is accepted for `text_attention_mask` (`model(**tokenizer(texts, padding=True))`); an
+        unknown keyword argument raises TypeError.
         """
+        text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
         weights = self._loss_weights(loss_weights) if return_loss else {}
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         presence = self._presence(inputs, {"text": text_present, "vision": vision_present, "speech": speech_present})
@@ -675,8 +694,12 @@ class ZidongForClassification(ZidongPreTrainedModel):
         speech_present: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         lockstep: bool = False,
-        **kwargs,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> ZidongClassifierOutput:
+        """Logits for the rows that have the classified modality and, with `labels`, their cross-entropy.
+        `attention_mask` is accepted for `text_attention_mask`; an unknown keyword argument raises TypeError."""
+        text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
         modality = self.config.classification_modality
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}

@@ -51,10 +51,13 @@ class ZidongProcessor(ProcessorMixin):
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
         max_length: int | None = None,
-        **kwargs,
+        padding: bool | str = True,
+        truncation: bool = True,
     ) -> BatchFeature:
         """Tokenise, resize/normalise and pad the given modalities of one batch.
 
+        `padding` and `truncation` apply to the text (as the tokenizer takes them; the batch is always padded to
+        one length); audio is padded to the longest clip. An unknown keyword argument raises TypeError.
         Raises ValueError when the lists disagree on the batch size or no modality is given.
         """
         columns = {
@@ -80,7 +83,10 @@ class ZidongProcessor(ProcessorMixin):
                 continue
             if modality == "text":
                 tokens = self.tokenizer(
-                    rows, padding=True, truncation=True, max_length=max_length or self._max_text_length()
+                    rows,
+                    padding=padding or True,
+                    truncation=truncation,
+                    max_length=max_length or self._max_text_length(),
                 )
                 data["input_ids"] = tokens["input_ids"]
                 data["text_attention_mask"] = tokens["attention_mask"]

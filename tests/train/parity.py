@@ -1,0 +1,211 @@
+"""N processes against one process: the real trainer, fed the same global batches, must train the same.
+
+A parity run launches the real `zidong pretrain` / `zidong finetune` (one process, torchrun DDP, or Accelerate +
+DeepSpeed) with `tests/train/parity_site` on PYTHONPATH. Its `sitecustomize` calls `install()` in every process:
+
+- The trainer's `train_loader` is replaced by one that reads the stream of a *single* process whose batch is the
+  global batch (per-process batch x processes), and hands each process its own rows (`split_rows`). One process
+  therefore sees exactly the samples, crops and audio windows that N processes see together.
+- The tiny preset loses the randomness each process draws from its own generator over its own rows: dropout in
+  the text tower, LayerDrop in the speech tower, SpecAugment. One process drawing masks for 2B rows cannot draw
+  what two processes draw for B rows each, so these are off in parity runs (the towers' own code draws them).
+
+Objectives in the parity runs: `contrastive` (every pair, negatives gathered from every process) and a
+classifier's cross-entropy. Left out, with the reason: `matching` mines its hard negatives among the rows of the
+process's own batch, so N processes see other negatives than one by design; `masked_*` draw their masked
+positions from the process's random generator and average over the process's own masked tokens.
+
+Adding a case: call `launch(...)` with another launcher or recipe change and compare with `assert_same_training`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tests.helpers import REPO_ROOT
+
+SITE = Path(__file__).resolve().parent / "parity_site"
+ENVIRONMENT = "ZIDONG_PARITY"
+RELATIVE_TOLERANCE = 1e-5
+LEFT_OUT = ("matching", "masked_text", "masked_vision", "masked_speech")  # objectives off in parity runs (above)
+CONTRASTIVE_PAIRS = ("contrastive_text_vision", "contrastive_text_speech", "contrastive_vision_speech")
+# (prefix, extra arguments) of each launcher for N processes
+LAUNCHERS = {
+    "single": lambda n: [],
+    "ddp": lambda n: ["-m", "torch.distributed.run", "--nproc_per_node", str(n)],
+    "zero2": lambda n: _accelerate("deepspeed_zero2", n),
+    "zero3": lambda n: _accelerate("deepspeed_zero3", n),
+}
+
+
+def _accelerate(config: str, processes: int) -> list[str]:
+    return [
+        "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / f"recipes/accelerate/{config}.yaml"),
+        "--num_processes", str(processes),
+    ]  # fmt: skip
+
+
+def install() -> None:
+    """Patch the trainer of this process for a parity run (called by parity_site/sitecustomize.py)."""
+    from zidong.models.zidong.configuration_zidong import PRESETS
+    from zidong.train import trainer
+
+    tiny = PRESETS["tiny"]
+    tiny["text_config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tiny["speech_config"].update(layerdrop=0.0, conformer_conv_dropout=0.0)
+    tiny.update(spec_augment_freq_mask=0, spec_augment_time_mask=0)
+    trainer.train_loader = _global_batch_loader(trainer.train_loader)
+
+
+def _global_batch_loader(train_loader):
+    def rows_of_global_batches(recipe, processor, rank=0, world_size=1, state=None, **options):
+        settings = recipe.train
+        shares = world_size * settings.grad_accum  # micro-batches per optimizer step, over all processes
+        train = dataclasses.replace(settings, batch_size=settings.batch_size * shares)
+        loader = train_loader(dataclasses.replace(recipe, train=train), processor, 0, 1, state, **options)
+        return _RowsOf(
+            loader, settings.batch_size, [rank * settings.grad_accum + i for i in range(settings.grad_accum)]
+        )
+
+    return rows_of_global_batches
+
+
+class _RowsOf:
+    """This process's micro-batches of every global batch (the loader interface the trainer uses): micro-batch
+    i of process r is share r x grad_accum + i, so 1 process x 2 micro-batches reads what 2 processes read."""
+
+    def __init__(self, loader, batch_size: int, shares: list[int]) -> None:
+        self.loader, self.batch_size, self.shares = loader, batch_size, shares
+        self.batch: dict[str, torch.Tensor] = {}
+        self.refs: list = []
+        self.last_refs: list = []
+        self.served = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        from zidong.data.transforms import split_rows
+
+        if self.served % len(self.shares) == 0:
+            self.batch, self.refs = next(self.loader), self.loader.last_refs
+        start = self.shares[self.served % len(self.shares)] * self.batch_size
+        self.served += 1
+        self.last_refs = self.refs[start : start + self.batch_size]
+        return split_rows(self.batch, start, start + self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _command(launcher: str, processes: int, command: list[str], recipe: Path) -> tuple[list[str], dict[str, str]]:
+    env = {
+        **os.environ,
+        ENVIRONMENT: "1",
+        "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "ZIDONG_PROGRESS": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    if launcher == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+    return [sys.executable, *LAUNCHERS[launcher](processes), "-m", "zidong", *command, str(recipe)], env
+
+
+def launch(
+    launcher: str, processes: int, command: list[str], recipe: Path, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run `python [launcher] -m zidong COMMAND RECIPE` as a parity run; fails the test on a non-zero exit."""
+    arguments, env = _command(launcher, processes, command, recipe)
+    result = subprocess.run(arguments, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{launcher} x {processes} failed:\n{result.stderr[-4000:]}"
+    return result
+
+
+def start(launcher: str, processes: int, command: list[str], recipe: Path) -> subprocess.Popen:
+    """`launch` in the background, in a session of its own (so a test can kill the launcher and every rank);
+    its output goes to `launch.log` beside the recipe (a pipe nobody reads could fill and stall it)."""
+    arguments, env = _command(launcher, processes, command, recipe)
+    with (recipe.parent / "launch.log").open("w") as log:
+        return subprocess.Popen(
+            arguments, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `path` exists while `process` (from `start`) runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        log = Path(process.args[-1]).parent / "launch.log"
+        assert process.poll() is None, f"the run ended before {path} appeared:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train_records(run: Path) -> dict[int, dict[str, Any]]:
+    """The training record of each step of `metrics.jsonl` (a step logged again after a resume: the last one)."""
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            records[record["step"]] = record
+    return records
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the run's latest checkpoint, whatever layout its launcher wrote."""
+    from zidong.export.trained import load_trained
+
+    model, *_ = load_trained(run)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_same_training(expected: Path, got: Path, keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+    """Same steps and learning rates (exactly), the same `keys` (relative 1e-5) at every step, and the same final
+    weights: per tensor, |got - expected| <= 1e-5 |expected| + 1e-7 sqrt(size) in the L2 norm.
+
+    Weights are compared normwise, with an allowance of 1e-7 per element (root mean square), because AdamW
+    divides by sqrt(v) + 1e-6: where a gradient is far below 1e-6, a rounding difference in it (N processes sum in
+    another order) moves that element by up to lr x (difference / 1e-6). Attention key biases show it best:
+    their gradient is zero in exact arithmetic (softmax ignores a shift common to all keys), so what they hold is
+    rounding noise on both sides. Measured (10 steps, lr 1e-3): the worst other tensor differs by 1.6e-5 of its
+    norm, 3e-8 per element."""
+    reference, records = train_records(expected), train_records(got)
+    assert sorted(records) == sorted(reference), "the runs logged different steps"
+    for step, record in reference.items():
+        rates = {k: v for k, v in record.items() if k.startswith("learning_rate")}
+        assert {k: records[step][k] for k in rates} == rates, f"step {step}: learning rates differ"
+        for key in keys:
+            assert (key in records[step]) == (key in record), f"step {step}: only one run logged {key}"
+            if key in record:
+                assert records[step][key] == _approx(record[key]), f"step {step}: {key} differs"
+    reference_weights, weights = final_weights(expected), final_weights(got)
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in reference_weights.items():
+        error = float((weights[name] - tensor).norm())
+        allowed = RELATIVE_TOLERANCE * float(tensor.norm()) + 1e-7 * tensor.numel() ** 0.5
+        assert error <= allowed, f"{name}: normwise error {error:.3g} (allowed {allowed:.3g})"
+
+
+def _approx(value: float):
+    import pytest
+
+    return pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-7)

@@ -1,0 +1,179 @@
+"""N processes train exactly like one: DDP, DeepSpeed ZeRO-2/3, 4 processes, a fine-tuning task, accumulation.
+
+Every run goes through the real trainer (tests/train/parity.py says how the global batches are shared out and
+which objectives take part). 2 x batch B must equal 1 x batch 2B step by step (losses, learning rates, gradient
+norms) and in the final weights, to a relative 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
+from tests.helpers import REPO_ROOT
+from tests.train import parity
+from zidong.data.tokenizer import train_tokenizer
+
+STEPS = 10
+GLOBAL_BATCH = 8
+PRETRAIN = ["pretrain"]
+CLASSIFY = ["finetune", "classify"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """40 samples of triplets and pairs (10 steps of 8 cross an epoch boundary), a tokenizer, a label file."""
+    root = tmp_path_factory.mktemp("parity-corpus")
+    rng = np.random.default_rng(0)
+    (root / "text.txt").write_text("\n".join(caption_of("s", n, rng) for n in range(3000)) + "\n")
+    (root / "labels.yaml").write_text("field: labels.parity\nclasses: {even: [even], odd: [odd]}\n")
+    return {
+        "train": make_corpus(root / "train", 40, combinations=TEXT_COMBINATIONS),
+        "tokenizer": train_tokenizer([root / "text.txt"], 400, root / "tokenizer"),
+        "labels": root / "labels.yaml",
+    }
+
+
+def pretrain_recipe(folder: Path, corpus: dict[str, Path], processes: int, **train) -> Path:
+    recipe = {
+        "output_dir": str(folder / "run"),
+        "seed": 5,
+        "model": {"preset": "tiny", "tokenizer": str(corpus["tokenizer"])},
+        "data": {"train": [{"path": str(corpus["train"])}], "num_workers": 0},
+        "train": {
+            "max_steps": STEPS,
+            "batch_size": GLOBAL_BATCH // processes,
+            "learning_rate": 1e-3,
+            "warmup_steps": 3,
+            "log_every": 1,
+            **train,
+        },
+        "checkpoint": {"every_steps": 4, "keep_last": 1},
+        "loss": {"contrastive": {"weight": 1.0}, **{name: {"weight": 0.0} for name in parity.LEFT_OUT}},
+    }
+    return parity.write_recipe(folder / "recipe.yaml", recipe)
+
+
+def probe_recipe(folder: Path, corpus: dict[str, Path], source: Path, processes: int, **train) -> Path:
+    """A linear probe of the text tower (frozen), classifying even/odd sample numbers. Every sample has text and
+    a label: the classifier's loss is a mean over each micro-batch's labelled rows, which equals the global mean
+    only when every micro-batch has as many of them (docs/training.md)."""
+    recipe = {
+        "output_dir": str(folder / "run"),
+        "seed": 5,
+        "finetune": {"source": str(source), "modalities": ["text"], "labels": str(corpus["labels"])},
+        "model": {"text": {"frozen_steps": -1}},
+        "data": {"train": [{"path": str(corpus["train"])}], "num_workers": 0},
+        "train": {
+            "max_steps": STEPS,
+            "batch_size": GLOBAL_BATCH // processes,
+            "learning_rate": 1e-2,
+            "warmup_steps": 3,
+            "log_every": 1,
+            **train,
+        },
+        "checkpoint": {"every_steps": STEPS // 2, "keep_last": 2},
+    }
+    return parity.write_recipe(folder / "recipe.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process taking the whole global batch."""
+    folder = tmp_path_factory.mktemp("one-process")
+    parity.launch("single", 1, PRETRAIN, pretrain_recipe(folder, corpus, 1))
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_like_one_process(corpus: dict[str, Path], one_process: Path, tmp_path: Path) -> None:
+    parity.launch("ddp", 2, PRETRAIN, pretrain_recipe(tmp_path, corpus, 2))
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
+
+
+@pytest.mark.slow
+def test_four_process_ddp_trains_like_one_process(corpus: dict[str, Path], one_process: Path, tmp_path: Path) -> None:
+    parity.launch("ddp", 4, PRETRAIN, pretrain_recipe(tmp_path, corpus, 4))
+    parity.assert_same_training(one_process, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_trains_like_one_process_across_a_kill_and_resume(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path, stage: str
+) -> None:
+    recipe = pretrain_recipe(tmp_path, corpus, 2)
+    job = parity.start(stage, 2, PRETRAIN, recipe)
+    parity.wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", job)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks at once, as a lost node would
+    job.wait()
+    resumed = parity.launch(stage, 2, PRETRAIN, recipe)
+    assert "resumed from" in resumed.stderr
+    shards = {p.name for p in (tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}" / "pytorch_model").iterdir()}
+    # ZeRO-3 partitions the weights too: one model-state file per rank
+    assert ("zero_pp_rank_1_mp_rank_00_model_states.pt" in shards) == (stage == "zero3")
+    parity.assert_same_training(one_process, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def one_process_probe(corpus: dict[str, Path], one_process: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("probe-one-process")
+    parity.launch("single", 1, CLASSIFY, probe_recipe(folder, corpus, one_process, 1))
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_a_linear_probe_trains_only_its_head_and_like_one_process(
+    corpus: dict[str, Path], one_process: Path, one_process_probe: Path, tmp_path: Path
+) -> None:
+    result = parity.launch("ddp", 2, CLASSIFY, probe_recipe(tmp_path, corpus, one_process, 2))
+    assert "frozen for the whole run: text" in result.stderr
+    parity.assert_same_training(one_process_probe, tmp_path / "run", keys=("loss", "classify", "grad_norm"))
+    source = parity.final_weights(one_process)
+    probe = load_file(tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+    assert {name for name in probe if not name.startswith("zidong.")} == {"classifier.weight", "classifier.bias"}
+    for name, tensor in source.items():  # the frozen text tower, and everything else of the joint model
+        assert torch.equal(probe[f"zidong.{name}"], tensor), f"{name} moved during a linear probe"
+    halfway = load_file(tmp_path / "run" / "checkpoints" / f"step-{STEPS // 2:08d}" / "model.safetensors")
+    assert not torch.equal(probe["classifier.weight"], halfway["classifier.weight"])  # the head does train
+
+
+@pytest.mark.slow
+def test_accumulation_trains_like_more_processes(
+    corpus: dict[str, Path], one_process: Path, one_process_probe: Path, tmp_path: Path
+) -> None:
+    # 1 process x batch 4 x grad_accum 2 = the same 8 samples per optimizer step as 2 x 4 (and 1 x 8)
+    recipe = probe_recipe(tmp_path, corpus, one_process, 2, grad_accum=2)
+    parity.launch("single", 1, CLASSIFY, recipe)
+    parity.assert_same_training(one_process_probe, tmp_path / "run", keys=("loss", "classify", "grad_norm"))
+
+
+def test_the_harness_catches_a_schedule_that_runs_twice_as_fast(one_process: Path, tmp_path: Path) -> None:
+    """The comparison itself must fail on the bug it exists for (learning rates of a 2x schedule)."""
+    import json
+    import shutil
+
+    shutil.copytree(one_process, tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for record, later in zip(records, records[1:] + records[-1:], strict=True):
+        record["learning_rate"] = later["learning_rate"]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    with pytest.raises(AssertionError, match="learning rates differ"):
+        parity.assert_same_training(one_process, tmp_path / "run")
+
+
+def test_the_launch_environment_reaches_the_processes() -> None:
+    code = "import tests.train.parity as p, zidong.train.trainer as t; print(t.train_loader.__name__)"
+    env = {**os.environ, parity.ENVIRONMENT: "1", "PYTHONPATH": f"{parity.SITE}{os.pathsep}{REPO_ROOT}"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == "rows_of_global_batches", result.stderr
