@@ -72,8 +72,8 @@ def test_resumed_stream_equals_uninterrupted_with_two_workers(corpus: Path, proc
     settings = StreamSettings(batch_size=4, bucket_pool=4, seed=5)
     pipeline = SamplePipeline(processor, train=True)
 
-    def loader(state=None) -> StreamLoader:
-        return StreamLoader([(corpus, 1.0)], settings, pipeline, num_workers=2, state=state)
+    def loader(saved=None) -> StreamLoader:
+        return StreamLoader([(corpus, 1.0)], settings, pipeline, num_workers=2, saved=saved)
 
     straight = loader()
     expected = [batch for _, batch in zip(range(16), straight, strict=False)]
@@ -83,7 +83,7 @@ def test_resumed_stream_equals_uninterrupted_with_two_workers(corpus: Path, proc
         head = [batch for _, batch in zip(range(stop), first, strict=False)]
         state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
         first.close()
-        resumed = loader(state)
+        resumed = loader([state])
         tail = [batch for _, batch in zip(range(16 - stop), resumed, strict=False)]
         resumed.close()
         for position, (got, want) in enumerate(zip(head + tail, expected, strict=True)):
@@ -179,7 +179,7 @@ def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path: Path, processor:
     assert "zidong data inspect" in str(caught.value)
 
 
-def test_a_changed_setup_restarts_at_the_next_epoch(
+def test_a_changed_seed_restarts_at_the_next_epoch(
     corpus: Path, processor: ZidongProcessor, caplog: pytest.LogCaptureFixture
 ) -> None:
     pipeline = SamplePipeline(processor, train=True)
@@ -189,13 +189,67 @@ def test_a_changed_setup_restarts_at_the_next_epoch(
     state = loader.state_dict()
     logging.getLogger("zidong").addHandler(caplog.handler)
     try:
-        resumed = StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=8), pipeline, state=state)
+        resumed = StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=4, seed=1), pipeline, saved=[state])
     finally:
         logging.getLogger("zidong").removeHandler(caplog.handler)
     next_epoch = state["workers"][0]["sources"][0]["epoch"] + 1  # the cursor runs ahead by the pools drawn
     assert next_epoch >= 2
     assert f"starts afresh at epoch {next_epoch}" in caplog.text
     assert resumed.state_dict()["workers"][0]["sources"] == [{"epoch": next_epoch, "position": 0}]
+
+
+def read(loader: StreamLoader, batches: int) -> list[tuple[int, ...]]:
+    """The (source, shard, position) of every sample of the next `batches` batches."""
+    seen = []
+    for _ in range(batches):
+        next(loader)
+        seen += [tuple(ref) for ref in loader.last_refs]
+    loader.close()
+    return seen
+
+
+@pytest.mark.parametrize(
+    "layouts",
+    [[(2, 2), (1, 1), (3, 1)], [(1, 2), (4, 1), (2, 2)]],
+    ids=["2x2-1x1-3x1", "1x2-4x1-2x2"],
+)
+def test_another_process_layout_continues_the_epoch_exactly(
+    corpus: Path, processor: ZidongProcessor, layouts: list[tuple[int, int]]
+) -> None:
+    # 48 samples; per process 2 batches of 4 in the first two layouts: pools of 2 batches leave drawn, not yet
+    # handed out samples in the states that are re-split. The last layout reads whole pools past the epoch.
+    settings = StreamSettings(batch_size=4, bucket_pool=2, seed=7, shuffle_window=5)
+    pipeline = SamplePipeline(processor, train=False)
+    seen: list[tuple[int, ...]] = []
+    saved: list[dict] = []
+    for phase, (world, workers) in enumerate(layouts):
+        states = []
+        for rank in range(world):
+            loader = StreamLoader([(corpus, 1.0)], settings, pipeline, workers, rank, world, saved=saved)
+            seen += read(loader, 2 if phase < 2 else 4)
+            states.append(json.loads(json.dumps(loader.state_dict())))
+        saved = states
+    # the last layout reads past the epoch: every sample at least once, and a repeat only for each read beyond 48
+    counts = Counter(seen)
+    assert len(counts) == 48
+    assert max(counts.values()) <= 2
+    assert sum(count == 2 for count in counts.values()) == len(seen) - 48 > 0
+
+
+def test_every_process_computes_the_same_resplit(corpus: Path, processor: ZidongProcessor) -> None:
+    settings = StreamSettings(batch_size=4, bucket_pool=2)
+    pipeline = SamplePipeline(processor, train=False)
+    saved = []
+    for rank in range(2):
+        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 2)
+        read(loader, 1)
+        saved.append(loader.state_dict())
+    states = [StreamLoader([(corpus, 1.0)], settings, pipeline, 0, r, 3, saved=saved).state_dict() for r in range(3)]
+    leftover = [w["sources"][0]["leftover"] for state in states for w in state["workers"]]
+    counts = [sum(len(p["refs"]) if "refs" in p else p["stop"] - p["start"] for p in pieces) for pieces in leftover]
+    assert sum(counts) == 48 - 8  # what is left of the epoch (drawn and not): shared out evenly
+    assert max(counts) - min(counts) <= 1
+    assert all(w["sources"][0]["epoch"] == 1 for state in states for w in state["workers"])
 
 
 def test_too_few_samples_for_the_slots_is_refused(corpus: Path, processor: ZidongProcessor) -> None:

@@ -68,11 +68,11 @@ def install() -> None:
 
 
 def _global_batch_loader(train_loader):
-    def rows_of_global_batches(recipe, processor, rank=0, world_size=1, state=None, **options):
+    def rows_of_global_batches(recipe, processor, rank=0, world_size=1, saved=None, **options):
         settings = recipe.train
         shares = world_size * settings.grad_accum  # micro-batches per optimizer step, over all processes
         train = dataclasses.replace(settings, batch_size=settings.batch_size * shares)
-        loader = train_loader(dataclasses.replace(recipe, train=train), processor, 0, 1, state, **options)
+        loader = train_loader(dataclasses.replace(recipe, train=train), processor, 0, 1, saved, **options)
         return _RowsOf(
             loader, settings.batch_size, [rank * settings.grad_accum + i for i in range(settings.grad_accum)]
         )

@@ -10,8 +10,11 @@ import torch
 
 from tests.helpers import run_cli
 from tests.models.test_modeling import make_inputs, tiny_config
-from zidong.models.zidong.modeling_zidong import ZidongModel
+from tests.train.test_optim import recipe
+from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel
+from zidong.train.finetune import ClassifyTask
 from zidong.train.flops import StepFlops, measured_peak_flops
+from zidong.train.optim import objective_weights
 
 
 def test_step_flops_follow_the_six_n_t_rule_on_real_tokens() -> None:
@@ -35,6 +38,19 @@ def test_step_flops_follow_the_six_n_t_rule_on_real_tokens() -> None:
         parameter.requires_grad_(False)
     frozen = StepFlops(model).of_batch(batch, {"contrastive": 1.0})
     assert frozen == towers - 4 * vision * tokens["vision"]  # no backward through a frozen tower
+
+
+def test_a_linear_probe_counts_one_forward_of_its_tower_only() -> None:
+    # the recipe's loss section (every objective at weight 1 by default) does not apply to a classifier
+    model = ZidongForClassification(tiny_config(classification_modality="speech", id2label={0: "a", 1: "b"}))
+    for parameter in model.zidong.speech_model.parameters():
+        parameter.requires_grad_(False)
+    weights = objective_weights(recipe(), 1, ClassifyTask.objectives)
+    assert weights == {}
+    flops = StepFlops(model.zidong)
+    batch = make_inputs({"text": [False, False], "vision": [False, False], "speech": [True, True]})
+    steps = 9000 // 320 + 16000 // 320
+    assert flops.of_batch(batch, weights) == 2 * flops.towers["speech"][0] * steps
 
 
 def test_embedding_tables_are_not_counted() -> None:

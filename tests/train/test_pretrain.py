@@ -253,22 +253,32 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 TORCHRUN_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 
-def test_two_process_ddp_trains_and_checkpoints_every_rank(corpus: dict[str, Path], tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 4}, data={"num_workers": 1})
-    result = subprocess.run(
-        [*TORCHRUN, str(recipe)], cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    final = tmp_path / "run" / "checkpoints" / "step-00000004"
-    assert {p.name for p in final.iterdir()} >= {"data-rank0.json", "data-rank1.json", "model.safetensors"}
-    # in the first epoch (3 steps of 8 per rank) the ranks read disjoint halves of the corpus
-    ranks = []
-    for rank in range(2):
-        lines = (tmp_path / "run" / f"ledger-rank{rank}.jsonl").read_text().splitlines()
-        ranks.append({tuple(ref) for line in lines[:3] for ref in json.loads(line)["samples"]})
-    assert len(ranks[0]) == len(ranks[1]) == 24
-    assert not ranks[0] & ranks[1]
-    assert "held-out retrieval after 4 steps" in result.stderr
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_another_process_count_continues_the_epoch_exactly(
+    corpus: dict[str, Path], tmp_path: Path, before: int, after: int
+) -> None:
+    # 48 samples, 8 per process and step: the two runs read 16 x before + 16 x after = 48 samples, one epoch.
+    # No length bucketing: it mixes an epoch's last samples into one pool with the next epoch's first.
+    changes = {"train": {"max_steps": 2}, "data": {"num_workers": 1, "eval": None, "bucket_pool": 0}}
+    recipe = write_recipe(tmp_path, corpus, **changes)
+    for processes, steps in ((before, 2), (after, 4)):
+        command = [*TORCHRUN[:3], "--nproc_per_node", str(processes), *TORCHRUN[5:], str(recipe)]
+        result = subprocess.run(
+            [*command, f"train.max_steps={steps}", f"data.num_workers={processes}"],
+            cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    decisions = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if "re-split exactly" in line]
+    assert len(decisions) == after  # every rank says it ...
+    assert len(set(decisions)) == 1  # ... and they took the same decision
+    assert f"read by {before} process(es) x {before} worker(s), this run has {after} x {after}" in decisions[0]
+    seen = [
+        tuple(ref)
+        for rank in range(max(before, after))
+        for line in (tmp_path / "run" / f"ledger-rank{rank}.jsonl").read_text().splitlines()
+        for ref in json.loads(line)["samples"]
+    ]
+    assert len(seen) == len(set(seen)) == 48  # nothing seen twice, nothing lost
 
 
 def test_two_process_ddp_kill_9_then_relaunch_matches_the_straight_run(corpus: dict[str, Path], tmp_path: Path) -> None:

@@ -23,6 +23,13 @@ batch travels from its worker with the state after it; the loader keeps the stat
 out from each worker. A DataLoader serves workers round-robin, so on resume the saved worker states are
 rotated so that worker 0 holds the one whose batch comes next.
 
+Resume with another layout. When the checkpoint was written by another number of processes or workers (same
+sources, seed and shuffle window), every process reads every process's saved state and computes the same
+re-split: the samples the old slots had drawn but not yet handed out, and the rest of each old slot's plan up to
+the furthest epoch any slot had reached, are cut into contiguous blocks, one per new slot, which each reads
+before going on with the next epoch. So 2 -> 4 -> 1 processes see every sample of the interrupted epoch exactly
+once, and nothing twice. A changed source, seed or shuffle window starts the next epoch afresh instead.
+
 Bad samples. A sample whose metadata or members cannot be read or decoded is skipped, counted and logged (shard
 and key). When a worker has read at least MIN_READS samples and more than `max_bad_fraction` of them were bad,
 the loader raises DataError.
@@ -120,6 +127,79 @@ def fresh_state(slot: int, sources: int, epoch: int = 0) -> dict[str, Any]:
     }
 
 
+def slot_share(total: int, slot: int, slots: int) -> int:
+    """How many of an epoch's `total` samples slot `slot` of `slots` reads (its contiguous block)."""
+    return (slot + 1) * total // slots - slot * total // slots
+
+
+def resplit(states: list[dict[str, Any]], old_slots: int, new_slots: int, totals: list[int]) -> list[dict[str, Any]]:
+    """The states of `new_slots` slots that continue, between them, exactly where `states` (every old slot's) left.
+
+    Per source, what the old slots had not yet handed out: the refs they had drawn (pending batches, deferred),
+    and each one's unread leftover and plan up to the furthest epoch any of them reached, as pieces (explicit
+    refs, or a range of an old slot's epoch plan). Each epoch's pieces, earliest first, are cut into `new_slots`
+    contiguous blocks, so every new slot reads its share of the interrupted epoch first; its cursor then goes on
+    at the furthest epoch + 1."""
+    states = sorted(states, key=lambda state: state["slot"])
+    fresh = [fresh_state(slot, len(totals)) for slot in range(new_slots)]
+    for source, total in enumerate(totals):
+        furthest = max(state["sources"][source]["epoch"] for state in states)
+        by_epoch: dict[int, list[dict[str, Any]]] = {}
+        drawn = [
+            ref[1:3]
+            for state in states
+            for ref in [*(ref for batch in state["pending"] for ref in batch), *state["deferred"]]
+            if ref[0] == source
+        ]
+        if drawn:  # drawn before anything still in the plans
+            by_epoch[-1] = [{"refs": drawn}]
+        for state in states:
+            cursor = state["sources"][source]
+            for piece in cursor.get("leftover", []):
+                by_epoch.setdefault(piece.get("epoch", -1), []).append(copy.deepcopy(piece))
+            share = slot_share(total, state["slot"], old_slots)
+            for epoch in range(cursor["epoch"], furthest + 1):
+                start = cursor["position"] if epoch == cursor["epoch"] else 0
+                if start < share:
+                    piece = {"epoch": epoch, "slot": state["slot"], "slots": old_slots, "start": start, "stop": share}
+                    by_epoch.setdefault(epoch, []).append(piece)
+        blocks: list[list[dict[str, Any]]] = [[] for _ in range(new_slots)]
+        for turn, epoch in enumerate(sorted(by_epoch)):
+            # the cut's longer parts come last; rotating by epoch spreads them over the slots
+            for index, part in enumerate(_cut(by_epoch[epoch], new_slots)):
+                blocks[(index + turn) % new_slots].extend(part)
+        for slot, block in enumerate(blocks):
+            cursor = {"epoch": furthest + 1, "position": 0}
+            if block:
+                cursor["leftover"] = block
+            fresh[slot]["sources"][source] = cursor
+    return fresh
+
+
+def _piece_length(piece: dict[str, Any]) -> int:
+    return len(piece["refs"]) if "refs" in piece else piece["stop"] - piece["start"]
+
+
+def _cut(pieces: list[dict[str, Any]], blocks: int) -> list[list[dict[str, Any]]]:
+    """`pieces` (read in order) cut into `blocks` contiguous runs of equal length (±1)."""
+    total = sum(_piece_length(piece) for piece in pieces)
+    bounds = [block * total // blocks for block in range(blocks + 1)]
+    cut: list[list[dict[str, Any]]] = [[] for _ in range(blocks)]
+    offset = 0
+    for piece in pieces:
+        length = _piece_length(piece)
+        for block in range(blocks):
+            low, high = max(bounds[block], offset), min(bounds[block + 1], offset + length)
+            if low < high:
+                first, last = low - offset, high - offset
+                if "refs" in piece:
+                    cut[block].append({"refs": piece["refs"][first:last]})
+                else:
+                    cut[block].append({**piece, "start": piece["start"] + first, "stop": piece["start"] + last})
+        offset += length
+    return cut
+
+
 class SlotStream:
     """The endless batches of one slot, each yielded with the slot's state after it and the skips it met.
 
@@ -154,6 +234,7 @@ class SlotStream:
         pool_batches = max(1, min(settings.bucket_pool, int(draws_per_epoch) // settings.batch_size))
         self.pool_size = min(settings.batch_size * pool_batches, sum(shares))
         self._plans: dict[int, tuple[int, np.ndarray]] = {}
+        self._old_plans: dict[int, tuple[tuple, np.ndarray]] = {}  # plans of the layout a re-split came from
         self._mix: tuple[int, np.ndarray] | None = None
         self._skipped: list[str] = []
 
@@ -202,14 +283,37 @@ class SlotStream:
         draw = self.state["draws"]
         source = self._source_of(draw)
         cursor = self.state["sources"][source]
-        plan = self._plan(source, cursor["epoch"])
-        shard, position = plan[cursor["position"]]
-        cursor["position"] += 1
-        if cursor["position"] == len(plan):
-            cursor["epoch"] += 1
-            cursor["position"] = 0
+        if cursor.get("leftover"):  # what a re-split handed this slot comes first
+            shard, position = self._take_leftover(source, cursor)
+        else:
+            plan = self._plan(source, cursor["epoch"])
+            shard, position = plan[cursor["position"]]
+            cursor["position"] += 1
+            if cursor["position"] == len(plan):
+                cursor["epoch"] += 1
+                cursor["position"] = 0
         self.state["draws"] += 1
         return [source, int(shard), int(position), draw]
+
+    def _take_leftover(self, source: int, cursor: dict[str, Any]) -> tuple[int, int]:
+        piece = cursor["leftover"][0]
+        if "refs" in piece:
+            shard, position = piece["refs"].pop(0)
+            done = not piece["refs"]
+        else:
+            key = (source, piece["epoch"], piece["slot"], piece["slots"])
+            cached = self._old_plans.get(source)
+            if cached is None or cached[0] != key:  # a slot reads its pieces in order: one plan per source
+                plan = epoch_plan(self.folders[source].counts, self.settings.seed, *key, self.settings.shuffle_window)
+                self._old_plans[source] = cached = (key, plan)
+            shard, position = cached[1][piece["start"]]
+            piece["start"] += 1
+            done = piece["start"] == piece["stop"]
+        if done:
+            cursor["leftover"].pop(0)
+            if not cursor["leftover"]:
+                del cursor["leftover"]
+        return shard, position
 
     def _source_of(self, draw: int) -> int:
         if len(self.folders) == 1:
@@ -322,8 +426,11 @@ class StreamLoader:
         pipeline: measures, decodes and collates samples (in the workers).
         num_workers: DataLoader worker processes (0 reads in this process).
         rank / world_size: this process among the training processes.
-        state: a `state_dict()` from a checkpoint. If the sources, seed, batching or process layout changed
-            since, the stream starts afresh at the epoch after the saved one (with a warning).
+        saved: the `state_dict()` of every process of the run resumed, in rank order. With the same layout
+            this process continues exactly from its own; with another number of processes or workers (or another
+            batch size or bucketing pool) every process re-splits the saved position exactly (module docstring);
+            if the sources, seed or shuffle window changed, the stream starts afresh at the epoch after the
+            furthest saved one (with a warning). Every process takes, and logs, the same decision.
 
     Raises UserError when a source folder is not a shard folder or has fewer samples than reader slots.
     """
@@ -336,7 +443,7 @@ class StreamLoader:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        state: dict[str, Any] | None = None,
+        saved: list[dict[str, Any]] | None = None,
         pin_memory: bool = False,
     ):
         self.folders = [ShardFolder(path) for path, _ in sources]
@@ -369,25 +476,59 @@ class StreamLoader:
         }
         self.pipeline = pipeline
         self.pin_memory = pin_memory
-        self.worker_states = self._starting_states(state)
+        self.worker_states = self._starting_states(saved or [])
         self.consumed = 0
         self.last_refs: list[list[int]] = []  # (source, shard, position) of each sample of the last batch
         self._iterator: Iterator[dict[str, Any]] | None = None
 
-    def _starting_states(self, state: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _starting_states(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first_slot = self.rank * self.workers
-        if state is None:
+        if not saved:
             return [fresh_state(first_slot + w, len(self.folders)) for w in range(self.workers)]
-        if state.get("format") == STATE_FORMAT and state.get("signature") == self.signature:
-            return copy.deepcopy(state["workers"])
-        epochs = [cursor["epoch"] for worker in state.get("workers", []) for cursor in worker.get("sources", [])]
+        valid = [state for state in saved if state.get("format") == STATE_FORMAT]
+        mine = saved[self.rank] if self.rank < len(saved) else {}
+        if len(valid) == len(saved) and mine.get("signature") == self.signature:
+            return copy.deepcopy(mine["workers"])
+        if len(valid) == len(saved) and all(self._same_samples(state["signature"]) for state in saved):
+            layout = saved[0]["signature"]
+            old_slots = layout["world_size"] * layout["workers"]
+            states = resplit(
+                [worker for state in saved for worker in state["workers"]],
+                old_slots,
+                self.slots,
+                [len(folder) for folder in self.folders],
+            )
+            mine = states[first_slot : first_slot + self.workers]
+            waiting = sum(_piece_length(p) for state in states for c in state["sources"] for p in c.get("leftover", []))
+            logger.info(
+                "the checkpoint's data stream was read by %d process(es) x %d worker(s), this run has %d x %d: "
+                "its position is re-split exactly (%d samples of the epoch(s) in progress come first)",
+                layout["world_size"],
+                layout["workers"],
+                self.slots // self.workers,
+                self.workers,
+                waiting,
+                extra=EVERY_RANK,
+            )
+            return mine
+        epochs = [c["epoch"] for state in saved for w in state.get("workers", []) for c in w.get("sources", [])]
         epoch = max(epochs, default=-1) + 1
         logger.warning(
-            "the data sources, seed, batching or process layout changed since the checkpoint; the data stream "
-            "starts afresh at epoch %d instead of resuming exactly",
+            "the data sources, seed or shuffle window changed since the checkpoint; the data stream starts afresh "
+            "at epoch %d instead of resuming exactly",
             epoch,
+            extra=EVERY_RANK,
         )
         return [fresh_state(first_slot + w, len(self.folders), epoch) for w in range(self.workers)]
+
+    def _same_samples(self, signature: dict[str, Any]) -> bool:
+        """Whether a saved stream read the same samples in the same epoch plans (any layout or batching)."""
+        settings, mine = signature.get("settings", {}), self.signature["settings"]
+        return (
+            signature.get("sources") == self.signature["sources"]
+            and settings.get("seed") == mine["seed"]
+            and settings.get("shuffle_window") == mine["shuffle_window"]
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position after the last batch handed out (JSON-able)."""

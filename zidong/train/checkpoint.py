@@ -1,7 +1,7 @@
 """Atomic training checkpoints: `OUTPUT_DIR/checkpoints/step-00000100/`.
 
 A checkpoint folder holds what `Accelerator.save_state` writes (model, optimizer, scheduler, every process's RNG
-states; sharded under DeepSpeed/FSDP), `trainer.json` (step and counters), one `data-rank{r}.json` per
+states; sharded under DeepSpeed/FSDP), `trainer.json` (step, counters and the number of processes), one `data-rank{r}.json` per
 process (its data-stream state), and what `describe` adds (the trainer: `model/` with the model's
 `config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else). Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N`
 once every process has finished, so a folder named `step-N` is always complete and an interrupted save leaves
@@ -24,7 +24,9 @@ from zidong.errors import UserError
 FOLDER = "checkpoints"
 MODEL_FILES = "model"  # config.json + processor files inside a checkpoint
 RECIPE_FILE = "recipe.yaml"
+DATA_FILE = "data-rank{rank}.json"  # one per process: its data-stream state
 _NAME = re.compile(r"^step-(\d{8})$")
+_DATA_FILE = re.compile(r"^data-rank(\d+)\.json$")
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -54,7 +56,7 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
-    (partial / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    (partial / DATA_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(data_state))
     if accelerator.is_main_process:
         (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
         if describe is not None:
@@ -69,14 +71,22 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore model, optimizer, scheduler and RNG states from `folder`; returns (trainer state, this process's
-    data-stream state, None if the checkpoint was written by fewer processes)."""
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Restore model, optimizer, scheduler and RNG states from `folder`; returns (trainer state, the data-stream
+    state of every process that wrote the checkpoint, in rank order). A process the checkpoint has no RNG state
+    for (it was written by fewer processes) keeps the seeded one."""
     try:
         trainer_state = json.loads((folder / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{folder} is not a zidong checkpoint (no readable trainer.json: {err})") from None
+    written_by = trainer_state.get("processes", accelerator.num_processes)
+    if accelerator.state.deepspeed_plugin is not None and written_by != accelerator.num_processes:
+        raise UserError(
+            f"{folder} was written by {written_by} DeepSpeed processes and this launch has "
+            f"{accelerator.num_processes}: ZeRO saves the optimizer (and under ZeRO-3 the weights) in one part per "
+            f"process. Relaunch with --num_processes {written_by}, or export the checkpoint (`zidong export`) and "
+            "start a new run from its towers"
+        )
     accelerator.load_state(str(folder))
-    data_file = folder / f"data-rank{accelerator.process_index}.json"
-    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return trainer_state, data_state
+    ranks = sorted(int(match.group(1)) for path in folder.iterdir() if (match := _DATA_FILE.match(path.name)))
+    return trainer_state, [json.loads((folder / DATA_FILE.format(rank=rank)).read_text()) for rank in ranks]

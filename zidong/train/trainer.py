@@ -182,7 +182,7 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
                     run.accelerator,
                     run.output_dir,
                     counters.step,
-                    dict(counters.__dict__),
+                    {**counters.__dict__, "processes": run.accelerator.num_processes},
                     state,
                     recipe.checkpoint.keep_last,
                     describe=run.describe,
@@ -320,9 +320,9 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
     scheduler = build_scheduler(optimizer, recipe)
     _configure_deepspeed(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    counters, data_state = Counters(), None
+    counters, data_states = Counters(), []
     if resume_from is not None:
-        trainer_state, data_state = load_checkpoint(accelerator, resume_from)
+        trainer_state, data_states = load_checkpoint(accelerator, resume_from)
         counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
         logger.info("resumed from %s (step %d)", resume_from, counters.step)
     eval_pipeline = SamplePipeline(
@@ -345,7 +345,7 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
             processor,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-            state=data_state,
+            saved=data_states,
             options=task.pipeline_options(recipe),
             pin_memory=accelerator.device.type == "cuda",
         ),
@@ -520,12 +520,13 @@ def train_loader(
     processor: ZidongProcessor,
     rank: int = 0,
     world_size: int = 1,
-    state: dict[str, Any] | None = None,
+    saved: list[dict[str, Any]] | None = None,
     options: dict[str, Any] | None = None,
     pin_memory: bool = False,
     pipeline_type: type[SamplePipeline] = SamplePipeline,
 ) -> StreamLoader:
-    """The training stream the recipe describes for one process (`options`: extra `pipeline_type` settings)."""
+    """The training stream the recipe describes for one process (`saved`: every process's stream state from the
+    checkpoint resumed; `options`: extra `pipeline_type` settings)."""
     data = recipe.data
     pipeline = pipeline_type(
         processor,
@@ -549,7 +550,7 @@ def train_loader(
         num_workers=data.num_workers,
         rank=rank,
         world_size=world_size,
-        state=state,
+        saved=saved,
         pin_memory=pin_memory,
     )
 
