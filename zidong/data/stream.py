@@ -486,9 +486,9 @@ class StreamLoader:
         if not saved:
             return [fresh_state(first_slot + w, len(self.folders)) for w in range(self.workers)]
         valid = [state for state in saved if state.get("format") == STATE_FORMAT]
-        mine = saved[self.rank] if self.rank < len(saved) else {}
-        if len(valid) == len(saved) and mine.get("signature") == self.signature:
-            return copy.deepcopy(mine["workers"])
+        own = saved[self.rank] if self.rank < len(saved) else {}
+        if len(valid) == len(saved) and own.get("signature") == self.signature:
+            return copy.deepcopy(own["workers"])
         if len(valid) == len(saved) and all(self._same_samples(state["signature"]) for state in saved):
             layout = saved[0]["signature"]
             old_slots = layout["world_size"] * layout["workers"]
@@ -498,7 +498,6 @@ class StreamLoader:
                 self.slots,
                 [len(folder) for folder in self.folders],
             )
-            mine = states[first_slot : first_slot + self.workers]
             waiting = sum(_piece_length(p) for state in states for c in state["sources"] for p in c.get("leftover", []))
             logger.info(
                 "the checkpoint's data stream was read by %d process(es) x %d worker(s), this run has %d x %d: "
@@ -510,7 +509,7 @@ class StreamLoader:
                 waiting,
                 extra=EVERY_RANK,
             )
-            return mine
+            return states[first_slot : first_slot + self.workers]
         epochs = [c["epoch"] for state in saved for w in state.get("workers", []) for c in w.get("sources", [])]
         epoch = max(epochs, default=-1) + 1
         logger.warning(
