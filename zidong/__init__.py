@@ -5,7 +5,7 @@
 
 Importing the package registers the "zidong" model type with transformers' AutoConfig, AutoModel,
 AutoFeatureExtractor and AutoProcessor. The model library (`zidong.models`) needs only torch, torchaudio and
-transformers; data and training code import accelerate, deepspeed and datasets themselves.
+transformers; the training code imports accelerate and deepspeed itself.
 """
 
 __version__ = "0.1.0"

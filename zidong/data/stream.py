@@ -1,10 +1,10 @@
 """The training stream: shard folders -> batches, split by rank and worker, shuffled, mixed, exactly resumable.
 
-    loader = StreamLoader([("data/demo/train", 1.0)], StreamSettings(batch_size=32, seed=0), transform, collate,
+    loader = StreamLoader([("data/demo/train", 1.0)], StreamSettings(batch_size=32, seed=0), pipeline,
                           num_workers=2, rank=accelerator.process_index, world_size=accelerator.num_processes)
     for batch in loader: ...                        # endless; the trainer counts steps
-    state = loader.state_dict()                     # JSON-able; saved with every checkpoint
-    loader = StreamLoader(..., state=state)         # continues with exactly the batches that would have come
+    state = loader.state_dict()                     # JSON-able; each process saves its own with every checkpoint
+    loader = StreamLoader(..., saved=[state of rank 0, state of rank 1, ...])   # continues exactly
 
 Slots. Every (rank, worker) pair is a slot; slot = rank * workers + worker. For each epoch of a source, the
 shards are put in a seeded order and each shard's samples in a seeded order, and the concatenation is cut into

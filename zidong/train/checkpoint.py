@@ -1,11 +1,12 @@
 """Atomic training checkpoints: `OUTPUT_DIR/checkpoints/step-00000100/`.
 
 A checkpoint folder holds what `Accelerator.save_state` writes (model, optimizer, scheduler, every process's RNG
-states; sharded under DeepSpeed/FSDP), `trainer.json` (step, counters and the number of processes), one `data-rank{r}.json` per
-process (its data-stream state), and what `describe` adds (the trainer: `model/` with the model's
-`config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else). Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N`
-once every process has finished, so a folder named `step-N` is always complete and an interrupted save leaves
-only a `.tmp` folder that the next save or resume ignores and removes.
+states; sharded under DeepSpeed/FSDP), `trainer.json` (step, counters and the number of processes), one
+`data-rank{r}.json` per process (its data-stream state), and what `describe` adds (the trainer: `model/` with the
+model's `config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else).
+Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N` once every process has finished, so
+a folder named `step-N` is always complete. An interrupted save leaves a `step-N.tmp` folder: resume ignores it,
+and the next save of the same step replaces it.
 """
 
 from __future__ import annotations
