@@ -21,6 +21,7 @@ from pathlib import Path
 from zidong.utils.log import PROGRESS_ENV, get_logger
 
 logger = get_logger("zidong.bench")
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "tiny.yaml"
 
 
 def parse_only(text: str) -> tuple[int, ...]:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             corpus = ensure_demo_corpus(work / "demo", samples=240)
         else:
             corpus = ensure_demo_corpus(Path("data/demo"), samples=2400)
-        settings = Settings(quick=args.quick, work=work, corpus=corpus)
+        settings = Settings(quick=args.quick, work=work, corpus=corpus, recipe=TINY_RECIPE)
         results = run(settings, args.only or MEASUREMENTS)
     print(table(results))
     write_report(args.out, report(results, settings, time.perf_counter() - started))

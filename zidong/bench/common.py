@@ -42,6 +42,7 @@ class Settings:
     quick: bool
     work: Path  # scratch space: runs, corpus copies
     corpus: Path  # a demo corpus folder (train/, eval/, tokenizer/)
+    recipe: Path  # the tiny pretraining recipe the training measurements start from (repository's recipes/)
 
     @property
     def warmup_steps(self) -> int:

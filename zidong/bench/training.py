@@ -13,7 +13,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,6 @@ from zidong.train.metrics import METRICS_FILE
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.trainer import pretrain, train_loader
 
-TINY_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "pretrain" / "tiny.yaml"
 CONTRASTIVE_ONLY = ("loss.matching.weight=0", "loss.masked_text.weight=0")
 BASE_LOSS_WEIGHTS = {"contrastive": 1.0, "matching": 0.25, "masked_text": 0.25}  # recipes/pretrain/base.yaml
 
@@ -63,7 +61,7 @@ class TrainingBench:
         ]
 
     def recipe(self, *overrides: str) -> PretrainRecipe:
-        return load_config(PretrainRecipe, TINY_RECIPE, [*self.overrides, *overrides])
+        return load_config(PretrainRecipe, self.settings.recipe, [*self.overrides, *overrides])
 
     @functools.cached_property
     def processor(self) -> ZidongProcessor:
