@@ -10,9 +10,7 @@ import pytest
 from zidong import ZidongConfig, ZidongProcessor
 from zidong.bench.training import as_masks, long_tail_lengths, long_tail_padding
 from zidong.data.batching import PaddingMeter, cut_into_batches
-from zidong.data.demo import make_demo
 from zidong.data.stream import StreamLoader, StreamSettings
-from zidong.data.tokenizer import train_tokenizer
 from zidong.data.transforms import SamplePipeline
 
 BATCH = 32
@@ -38,13 +36,10 @@ def test_long_tail_bucketing_is_at_least_90_percent_efficient() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SamplePipeline]:
-    """The default demo corpus (2400 samples) and a tokenizer trained on it."""
-    out = tmp_path_factory.mktemp("demo")
-    make_demo(out)
-    train_tokenizer([out / "train"], 500, out / "tokenizer")
-    processor = ZidongProcessor.for_model(ZidongConfig.from_preset("tiny"), out / "tokenizer")
-    return out / "train", SamplePipeline(processor, train=True)
+def demo_pipeline(demo_corpus: Path) -> tuple[Path, SamplePipeline]:
+    """The default demo corpus (2400 samples) and the tokenizer it ships."""
+    processor = ZidongProcessor.for_model(ZidongConfig.from_preset("tiny"), demo_corpus / "tokenizer")
+    return demo_corpus / "train", SamplePipeline(processor, train=True)
 
 
 def test_demo_corpus_bucketing_is_at_least_90_percent_efficient(demo_pipeline: tuple[Path, SamplePipeline]) -> None:
