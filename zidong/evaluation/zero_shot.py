@@ -26,7 +26,7 @@ from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.export.trained import load_trained
 from zidong.models.zidong.modeling_zidong import ZidongModel
-from zidong.train.evaluate import embed_folder, recall_at_k, sample_refs
+from zidong.train.evaluate import HeldOut, embed_folder, recall_at_k, sample_refs
 from zidong.train.metrics import retrieval_table
 from zidong.utils.log import get_logger
 
@@ -48,7 +48,7 @@ def evaluate(
     model.to(accelerator.device)
     pipeline = SamplePipeline(processor, train=False)
     try:
-        embeds, presence = embed_folder(model, data, pipeline, batch_size, accelerator)
+        embeds, presence = embed_folder(model, HeldOut(data, pipeline, batch_size, accelerator))
     except SampleError as err:
         raise UserError(f"--data {data}: {err}") from None
     metrics = recall_at_k(embeds, presence)

@@ -47,9 +47,8 @@ def export(
     model.save_pretrained(staging, max_shard_size=max_shard_size)
     processor.save_pretrained(staging)
     if towers:
-        joint = getattr(model, "zidong", model)  # a classifier's towers are those of its joint model
-        for modality in MODALITIES:
-            write_tower(joint, processor, modality, staging / modality)
+        for modality in MODALITIES:  # a classifier's towers are those of its joint model (its base_model)
+            write_tower(model.base_model, processor, modality, staging / modality)
     (staging / "README.md").write_text(model_card(model, recipe, folder, towers, license))
     if out.exists():
         out.rmdir()

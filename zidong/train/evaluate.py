@@ -9,6 +9,7 @@ Chance level for R@k is k / n.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -26,40 +27,37 @@ RECALL_AT = (1, 5, 10)
 logger = get_logger(__name__)
 
 
-def retrieval(
-    model: torch.nn.Module,
-    folder: str | Path,
-    pipeline: SamplePipeline,
-    batch_size: int,
-    accelerator: Accelerator,
-    lockstep: bool = False,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out shard folder and how to read it: evaluation transforms, batch size, the processes that share
+    it, and `lockstep` (DeepSpeed/FSDP: every process makes the same number of forward calls, idle ones
+    included)."""
+
+    folder: str | Path
+    pipeline: SamplePipeline
+    batch_size: int
+    accelerator: Accelerator
+    lockstep: bool = False
+
+
+def retrieval(model: torch.nn.Module, held_out: HeldOut) -> dict[str, float]:
     """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective)."""
-    embeds, presence = embed_folder(model, folder, pipeline, batch_size, accelerator, lockstep)
+    embeds, presence = embed_folder(model, held_out)
     return recall_at_k(embeds, presence)
 
 
 @torch.no_grad()
-def embed_folder(
-    model: torch.nn.Module,
-    folder: str | Path,
-    pipeline: SamplePipeline,
-    batch_size: int,
-    accelerator: Accelerator,
-    lockstep: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def embed_folder(model: torch.nn.Module, held_out: HeldOut) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Embeddings (n, d) and presence (n,) of every sample of a shard folder, in shard order, on every process
-    (collective). Each process embeds a contiguous block; an unreadable sample is skipped (absent everywhere).
-
-    `lockstep` (DeepSpeed/FSDP): every process makes the same number of lockstep forward calls, idle ones
-    included."""
-    total = len(ShardFolder(folder))
+    (collective). Each process embeds a contiguous block; an unreadable sample is skipped (absent everywhere)."""
+    accelerator = held_out.accelerator
+    total = len(ShardFolder(held_out.folder))
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = (rank + 1) * total // world - rank * total // world
     width = accelerator.unwrap_model(model).config.projection_dim
     embeds = {m: torch.zeros(mine, width) for m in MODALITIES}
     present = {m: torch.zeros(mine, dtype=torch.bool) for m in MODALITIES}
-    for rows, _, output in forward_folder(model, folder, pipeline, batch_size, accelerator, lockstep):
+    for rows, _, output in forward_folder(model, held_out):
         for modality in MODALITIES:
             if getattr(output, f"{modality}_embeds") is not None:
                 embeds[modality][rows] = getattr(output, f"{modality}_embeds").float().cpu()
@@ -71,17 +69,18 @@ def embed_folder(
 
 @torch.no_grad()
 def forward_folder(
-    model: torch.nn.Module,
-    folder: str | Path,
-    pipeline: SamplePipeline,
-    batch_size: int,
-    accelerator: Accelerator,
-    lockstep: bool = False,
+    model: torch.nn.Module, held_out: HeldOut
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], Any]]:
     """(rows of this process's block, batch, model output) for each batch of this process's contiguous block of
     a shard folder, in eval mode; unreadable samples are skipped (collective under `lockstep`: every process makes
     the same number of forward calls, idle ones included)."""
-    shards = ShardFolder(folder)
+    pipeline, batch_size, accelerator, lockstep = (
+        held_out.pipeline,
+        held_out.batch_size,
+        held_out.accelerator,
+        held_out.lockstep,
+    )
+    shards = ShardFolder(held_out.folder)
     refs = sample_refs(shards)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = refs[rank * len(refs) // world : (rank + 1) * len(refs) // world]

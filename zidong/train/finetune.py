@@ -35,9 +35,9 @@ from zidong.export.trained import load_trained
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.evaluate import forward_folder, gather_rows
+from zidong.train.evaluate import HeldOut, forward_folder, gather_rows
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.trainer import Run, Task, apply_train_settings, evaluation_arguments, lockstep_enabled, train
+from zidong.train.trainer import Run, Task, apply_train_settings, lockstep_enabled, train
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -65,17 +65,19 @@ class FinetuneRecipe(PretrainRecipe):
 
 def finetune(task_name: str, recipe: FinetuneRecipe) -> dict[str, float]:
     """Run fine-tuning task `task_name` (`retrieval` or `classify`); returns the last held-out metrics."""
-    task = RetrievalTask() if task_name == "retrieval" else ClassifyTask()
-    task.check(recipe)
+    task = RetrievalTask.for_recipe(recipe) if task_name == "retrieval" else ClassifyTask.for_recipe(recipe)
     return train(recipe, task)
 
 
 class RetrievalTask(Task):
     name = "retrieval"
 
-    def check(self, recipe: FinetuneRecipe) -> None:
+    @classmethod
+    def for_recipe(cls, recipe: FinetuneRecipe) -> RetrievalTask:
+        """The task, once the recipe's `finetune` section suits it (UserError otherwise)."""
         if len(recipe.finetune.modalities) < 2:
             raise UserError("finetune.modalities: retrieval needs two or three modalities (the pairs trained)")
+        return cls()
 
     def build(self, recipe: FinetuneRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
         model, processor, _, folder = load_trained(recipe.finetune.source)
@@ -99,12 +101,17 @@ class ClassifyTask(Task):
     def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
         return {}  # the batch's `labels` make the classifier return its loss
 
-    def check(self, recipe: FinetuneRecipe) -> None:
+    def __init__(self, labels: LabelSet) -> None:
+        self.labels = labels
+
+    @classmethod
+    def for_recipe(cls, recipe: FinetuneRecipe) -> ClassifyTask:
+        """The task with the recipe's label file, once the `finetune` section suits it (UserError otherwise)."""
         if len(recipe.finetune.modalities) != 1:
             raise UserError("finetune.modalities: classify takes exactly one modality, the tower it classifies")
         if recipe.finetune.labels is None:
             raise UserError("finetune.labels: classify needs a label file (field + classes, docs/evaluation.md)")
-        self.labels: LabelSet = load_labels(recipe.finetune.labels)
+        return cls(load_labels(recipe.finetune.labels))
 
     def build(self, recipe: FinetuneRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
         base, processor, _, folder = load_trained(recipe.finetune.source)
@@ -132,7 +139,7 @@ class ClassifyTask(Task):
         return {"modalities": tuple(recipe.finetune.modalities), "label_set": self.labels}
 
     def evaluate(self, run: Run) -> dict[str, float]:
-        return classification_accuracy(*evaluation_arguments(run))
+        return classification_accuracy(run.model, run.held_out)
 
     def report(self, metrics: dict[str, float]) -> str:
         return (
@@ -155,12 +162,11 @@ def _train_only_what_classifies(model: ZidongForClassification) -> None:
             parameter.requires_grad_(False)
 
 
-def classification_accuracy(
-    model: torch.nn.Module, folder, pipeline, batch_size: int, accelerator: Accelerator, lockstep: bool
-) -> dict[str, float]:
+def classification_accuracy(model: torch.nn.Module, held_out: HeldOut) -> dict[str, float]:
     """Held-out accuracy of a `ZidongForClassification` over the samples with the modality and a label."""
+    accelerator = held_out.accelerator
     predicted, truth = [], []
-    for _, batch, output in forward_folder(model, folder, pipeline, batch_size, accelerator, lockstep):
+    for _, batch, output in forward_folder(model, held_out):
         if not batch:
             continue
         scored = output.present & (batch["labels"] >= 0)

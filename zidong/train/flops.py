@@ -40,6 +40,7 @@ class StepFlops:
         config = model.config
         self.towers = {m: _non_embedding(tower) for m, tower in model.towers().items()}
         self.fusion = _non_embedding(model.fusion)[0]
+        self.samples_per_speech_frame = model.fbank.window_shift
         self.samples_per_speech_step = model.fbank.window_shift * config.speech_frame_stack
         self.patch_size = getattr(config.vision_config, "patch_size", None)
 

@@ -74,7 +74,8 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class ThroughputWindow:
     """Throughput, data-wait and model-FLOP accounting between two log lines."""
 
-    def __init__(self, peak_flops: float | None = None) -> None:
+    def __init__(self, samples_per_speech_frame: int, peak_flops: float | None = None) -> None:
+        self.samples_per_speech_frame = samples_per_speech_frame  # the front end's frame shift (10 ms)
         self.peak_flops = peak_flops
         self.reset()
 
@@ -93,7 +94,7 @@ class ThroughputWindow:
         if "text_attention_mask" in batch:
             self.tokens["text"] += int(batch["text_attention_mask"].sum())
         if "speech_attention_mask" in batch:
-            self.tokens["speech"] += int(batch["speech_attention_mask"].sum()) // 160  # 10 ms frames
+            self.tokens["speech"] += int(batch["speech_attention_mask"].sum()) // self.samples_per_speech_frame
         if "pixel_values" in batch:
             self.tokens["vision"] += int(batch["pixel_values"].shape[0])  # images
 

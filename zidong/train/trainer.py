@@ -46,7 +46,7 @@ from zidong.models.zidong.configuration_zidong import MODALITIES, PRESETS
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.checkpoint import MODEL_FILES, RECIPE_FILE, checkpoints, load_checkpoint, save_checkpoint
-from zidong.train.evaluate import retrieval
+from zidong.train.evaluate import HeldOut, retrieval
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers, retrieval_table
 from zidong.train.optim import (
@@ -102,7 +102,8 @@ class Task:
         return {"return_loss": True, "loss_weights": weights}
 
     def evaluate(self, run: Run) -> dict[str, float]:
-        return retrieval(*evaluation_arguments(run))
+        """The held-out metrics (collective: every process calls it); only called when `data.eval` is set."""
+        return retrieval(run.model, run.held_out)
 
     def report(self, metrics: dict[str, float]) -> str:
         """The end-of-run table (logged as "held-out evaluation after N steps")."""
@@ -124,19 +125,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: StreamLoader
-    eval_pipeline: SamplePipeline
+    held_out: HeldOut | None  # `data.eval`, read with evaluation transforms
     counters: Counters
     step_flops: StepFlops
     log: MetricsLog
     window: ThroughputWindow
     ledger: Path | None
     describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
-
-
-def evaluation_arguments(run: Run) -> tuple:
-    """(model, held-out folder, eval pipeline, batch size, accelerator, lockstep): what an evaluation needs."""
-    lockstep = lockstep_enabled(run.accelerator)
-    return run.model, run.recipe.data.eval, run.eval_pipeline, run.recipe.train.batch_size, run.accelerator, lockstep
 
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
@@ -168,7 +163,7 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
                 record = run.window.summary(counters.step, losses, {**rates, **_step_numbers(grad_norm, counters)})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
                 run.log.write({"kind": "train", **record})
-            if recipe.data.eval and (
+            if run.held_out is not None and (
                 done or (recipe.eval.every_steps and counters.step % recipe.eval.every_steps == 0)
             ):
                 metrics = task.evaluate(run)
@@ -313,7 +308,7 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
     frozen = freeze_for_good(model, recipe)
     if frozen:
         logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
-    step_flops = StepFlops(getattr(model, "zidong", model))  # a classifier: count its towers
+    step_flops = StepFlops(model.base_model)  # a classifier: count the towers of its joint model
     if recipe.train.compile:
         _compile(model)
     optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
@@ -325,13 +320,18 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
         trainer_state, data_states = load_checkpoint(accelerator, resume_from)
         counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
         logger.info("resumed from %s (step %d)", resume_from, counters.step)
-    eval_pipeline = SamplePipeline(
-        processor,
-        train=False,
-        max_text_tokens=recipe.data.max_text_tokens,
-        max_speech_seconds=recipe.data.max_speech_seconds,
-        **task.pipeline_options(recipe),
-    )
+    held_out = None
+    if recipe.data.eval:
+        pipeline = SamplePipeline(
+            processor,
+            train=False,
+            max_text_tokens=recipe.data.max_text_tokens,
+            max_speech_seconds=recipe.data.max_speech_seconds,
+            **task.pipeline_options(recipe),
+        )
+        held_out = HeldOut(
+            recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, lockstep_enabled(accelerator)
+        )
     return Run(
         task=task,
         recipe=recipe,
@@ -349,11 +349,11 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
             options=task.pipeline_options(recipe),
             pin_memory=accelerator.device.type == "cuda",
         ),
-        eval_pipeline=eval_pipeline,
+        held_out=held_out,
         counters=counters,
         step_flops=step_flops,
         log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
-        window=ThroughputWindow(_peak_flops(recipe, accelerator)),
+        window=ThroughputWindow(step_flops.samples_per_speech_frame, _peak_flops(recipe, accelerator)),
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
         describe=functools.partial(_describe, accelerator.unwrap_model(model), processor, recipe),
     )
@@ -503,7 +503,7 @@ def _model(recipe: PretrainRecipe, tokenizer, lockstep: bool) -> ZidongModel:
 def apply_train_settings(model: torch.nn.Module, recipe: PretrainRecipe, lockstep: bool) -> torch.nn.Module:
     """Activation checkpointing as the recipe says; LayerDrop off in lockstep (it skips random layers,
     differently on each process, and ZeRO/FSDP need the same calls everywhere)."""
-    zidong = getattr(model, "zidong", model)  # a classifier wraps the joint model
+    zidong = model.base_model  # a classifier wraps the joint model
     if recipe.train.activation_checkpointing:
         zidong.activation_checkpointing_enable()
     if lockstep:
