@@ -1,10 +1,9 @@
 """`zidong pretrain RECIPE.yaml --dry-run [--gpus N]`: sizes, FLOPs and memory of a recipe without allocating it.
 
 The model is built on the meta device (shapes only, no storage), so a billion-parameter recipe is sized in
-seconds on a laptop. FLOPs per sample use the usual 6 x parameters x tokens rule for each tower's non-embedding
-parameters over its tokens at the recipe's caps (text: `data.max_text_tokens`; vision: patches + 1; speech: 50
-steps per second of `data.max_speech_seconds`), plus the fusion encoder over all of them; attention's
-quadratic term is left out. Memory per GPU is the model state under mixed precision (bf16 weights and gradients,
+seconds on a laptop. FLOPs per sample are the trainer's MFU rule (`StepFlops`, zidong/train/flops.py) for one
+triplet at the recipe's caps (text: `data.max_text_tokens`; vision: patches + 1; speech: 50 steps per second of
+`data.max_speech_seconds`) with the recipe's objective weights (their warm-up done) and frozen towers. Memory per GPU is the model state under mixed precision (bf16 weights and gradients,
 fp32 master weights and two Adam moments: 2 + 2 + 12 bytes per parameter) split as each ZeRO stage splits it;
 activations come on top and depend on batch size and activation checkpointing.
 """
@@ -17,10 +16,11 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
-from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
+from zidong.train.flops import StepFlops
+from zidong.train.optim import freeze_for_good, objective_weights
 from zidong.train.recipe import PretrainRecipe
 
-SPEECH_STEPS_PER_SECOND = 50  # 10 ms filterbank frames stacked in pairs
 BYTES_PER_PARAMETER = {"weights": 2, "gradients": 2, "optimizer": 12}
 
 
@@ -29,19 +29,27 @@ def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
     config, vocabulary_note = _config(recipe)
     with torch.device("meta"):
         model = ZidongModel(config)
+    freeze_for_good(model, recipe)
     towers = model.towers()
     sizes = {m: _count(towers[m]) for m in MODALITIES}
     sizes["fusion"] = _count(model.fusion)
     total = _count(model)
     sizes["heads and projections"] = total - sum(sizes.values())
-    tokens = _tokens_per_sample(recipe, config)
-    flops = sum(6 * (sizes[m] - _embedding_count(towers[m])) * tokens[m] for m in MODALITIES)
-    flops += 6 * sizes["fusion"] * (sum(tokens.values()) + 1)
+    step_flops = StepFlops(model)
+    vision = config.vision_config
+    size = getattr(vision, "image_size", 224)
+    tokens = step_flops.tokens_at_caps(
+        recipe.data.max_text_tokens,
+        (size, size) if isinstance(size, int) else tuple(size),
+        recipe.data.max_speech_seconds,
+        config.sampling_rate,
+    )
+    flops = step_flops.of_tokens(tokens, objective_weights(recipe, recipe.train.max_steps, OBJECTIVES))
     lines = [f"model: preset {recipe.model.preset}, {vocabulary_note}", "", f"{'parameters':<24}{'count':>16}"]
     lines += [f"{name:<24}{count:>16,}" for name, count in sizes.items()]
     lines += [f"{'total':<24}{total:>16,}  ({total / 1e9:.2f} B)", ""]
-    lines.append("tokens per sample at the caps: " + ", ".join(f"{m} {n}" for m, n in tokens.items()))
-    lines.append(f"training FLOPs per sample: {flops:.3e} (6 x parameters x tokens, attention excluded)")
+    lines.append("tokens per sample at the caps: " + ", ".join(f"{m} {int(n)}" for m, n in tokens.items()))
+    lines.append(f"training FLOPs per sample: {flops:.3e} (6 x parameters x tokens, objectives included)")
     lines += ["", f"model state per GPU on {gpus} GPU(s), bf16 + fp32 Adam (activations not included):"]
     for stage in range(4):
         lines.append(f"  ZeRO-{stage}: {_state_bytes(total, gpus, stage) / 2**30:8.2f} GiB")
@@ -64,22 +72,8 @@ def _config(recipe: PretrainRecipe) -> tuple[ZidongConfig, str]:
     return ZidongConfig.from_preset(recipe.model.preset, **overrides), note
 
 
-def _tokens_per_sample(recipe: PretrainRecipe, config: ZidongConfig) -> dict[str, int]:
-    vision = config.vision_config
-    patches = (getattr(vision, "image_size", 224) // getattr(vision, "patch_size", 16)) ** 2 + 1
-    return {
-        "text": recipe.data.max_text_tokens,
-        "vision": patches,
-        "speech": int(SPEECH_STEPS_PER_SECOND * recipe.data.max_speech_seconds),
-    }
-
-
 def _count(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
-
-
-def _embedding_count(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Embedding))
 
 
 def _state_bytes(parameters: int, gpus: int, stage: int) -> float:

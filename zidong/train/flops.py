@@ -45,7 +45,11 @@ class StepFlops:
         self.patch_size = getattr(config.vision_config, "patch_size", None)
 
     def of_batch(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> float:
-        tokens = self._tokens_per_sample(batch)
+        """Model FLOPs of one training micro-batch with objective `weights` (its real, unpadded tokens)."""
+        return self.of_tokens(self._tokens_per_sample(batch), weights)
+
+    def of_tokens(self, tokens: dict[str, torch.Tensor], weights: dict[str, float]) -> float:
+        """Model FLOPs of training on samples with `tokens[modality]` (samples,) tokens each (0: absent)."""
         flops = 0.0
         for modality, (parameters, trains) in self.towers.items():
             passes = 1 + bool(weights.get(f"masked_{modality}"))
@@ -74,6 +78,12 @@ class StepFlops:
             mask = batch.get("speech_attention_mask", torch.ones_like(batch["input_values"]))
             tokens["speech"][batch["speech_present"].cpu()] = mask.sum(dim=1).cpu() // self.samples_per_speech_step
         return tokens
+
+    def tokens_at_caps(self, text_tokens: int, image_size: tuple[int, int], speech_seconds: float, sampling_rate: int):
+        """(1,) token counts per modality of one sample that reaches every cap (`zidong pretrain --dry-run`)."""
+        patches = (image_size[0] // self.patch_size) * (image_size[1] // self.patch_size) + 1 if self.patch_size else 0
+        steps = int(speech_seconds * sampling_rate) // self.samples_per_speech_step
+        return {m: torch.tensor([n]) for m, n in zip(MODALITIES, (text_tokens, patches, steps), strict=True)}
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
