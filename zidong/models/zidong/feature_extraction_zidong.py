@@ -178,7 +178,8 @@ class ZidongFeatureExtractor(SequenceFeatureExtractor):
     """Pads mono waveforms into a batch; the filterbank runs in the model (`BatchedFbank`), on its device.
 
     Call it with one waveform (1-D array) or a list of them, at `sampling_rate` (16 kHz). Returns
-    `input_values` (batch, samples) and `attention_mask` (batch, samples).
+    `input_values` (batch, samples) and `attention_mask` (batch, samples). It keeps every sample: training cuts
+    long audio in the data pipeline (`data.max_speech_seconds`, zidong/data/transforms.py).
     """
 
     model_input_names: ClassVar[list[str]] = ["input_values", "attention_mask"]
@@ -188,7 +189,6 @@ class ZidongFeatureExtractor(SequenceFeatureExtractor):
         feature_size: int = 1,
         sampling_rate: int = 16000,
         padding_value: float = 0.0,
-        max_seconds: float | None = None,
         **kwargs,
     ):
         kwargs.pop("return_attention_mask", None)  # always True; present when loading a saved config
@@ -199,7 +199,6 @@ class ZidongFeatureExtractor(SequenceFeatureExtractor):
             return_attention_mask=True,
             **kwargs,
         )
-        self.max_seconds = max_seconds
 
     def __call__(
         self, audio, sampling_rate: int | None = None, return_tensors: str | None = None, **kwargs
@@ -215,8 +214,6 @@ class ZidongFeatureExtractor(SequenceFeatureExtractor):
             array = np.asarray(waveform, dtype=np.float32)
             if array.ndim != 1:
                 raise ValueError(f"audio[{index}] must be a mono 1-D waveform, got shape {array.shape}")
-            if self.max_seconds is not None:
-                array = array[: int(self.max_seconds * self.sampling_rate)]
             arrays.append(array)
         longest = max((len(a) for a in arrays), default=0)
         values = np.full((len(arrays), longest), self.padding_value, dtype=np.float32)
