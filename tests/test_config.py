@@ -286,3 +286,18 @@ def test_error_in_value_replaced_by_override_points_at_command_line(tmp_path: Pa
     path = write(tmp_path, "r.yaml", "name: demo\nsources: [{path: a}]\n")
     message = problems_of(Schema, path, ["sources=[{path: b, weight: 0}]"])
     assert "command line `sources=[{path: b, weight: 0}]`: `sources.0.weight`: must be greater than 0" in message
+
+
+def test_names_spelled_out_for_light_imports_match_their_owners() -> None:
+    # the recipe schema, the CLI and `zidong report` list these without importing the model or trainer
+    from dataclasses import fields
+
+    from zidong.cli import FINETUNE_TASKS
+    from zidong.models.zidong.modeling_zidong import OBJECTIVES
+    from zidong.train.finetune import TASKS
+    from zidong.train.recipe import LossSection
+    from zidong.train.report import LOSS_KEYS
+
+    assert tuple(field.name for field in fields(LossSection)) == OBJECTIVES
+    assert ("loss", *OBJECTIVES) == LOSS_KEYS
+    assert tuple(TASKS) == FINETUNE_TASKS

@@ -41,7 +41,6 @@ from zidong.train.trainer import Run, Task, apply_train_settings, lockstep_enabl
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
-TASKS = ("retrieval", "classify")
 EXPORT_FOLDER = "model"
 
 
@@ -65,8 +64,7 @@ class FinetuneRecipe(PretrainRecipe):
 
 def finetune(task_name: str, recipe: FinetuneRecipe) -> dict[str, float]:
     """Run fine-tuning task `task_name` (`retrieval` or `classify`); returns the last held-out metrics."""
-    task = RetrievalTask.for_recipe(recipe) if task_name == "retrieval" else ClassifyTask.for_recipe(recipe)
-    return train(recipe, task)
+    return train(recipe, TASKS[task_name].for_recipe(recipe))
 
 
 class RetrievalTask(Task):
@@ -150,6 +148,9 @@ class ClassifyTask(Task):
 
     def finish(self, run: Run, metrics: dict[str, float]) -> None:
         _export_final(run)
+
+
+TASKS: dict[str, type[RetrievalTask] | type[ClassifyTask]] = {"retrieval": RetrievalTask, "classify": ClassifyTask}
 
 
 def _train_only_what_classifies(model: ZidongForClassification) -> None:
