@@ -168,7 +168,8 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
-    from zidong.data.inspect import check_shards, load_index, summary
+    from zidong.data.inspect import check_shards, summary
+    from zidong.data.shards import load_index
 
     index = load_index(args.folder)
     problems = check_shards(args.folder, index, checksums=args.checksums)

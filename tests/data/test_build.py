@@ -16,8 +16,9 @@ from tests.data.fixtures import truncate, write_audio, write_image, write_manife
 from tests.helpers import run_cli
 from zidong.cli import EXIT_USAGE, main
 from zidong.data.build import build
-from zidong.data.inspect import check_shards, load_index
+from zidong.data.inspect import check_shards
 from zidong.data.normalize import BuildSettings
+from zidong.data.shards import load_index
 
 
 def shard_members(folder: Path) -> dict[str, dict[str, bytes]]:

@@ -12,7 +12,8 @@ import soundfile
 from tests.data.test_build import shard_members
 from zidong.cli import EXIT_USAGE, main
 from zidong.data.demo import Group, caption
-from zidong.data.inspect import check_shards, load_index
+from zidong.data.inspect import check_shards
+from zidong.data.shards import load_index
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from zidong.data.normalize import BuildSettings, Rejected, Sample, normalize_sample, parse_line
+from zidong.data.shards import write_atomic, write_index
 from zidong.errors import UserError
 from zidong.utils.log import get_logger, progress
 
-INDEX_FORMAT = "zidong-shards/1"
 STATE_DIR = ".build"
 logger = get_logger(__name__)
 
@@ -136,7 +136,7 @@ def _claim_output(out: Path, state: Path, manifest: Path, digest: str, settings:
                     "it to finish that build, or choose another --out"
                 )
         else:
-            _write_atomic(claim_file, json.dumps(claim, indent=2).encode())
+            write_atomic(claim_file, json.dumps(claim, indent=2).encode())
     except OSError as err:
         raise UserError(f"cannot write into {out}: {err.strerror or err}") from None
 
@@ -156,7 +156,7 @@ def _completed_records(out: Path, progress_file: Path) -> list[dict[str, Any]]:
             if not shard.is_file() or shard.stat().st_size != record["bytes"]:
                 break
         records.append(record)
-    _write_atomic(progress_file, "".join(json.dumps(r) + "\n" for r in records).encode())
+    write_atomic(progress_file, "".join(json.dumps(r) + "\n" for r in records).encode())
     return records
 
 
@@ -276,7 +276,7 @@ def _write_shard(
                 archive.addfile(info, io.BytesIO(content))
             stats.add(sample)
     content = buffer.getvalue()
-    _write_atomic(out / name, content)
+    write_atomic(out / name, content)
     record = {
         "shard": name,
         "samples": len(samples),
@@ -295,15 +295,6 @@ def _append_record(progress_file: Path, record: dict[str, Any]) -> None:
         stream.write(json.dumps(record) + "\n")
         stream.flush()
         os.fsync(stream.fileno())
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with temporary.open("wb") as stream:
-        stream.write(content)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
 
 
 def _merge_if_complete(out: Path, state: Path, manifest: Path, settings: BuildSettings, parts: int) -> bool:
@@ -327,7 +318,6 @@ def _merge_if_complete(out: Path, state: Path, manifest: Path, settings: BuildSe
         totals.languages.update(stats["languages"])
     rejects = sorted((reject for r in all_records for reject in r["rejects"]), key=lambda reject: reject["line"])
     index = {
-        "format": INDEX_FORMAT,
         "samples": totals.samples,
         "combinations": dict(sorted(totals.combinations.items())),
         "audio_hours": round(totals.audio_seconds / 3600, 6),
@@ -340,6 +330,5 @@ def _merge_if_complete(out: Path, state: Path, manifest: Path, settings: BuildSe
         "manifest": str(manifest),
         "settings": dataclasses.asdict(settings),
     }
-    _write_atomic(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects).encode())
-    _write_atomic(out / "index.json", (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
+    write_index(out, index, rejects)
     return True

@@ -7,30 +7,9 @@ headers); `--checksums` also recomputes each sha256. Shards on disk that the ind
 from __future__ import annotations
 
 import hashlib
-import json
 import tarfile
 from pathlib import Path
 from typing import Any
-
-from zidong.data.build import INDEX_FORMAT
-from zidong.errors import UserError
-
-
-def load_index(folder: Path) -> dict[str, Any]:
-    """Read `folder/index.json`; raises UserError when it is missing or not a zidong shard index."""
-    path = folder / "index.json"
-    if not path.is_file():
-        raise UserError(
-            f"{folder} has no index.json: not a zidong shard folder, or its build has not finished "
-            "(re-run the same `zidong data build` command to finish it)"
-        )
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise UserError(f"{path} is not a zidong shard index (expected format {INDEX_FORMAT})")
-    return index
 
 
 def check_shards(folder: Path, index: dict[str, Any], checksums: bool = False) -> list[str]:

@@ -1,6 +1,11 @@
-"""Random access to the samples of a shard folder written by `zidong data build` / `zidong data demo`.
+"""The shard folder format: its index (names, reader, writer) and random access to its samples.
 
-A shard is a plain tar file; its members `{key}.{ext}` are stored in sample order. `ShardFolder` reads the
+A shard folder, written by `zidong data build` / `zidong data demo`, holds tar shards, `index.json` (format
+`INDEX_FORMAT`: totals, per-shard sample counts, bytes and sha256; written last, so its presence means the build
+finished) and `rejects.jsonl`. A shard is a plain tar file; its members `{key}.{ext}` are stored in sample
+order. `load_index` reads and checks the index, `write_index` writes it and the reject report atomically.
+
+`ShardFolder` reads the
 sample counts from `index.json` (no shard is opened to plan an epoch) and, on first use of a shard, its tar
 headers (a sequential scan of the header blocks only), so that any sample can then be read with one seek per
 member. A damaged shard or member raises `SampleError`, which the stream turns into a counted, logged skip.
@@ -10,13 +15,53 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from zidong.data.inspect import load_index
+from zidong.errors import UserError
+
+INDEX_FILE = "index.json"
+REJECTS_FILE = "rejects.jsonl"
+INDEX_FORMAT = "zidong-shards/1"
+
+
+def load_index(folder: Path) -> dict[str, Any]:
+    """Read `folder/index.json`; raises UserError when it is missing or not a zidong shard index."""
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{folder} has no index.json: not a zidong shard folder, or its build has not finished "
+            "(re-run the same `zidong data build` command to finish it)"
+        )
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise UserError(f"{path} is not a zidong shard index (expected format {INDEX_FORMAT})")
+    return index
+
+
+def write_index(folder: Path, index: dict[str, Any], rejects: list[dict[str, Any]]) -> None:
+    """Write `rejects.jsonl`, then `index.json` (format `INDEX_FORMAT`), each atomically (a reader never sees a
+    partial file)."""
+    write_atomic(folder / REJECTS_FILE, "".join(json.dumps(reject) + "\n" for reject in rejects).encode())
+    content = {"format": INDEX_FORMAT, **index}
+    write_atomic(folder / INDEX_FILE, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write `content` to `path` through a temporary file, synced, then renamed over `path`."""
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with temporary.open("wb") as stream:
+        stream.write(content)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
 
 
 class SampleError(Exception):

@@ -17,10 +17,10 @@ tokenizer (the shard builder already applies NFC and collapses whitespace), and 
 from __future__ import annotations
 
 import io
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from zidong.data.shards import SampleError, ShardFolder
 from zidong.errors import UserError
 from zidong.utils.log import get_logger
 
@@ -34,14 +34,9 @@ def read_sentences(inputs: list[Path]) -> Iterator[str]:
     """Non-empty lines of text files, and the `.txt` members of every shard in shard folders."""
     for path in inputs:
         if path.is_dir():
-            shards = sorted(path.glob("*.tar"))
-            if not shards:
+            if not any(path.glob("*.tar")):
                 raise UserError(f"{path} is a folder without .tar shards; give text files or shard folders")
-            for shard in shards:
-                with tarfile.open(shard) as archive:
-                    for member in archive:
-                        if member.name.endswith(".txt"):
-                            yield archive.extractfile(member).read().decode("utf-8")
+            yield from _captions(ShardFolder(path))
             continue
         try:
             with path.open(encoding="utf-8") as stream:
@@ -50,6 +45,20 @@ def read_sentences(inputs: list[Path]) -> Iterator[str]:
                         yield line.rstrip("\n")
         except UnicodeDecodeError as err:
             raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _captions(folder: ShardFolder) -> Iterator[str]:
+    """The caption of every sample of a shard folder that has one, in shard order."""
+    try:
+        for shard, count in enumerate(folder.counts):
+            for position in range(count):
+                text = folder.read(shard, position, only=("txt",)).files.get("txt")
+                if text is not None:
+                    yield text.decode("utf-8")
+    except SampleError as err:
+        raise UserError(f"{folder.folder}: {err}; check it with `zidong data inspect {folder.folder}`") from None
+    finally:
+        folder.close()
 
 
 def train_tokenizer(
