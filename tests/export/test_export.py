@@ -18,8 +18,9 @@ from PIL import Image
 
 from tests.helpers import run_cli
 from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
-from zidong.export.trained import load_trained, read_weights
+from zidong.export.trained import load_trained
 from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.train.checkpoint import read_weights
 
 BLOCK_ZIDONG = """
 import importlib.abc, sys

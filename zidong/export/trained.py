@@ -4,7 +4,8 @@
 (`OUTPUT_DIR/checkpoints/step-N`), or an exported Hugging Face folder. `load_trained(path)` returns the model
 (eval mode, fp32), its processor and, for checkpoints, the recipe that trained it.
 
-Weights come from whichever layout the launch wrote:
+Weights come from whichever layout the launch wrote (`read_weights` in zidong/train/checkpoint.py, the owner of
+the checkpoint layout):
 - `model.safetensors`: one process or DDP (`Accelerator.save_state`);
 - `pytorch_model/` + `latest`: DeepSpeed ZeRO-1/2/3; the fp32 master weights are gathered from every rank's
   shard files with DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`, no cluster needed;
@@ -15,20 +16,14 @@ is a `UserError` naming the folder and what to do.
 
 from __future__ import annotations
 
-import logging
 import re
-import tempfile
 from pathlib import Path
-
-import torch
-import yaml
-from safetensors.torch import load_file
 
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel, ZidongPreTrainedModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.checkpoint import MODEL_FILES, RECIPE_FILE, checkpoints
+from zidong.train.checkpoint import MODEL_FILES, checkpoints, model_files, read_recipe, read_weights
 
 _STEP = re.compile(r"^step-\d{8}$")
 
@@ -60,39 +55,11 @@ def load_trained(path: str | Path) -> tuple[ZidongPreTrainedModel, ZidongProcess
     if _is_export(folder):
         model = _model_class(ZidongConfig.from_pretrained(folder)).from_pretrained(folder).eval()
         return model, ZidongProcessor.from_pretrained(folder), None, folder
-    files = folder / MODEL_FILES
-    if not (files / "config.json").is_file():
-        raise UserError(
-            f"{folder} has no {MODEL_FILES}/config.json: it was written by an older zidong that did not store the "
-            "model configuration in checkpoints; resume the run for one more checkpoint and export that"
-        )
+    files = model_files(folder)
     config = ZidongConfig.from_pretrained(files)
     model = _model_class(config)(config)
     _load_weights(model, folder)
-    processor = ZidongProcessor.from_pretrained(files)
-    recipe = yaml.safe_load((folder / RECIPE_FILE).read_text()) if (folder / RECIPE_FILE).is_file() else None
-    return model.eval(), processor, recipe, folder
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The model's full state dict from a checkpoint folder, whatever wrote it."""
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model").is_dir() and (folder / "latest").is_file():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder))
-    if (folder / "pytorch_model_fsdp_0").is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as scratch:
-            dcp_to_torch_save(folder / "pytorch_model_fsdp_0", Path(scratch) / "model.pt")
-            return torch.load(Path(scratch) / "model.pt", weights_only=True)["model"]
-    raise UserError(
-        f"{folder} holds no model weights in a layout zidong knows (model.safetensors, DeepSpeed pytorch_model/ + "
-        "latest, or FSDP pytorch_model_fsdp_0/); is the checkpoint complete?"
-    )
+    return model.eval(), ZidongProcessor.from_pretrained(files), read_recipe(folder), folder
 
 
 def _load_weights(model: ZidongPreTrainedModel, folder: Path) -> None:

@@ -3,7 +3,8 @@
 A checkpoint folder holds what `Accelerator.save_state` writes (model, optimizer, scheduler, every process's RNG
 states; sharded under DeepSpeed/FSDP), `trainer.json` (step, counters and the number of processes), one
 `data-rank{r}.json` per process (its data-stream state), and what `describe` adds (the trainer: `model/` with the
-model's `config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else).
+model's `config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else;
+`describe_model` writes them, `model_files`, `read_weights` and `read_recipe` read a checkpoint back).
 Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N` once every process has finished, so
 a folder named `step-N` is always complete. An interrupted save leaves a `step-N.tmp` folder: resume ignores it,
 and the next save of the same step replaces it.
@@ -12,13 +13,19 @@ and the next save of the same step replaces it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import ProcessorMixin
 
 from zidong.errors import UserError
 
@@ -70,6 +77,56 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def describe_model(model: torch.nn.Module, processor: ProcessorMixin, recipe_yaml: str, folder: Path) -> None:
+    """Write into checkpoint `folder` what rebuilds the model without the run: `model/` (its config, naming the
+    class `zidong export` rebuilds, and the processor) and `recipe.yaml`."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder / MODEL_FILES)
+    processor.save_pretrained(folder / MODEL_FILES)
+    (folder / RECIPE_FILE).write_text(recipe_yaml)
+
+
+def model_files(folder: Path) -> Path:
+    """The `model/` folder of a checkpoint (config.json and processor files); UserError when it has none."""
+    files = folder / MODEL_FILES
+    if not (files / "config.json").is_file():
+        raise UserError(
+            f"{folder} has no {MODEL_FILES}/config.json: it was written by an older zidong that did not store the "
+            "model configuration in checkpoints; resume the run for one more checkpoint and export that"
+        )
+    return files
+
+
+def read_recipe(folder: Path) -> dict[str, Any] | None:
+    """The recipe a checkpoint was trained with (None if it has none)."""
+    path = folder / RECIPE_FILE
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's full state dict from a checkpoint folder, whatever wrote it: `model.safetensors` (one
+    process, DDP), DeepSpeed's `pytorch_model/` + `latest` (fp32 master weights gathered from every rank's shard
+    files), or FSDP's `pytorch_model_fsdp_0/` (torch.distributed.checkpoint); on one CPU process."""
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model").is_dir() and (folder / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    if (folder / "pytorch_model_fsdp_0").is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as scratch:
+            dcp_to_torch_save(folder / "pytorch_model_fsdp_0", Path(scratch) / "model.pt")
+            return torch.load(Path(scratch) / "model.pt", weights_only=True)["model"]
+    raise UserError(
+        f"{folder} holds no model weights in a layout zidong knows (model.safetensors, DeepSpeed pytorch_model/ + "
+        "latest, or FSDP pytorch_model_fsdp_0/); is the checkpoint complete?"
+    )
 
 
 def load_checkpoint(accelerator: Accelerator, folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -45,7 +45,7 @@ from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import MODALITIES, PRESETS
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.checkpoint import MODEL_FILES, RECIPE_FILE, checkpoints, load_checkpoint, save_checkpoint
+from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint, save_checkpoint
 from zidong.train.evaluate import HeldOut, retrieval
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers, retrieval_table
@@ -355,16 +355,8 @@ def _setup(recipe: PretrainRecipe, task: Task) -> Run:
         log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
         window=ThroughputWindow(step_flops.samples_per_speech_frame, _peak_flops(recipe, accelerator)),
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
-        describe=functools.partial(_describe, accelerator.unwrap_model(model), processor, recipe),
+        describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
     )
-
-
-def _describe(model: torch.nn.Module, processor: ZidongProcessor, recipe: PretrainRecipe, folder: Path) -> None:
-    config = model.config
-    config.architectures = [type(model).__name__]  # which class `zidong export` rebuilds
-    config.save_pretrained(folder / MODEL_FILES)
-    processor.save_pretrained(folder / MODEL_FILES)
-    (folder / RECIPE_FILE).write_text(to_yaml(recipe))
 
 
 def _peak_flops(recipe: PretrainRecipe, accelerator: Accelerator) -> float:
