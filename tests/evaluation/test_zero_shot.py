@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
 from tests.helpers import run_cli
 from tests.train.test_pretrain import corpus  # noqa: F401  (a fixture)
+from zidong.evaluation.retrieval import recall_at_k
 from zidong.evaluation.zero_shot import classify
 from zidong.models.zidong.configuration_zidong import MODALITIES
-from zidong.train.evaluate import recall_at_k
 
 SAMPLES = 400
 

@@ -24,10 +24,9 @@ from zidong.data.labels import LabelSet, load_labels
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
+from zidong.evaluation.retrieval import HeldOut, embed_folder, recall_at_k, retrieval_table, sample_refs
 from zidong.export.trained import load_trained
 from zidong.models.zidong.modeling_zidong import ZidongModel
-from zidong.train.evaluate import HeldOut, embed_folder, recall_at_k, sample_refs
-from zidong.train.metrics import retrieval_table
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from zidong.evaluation.retrieval import retrieval_table
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.modeling_zidong import ZidongModel
-from zidong.train.metrics import METRICS_FILE, retrieval_table
+from zidong.train.metrics import METRICS_FILE
 
 POOLING = {
     "text": "the mean of `last_hidden_state` over the tokens where `attention_mask` is 1",

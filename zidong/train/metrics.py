@@ -20,7 +20,6 @@ from accelerate import Accelerator
 
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import MODALITIES
-from zidong.train.evaluate import RECALL_AT
 
 METRICS_FILE = "metrics.jsonl"
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -122,17 +121,3 @@ class ThroughputWindow:
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.reset()
         return record
-
-
-def retrieval_table(metrics: dict[str, float]) -> str:
-    """The retrieval metrics as a fixed-width table (R@k and median rank), with their chance levels."""
-    pairs = sorted({key.split("/")[0] for key in metrics if "/R@" in key})
-    count = int(metrics.get("samples", 0))
-    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT) + f"{'median':>8}"]
-    for pair in pairs:
-        recalls = "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT)
-        lines.append(f"{pair:<16}{recalls}{metrics.get(f'{pair}/median_rank', float('nan')):>8.1f}")
-    if count:
-        chance = "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT)
-        lines.append(f"{'chance':<16}{chance}{(count + 1) / 2:>8.1f}")
-    return "\n".join(lines)

@@ -42,13 +42,13 @@ from zidong.config import to_dict, to_yaml
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
+from zidong.evaluation.retrieval import HeldOut, retrieval, retrieval_table
 from zidong.models.zidong.configuration_zidong import MODALITIES, PRESETS
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint, save_checkpoint
-from zidong.train.evaluate import HeldOut, retrieval
 from zidong.train.flops import StepFlops, measured_peak_flops
-from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers, retrieval_table
+from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
 from zidong.train.optim import (
     build_optimizer,
     build_scheduler,

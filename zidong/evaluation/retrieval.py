@@ -1,4 +1,4 @@
-"""Zero-shot retrieval on held-out shards: Recall@1/5/10 and median rank for every modality pair and direction.
+"""Retrieval on held-out shards: Recall@1/5/10 and median rank for every modality pair and direction.
 
 Every process embeds a contiguous block of the held-out samples (evaluation transforms: centre crop, audio
 head); the embeddings are gathered to every process and scored there. For the pair (a, b) only samples that have
@@ -145,3 +145,17 @@ def recall_at_k(embeds: dict[str, torch.Tensor], present: dict[str, torch.Tensor
         metrics[f"{query}->{target}/median_rank"] = float((rank + 1).float().median())
         metrics[f"{query}->{target}/count"] = float(count)
     return metrics
+
+
+def retrieval_table(metrics: dict[str, float]) -> str:
+    """The retrieval metrics as a fixed-width table (R@k and median rank), with their chance levels."""
+    pairs = sorted({key.split("/")[0] for key in metrics if "/R@" in key})
+    count = int(metrics.get("samples", 0))
+    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT) + f"{'median':>8}"]
+    for pair in pairs:
+        recalls = "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT)
+        lines.append(f"{pair:<16}{recalls}{metrics.get(f'{pair}/median_rank', float('nan')):>8.1f}")
+    if count:
+        chance = "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT)
+        lines.append(f"{'chance':<16}{chance}{(count + 1) / 2:>8.1f}")
+    return "\n".join(lines)
