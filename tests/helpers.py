@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +24,32 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a lost node would. Not `os.killpg`: torchrun (and
+    `accelerate launch`) start every rank in a session of its own, so the ranks outlive their launcher's group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending += children.get(current, [])
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(member, signal.SIGKILL)
+
+
+def resumed_step(output: str) -> int:
+    """The step a relaunched run says it resumed from (`resumed from ... (step N)`)."""
+    import re
+
+    match = re.search(r"resumed from \S+ \(step (\d+)\)", output)
+    assert match, f"the run did not resume:\n{output[-3000:]}"
+    return int(match.group(1))

@@ -7,8 +7,8 @@ norms) and in the final weights, to a relative 1e-5 in float32.
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, kill_tree, resumed_step
 from tests.train import parity
 from zidong.data.tokenizer import train_tokenizer
 
@@ -31,24 +31,30 @@ CLASSIFY = ["finetune", "classify"]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """40 samples of triplets and pairs (10 steps of 8 cross an epoch boundary), a tokenizer, a label file."""
+    """40 samples of triplets and pairs (10 steps of 8 cross an epoch boundary), 9 held-out triplets (an odd
+    count: the processes' evaluation blocks differ in size), a tokenizer, a label file."""
     root = tmp_path_factory.mktemp("parity-corpus")
     rng = np.random.default_rng(0)
     (root / "text.txt").write_text("\n".join(caption_of("s", n, rng) for n in range(3000)) + "\n")
     (root / "labels.yaml").write_text("field: labels.parity\nclasses: {even: [even], odd: [odd]}\n")
     return {
         "train": make_corpus(root / "train", 40, combinations=TEXT_COMBINATIONS),
+        "eval": make_corpus(root / "eval", 9, seed=1, combinations=(("text", "vision", "speech"),)),
         "tokenizer": train_tokenizer([root / "text.txt"], 400, root / "tokenizer"),
         "labels": root / "labels.yaml",
     }
 
 
-def pretrain_recipe(folder: Path, corpus: dict[str, Path], processes: int, **train) -> Path:
+def pretrain_recipe(folder: Path, corpus: dict[str, Path], processes: int, evaluate: bool = False, **train) -> Path:
     recipe = {
         "output_dir": str(folder / "run"),
         "seed": 5,
         "model": {"preset": "tiny", "tokenizer": str(corpus["tokenizer"])},
-        "data": {"train": [{"path": str(corpus["train"])}], "num_workers": 0},
+        "data": {
+            "train": [{"path": str(corpus["train"])}],
+            "eval": str(corpus["eval"]) if evaluate else None,
+            "num_workers": 0,
+        },
         "train": {
             "max_steps": STEPS,
             "batch_size": GLOBAL_BATCH // processes,
@@ -111,17 +117,20 @@ def test_four_process_ddp_trains_like_one_process(corpus: dict[str, Path], one_p
 def test_deepspeed_trains_like_one_process_across_a_kill_and_resume(
     corpus: dict[str, Path], one_process: Path, tmp_path: Path, stage: str
 ) -> None:
-    recipe = pretrain_recipe(tmp_path, corpus, 2)
+    recipe = pretrain_recipe(tmp_path, corpus, 2, evaluate=True)  # evaluation in lockstep at the end
     job = parity.start(stage, 2, PRETRAIN, recipe)
     parity.wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", job)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks at once, as a lost node would
+    kill_tree(job.pid)  # the launcher and both ranks at once
     job.wait()
     resumed = parity.launch(stage, 2, PRETRAIN, recipe)
-    assert "resumed from" in resumed.stderr
+    assert resumed_step(resumed.stderr) < STEPS  # killed mid-run, not after the end
     shards = {p.name for p in (tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}" / "pytorch_model").iterdir()}
     # ZeRO-3 partitions the weights too: one model-state file per rank
     assert ("zero_pp_rank_1_mp_rank_00_model_states.pt" in shards) == (stage == "zero3")
     parity.assert_same_training(one_process, tmp_path / "run")
+    assert "held-out retrieval after 10 steps" in resumed.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"]) for r in records if r["kind"] == "eval"] == [(STEPS, 9.0)]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +168,6 @@ def test_accumulation_trains_like_more_processes(
 
 def test_the_harness_catches_a_schedule_that_runs_twice_as_fast(one_process: Path, tmp_path: Path) -> None:
     """The comparison itself must fail on the bug it exists for (learning rates of a 2x schedule)."""
-    import json
     import shutil
 
     shutil.copytree(one_process, tmp_path / "run")
