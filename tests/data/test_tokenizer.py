@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
 import sentencepiece
 from transformers import AutoTokenizer
 
+from tests.data.corpus import make_corpus
 from zidong.cli import EXIT_USAGE, main
 
 ENGLISH = [
@@ -131,3 +133,33 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         == EXIT_USAGE
     )
     assert "at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("metadata", "unreadable metadata"),
+        ("caption", "can't decode byte 0xff"),
+        ("index", "has no index.json"),
+    ],
+)
+def test_an_unreadable_shard_folder_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], breakage: str, message: str
+) -> None:
+    shards = make_corpus(tmp_path / "corpus", 12, combinations=(("text", "vision"),))
+    if breakage == "index":
+        (shards / "index.json").unlink()
+    else:
+        extension = "json" if breakage == "metadata" else "txt"
+        path = sorted(shards.glob("*.tar"))[0]
+        with tarfile.open(path) as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith(f".{extension}"))
+        with open(path, "r+b") as handle:
+            handle.seek(member.offset_data)
+            handle.write(b"\xff" * member.size)
+    out = tmp_path / "tokenizer"
+    assert main(["tokenizer", "train", "--input", str(shards), "--vocab-size", "60", "--out", str(out)]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+    assert not out.exists()

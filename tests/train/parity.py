@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 
@@ -206,6 +207,4 @@ def assert_same_training(expected: Path, got: Path, keys: tuple[str, ...] = ("lo
 
 
 def _approx(value: float):
-    import pytest
-
     return pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-7)

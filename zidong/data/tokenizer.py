@@ -52,11 +52,14 @@ def _captions(folder: ShardFolder) -> Iterator[str]:
     try:
         for shard, count in enumerate(folder.counts):
             for position in range(count):
-                text = folder.read(shard, position, only=("txt",)).files.get("txt")
-                if text is not None:
-                    yield text.decode("utf-8")
-    except SampleError as err:
-        raise UserError(f"{folder.folder}: {err}; check it with `zidong data inspect {folder.folder}`") from None
+                sample = folder.read(shard, position, only=("txt",))
+                if "txt" in sample.files:
+                    yield sample.files["txt"].decode("utf-8")
+    except (SampleError, UnicodeDecodeError) as err:
+        raise UserError(
+            f"{folder.folder}: a caption cannot be read ({err}); check the folder with `zidong data inspect "
+            f"{folder.folder} --checksums` and rebuild it"
+        ) from None
     finally:
         folder.close()
 

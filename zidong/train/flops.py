@@ -79,7 +79,9 @@ class StepFlops:
             tokens["speech"][batch["speech_present"].cpu()] = mask.sum(dim=1).cpu() // self.samples_per_speech_step
         return tokens
 
-    def tokens_at_caps(self, text_tokens: int, image_size: tuple[int, int], speech_seconds: float, sampling_rate: int):
+    def tokens_at_caps(
+        self, text_tokens: int, image_size: tuple[int, int], speech_seconds: float, sampling_rate: int
+    ) -> dict[str, torch.Tensor]:
         """(1,) token counts per modality of one sample that reaches every cap (`zidong pretrain --dry-run`)."""
         patches = (image_size[0] // self.patch_size) * (image_size[1] // self.patch_size) + 1 if self.patch_size else 0
         steps = int(speech_seconds * sampling_rate) // self.samples_per_speech_step
