@@ -66,7 +66,7 @@ def test_processor_handles_missing_entries(processor: zidong.ZidongProcessor) ->
     assert inputs["pixel_values"].shape == (2, 3, 64, 64)
     assert inputs["input_values"].shape == (2, 8000)
     assert inputs["speech_attention_mask"].sum(dim=1).tolist() == [8000, 4000]
-    model = zidong.ZidongModel(tiny_config(text_config={"model_type": "bert", "vocab_size": len(WORDS)})).eval()
+    model = zidong.ZidongModel(tiny_config(text={"vocab_size": len(WORDS)})).eval()
     with torch.no_grad():
         out = model(**inputs)
     assert out.text_embeds.shape == (3, 128)
@@ -82,7 +82,7 @@ def test_processor_rejects_lists_of_different_lengths(processor: zidong.ZidongPr
 
 def test_clip_style_keyword_names_are_honoured_and_unknown_ones_refused(processor: zidong.ZidongProcessor) -> None:
     torch.manual_seed(0)
-    model = zidong.ZidongModel(tiny_config(text_config={"model_type": "bert", "vocab_size": len(WORDS)})).eval()
+    model = zidong.ZidongModel(tiny_config(text={"vocab_size": len(WORDS)})).eval()
     tokens = processor.tokenizer(["a red circle", "two blue square square square"], padding=True, return_tensors="pt")
     assert tokens["attention_mask"][0].tolist()[-1] == 0  # the first caption is padded
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_clip_style_keyword_names_are_honoured_and_unknown_ones_refused(processo
         model(input_ids=tokens["input_ids"], token_type_ids=torch.ones_like(tokens["input_ids"]))
     classifier = ZidongForClassification(
         tiny_config(
-            text_config={"model_type": "bert", "vocab_size": len(WORDS)},
+            text={"vocab_size": len(WORDS)},
             classification_modality="text",
             id2label={0: "a", 1: "b"},
         )

@@ -16,9 +16,12 @@ MASK_TOKEN = 4
 ALL_OBJECTIVES = dict.fromkeys(OBJECTIVES, 1.0)
 
 
-def tiny_config(**overrides) -> ZidongConfig:
+def tiny_config(text: dict | None = None, **overrides) -> ZidongConfig:
+    """The tiny preset; `text` / `vision` / `speech` override fields of the preset's tower (a `*_config` dict
+    replaces the whole tower config with that architecture's defaults, full size)."""
     overrides = {"mask_token_id": MASK_TOKEN, **overrides}
-    return ZidongConfig.from_preset("tiny", text={"vocab_size": VOCAB, "pad_token_id": 0}, **overrides)
+    text = {"vocab_size": VOCAB, "pad_token_id": 0, **(text or {})}
+    return ZidongConfig.from_preset("tiny", text=text, **overrides)
 
 
 @pytest.fixture(scope="module")
