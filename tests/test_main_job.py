@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import run_cli
 from zidong.export.trained import load_trained
-from zidong.models.zidong.modeling_zidong import ZidongForClassification
+from zidong.models.zidong import ZidongForClassification
 
 TINY = "recipes/pretrain/tiny.yaml"
 QUIET = {"ZIDONG_PROGRESS": "0"}

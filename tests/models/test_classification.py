@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.models.test_modeling import make_inputs, tiny_config
-from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongForClassification, ZidongModel
+from zidong.models.zidong import ZidongForClassification, ZidongModel
+from zidong.models.zidong.configuration_zidong import MODALITIES
 
 
 def classifier_config(modality: str = "vision"):

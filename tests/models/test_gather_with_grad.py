@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from zidong.models.zidong.losses_zidong import contrastive_losses
+from zidong.models.zidong.contrastive_zidong import contrastive_losses
 
 WORLD = 2
 GLOBAL = 7

@@ -28,7 +28,8 @@ from transformers import (
 
 import zidong
 from tests.models.test_modeling import make_inputs, tiny_config
-from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongForClassification
+from zidong.models.zidong import ZidongForClassification
+from zidong.models.zidong.configuration_zidong import MODALITIES
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "two", "三", "个", "圆"]
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.models.test_modeling import ALL_OBJECTIVES, MASK_TOKEN, VOCAB, make_inputs, tiny_config
-from zidong.models.zidong.losses_zidong import multiway_matching_loss, span_mask
+from zidong.models.zidong.masking_zidong import mask_text, mask_vision, modality_level_mask, span_mask
+from zidong.models.zidong.matching_zidong import mine_hard_negatives, multiway_matching_loss
 from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel
 
 
@@ -32,7 +33,7 @@ def test_hard_negatives_are_the_most_similar_valid_partner(model: ZidongModel) -
     swaps = []
     for seed in range(30):
         torch.manual_seed(seed)
-        swapped, partner = model._mine_hard_negatives(embeds, present, present.sum(dim=1) >= 2)
+        swapped, partner = mine_hard_negatives(embeds, present, present.sum(dim=1) >= 2, model.logit_scale[0])
         for row in range(4):
             modality = int(swapped[row])
             assert modality >= 0
@@ -89,12 +90,13 @@ def test_text_masking_never_touches_padding_or_special_tokens(model: ZidongModel
     model.config.text_config.bos_token_id, model.config.text_config.eos_token_id = 2, 3
     attention = (ids != 0).long()
     everything = torch.tensor([True, True])
-    _, (chosen, labels, _) = model._mask_text(ids, attention, everything)
+    masked = mask_text(model, ids, attention, everything)
+    chosen, labels = masked.chosen, masked.target
     assert chosen.tolist() == [[False, True, True, True, False, False, False], [False] + [True] * 5 + [False]]
     assert torch.equal(labels, ids)
     torch.manual_seed(0)
     long_ids = torch.randint(MASK_TOKEN + 1, VOCAB, (64, 32))
-    _, (chosen, _, _) = model._mask_text(long_ids, None, torch.zeros(64, dtype=torch.bool))
+    chosen = mask_text(model, long_ids, None, torch.zeros(64, dtype=torch.bool)).chosen
     assert 0.12 < chosen.float().mean() < 0.18  # text_mask_probability = 0.15
 
 
@@ -118,7 +120,8 @@ def test_vision_masking_blanks_exactly_the_chosen_patches(model: ZidongModel) ->
     )
     pixels = torch.randn(2, 3, 64, 64) + 5.0  # nowhere zero before masking
     try:
-        _, (chosen, target, _) = model._mask_vision(pixels, None, torch.tensor([False, True]))
+        masked = mask_vision(model, pixels, None, torch.tensor([False, True]))
+        chosen, target = masked.chosen, masked.target
     finally:
         hook.remove()
     assert chosen.shape == (2, 64)
@@ -146,11 +149,11 @@ def test_modality_level_masking_masks_one_whole_modality_per_multimodal_sample()
         "vision": torch.tensor([True, True, False, False]),
         "speech": torch.tensor([True, False, True, True]),
     }
-    whole = model._modality_level_mask(["text", "vision", "speech"], presence)
+    whole = modality_level_mask(["text", "vision", "speech"], presence, model.config.modality_mask_probability)
     stacked = torch.stack([whole[m] for m in MODALITIES], dim=1)
     assert stacked.sum(dim=1).tolist() == [1, 1, 1, 0]  # sample 3 has speech only: nothing to predict it from
     assert not (stacked & ~torch.stack([presence[m] for m in MODALITIES], dim=1)).any()
-    only_text = model._modality_level_mask(["text"], presence)
+    only_text = modality_level_mask(["text"], presence, model.config.modality_mask_probability)
     assert only_text["text"].tolist() == [True, True, True, False]
     assert not only_text["speech"].any()
 

@@ -11,7 +11,7 @@ import torch
 from tests.helpers import run_cli
 from tests.models.test_modeling import make_inputs, tiny_config
 from tests.train.test_optim import recipe
-from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel
+from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.train.finetune import ClassifyTask
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.optim import objective_weights

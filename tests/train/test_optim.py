@@ -10,7 +10,7 @@ import torch
 
 from tests.models.test_modeling import tiny_config
 from zidong.config import ConfigError, load_config
-from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongForClassification, ZidongModel
+from zidong.models.zidong import OBJECTIVES, ZidongForClassification, ZidongModel
 from zidong.train.optim import (
     build_optimizer,
     build_scheduler,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from zidong.bench.baseline import naive_contrastive_loss
 from zidong.bench.common import Result, median, peak_allocated_bytes, synthetic_batch
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
-from zidong.models.zidong.losses_zidong import contrastive_losses
+from zidong.models.zidong.contrastive_zidong import contrastive_losses
 from zidong.models.zidong.modeling_zidong import ZidongModel
 
 WORLD = 2

@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 
 from zidong.errors import UserError
+from zidong.models.zidong import ZidongForClassification, ZidongModel, ZidongPreTrainedModel
 from zidong.models.zidong.configuration_zidong import ZidongConfig
-from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel, ZidongPreTrainedModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.checkpoint import MODEL_FILES, checkpoints, model_files, read_recipe, read_weights
 

@@ -33,8 +33,8 @@ from zidong.data.labels import LabelSet, load_labels
 from zidong.errors import UserError
 from zidong.evaluation.classification import accuracy_table, classification_accuracy
 from zidong.export.trained import load_trained
+from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.configuration_zidong import MODALITIES
-from zidong.models.zidong.modeling_zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.trainer import Run, Task, apply_train_settings, lockstep_enabled, train

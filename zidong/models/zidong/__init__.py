@@ -13,9 +13,10 @@ from transformers import (
     AutoProcessor,
 )
 
+from .classification_zidong import ZidongForClassification
 from .configuration_zidong import PRESETS, ZidongConfig
 from .feature_extraction_zidong import ZidongFeatureExtractor
-from .modeling_zidong import OBJECTIVES, ZidongForClassification, ZidongModel, ZidongOutput, ZidongPreTrainedModel
+from .modeling_zidong import OBJECTIVES, ZidongModel, ZidongOutput, ZidongPreTrainedModel
 from .processing_zidong import ZidongProcessor
 
 AutoConfig.register(ZidongConfig.model_type, ZidongConfig, exist_ok=True)

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_zidong import MODALITIES, ZidongConfig
+from .towers_zidong import TowerOutput, scatter_rows
 
 
 @dataclass
@@ -89,6 +90,14 @@ class ZidongFusionEncoder(nn.Module):
         # through the module call, not `.weight[...]`: ZeRO-3 gathers a module's parameters when it is called
         index = torch.tensor(MODALITIES.index(modality), device=token_states.device)
         return self.input_projections[modality](token_states) + self.modality_embeddings(index)
+
+    def stream(
+        self, modality: str, tower_output: TowerOutput, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tower's states, embedded, over the whole batch (absent rows fully masked): one entry of `forward`'s
+        `streams`."""
+        states = self.embed(modality, tower_output.token_states)
+        return scatter_rows(states, present), scatter_rows(tower_output.attention_mask, present)
 
     def forward(self, streams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FusedStreams:
         """`streams` maps a modality to (embedded states (batch, tokens, width), mask (batch, tokens) bool) with

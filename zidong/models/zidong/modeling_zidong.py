@@ -13,20 +13,16 @@ speech). Each tower runs on its present rows only; the embeddings are scattered 
 absent rows, a pair loss uses only the samples that have both modalities, and the fusion encoder masks out the
 modalities a sample lacks, so a missing modality never contributes a gradient.
 
-Objectives (`loss_weights`; a weight of 0 or a missing key skips that objective's compute):
-- `contrastive`: symmetric loss for every present modality pair, negatives gathered from all ranks.
-- `matching`: the fusion encoder tells "matched" from "text / vision / speech was swapped" on negatives that
-  swap one modality for the most similar other sample's (hard negatives, sampled from the contrastive scores).
-- `masked_text` / `masked_vision` / `masked_speech`: one extra pass of the towers on masked inputs (BERT-style
-  token masking, blanked image patches, blanked 20 ms speech spans); the fusion encoder, seeing the other
-  modalities unmasked, predicts the masked tokens, pixels (per-patch normalised) and filterbank steps. With
-  `modality_mask_probability` a whole modality of a multi-modal sample is masked (modality-level masking).
+Objectives (`loss_weights`; a weight of 0 or a missing key skips that objective's compute), each in its own
+module that reads the towers' output (`Encoded`, towers_zidong.py) and returns named losses:
+- `contrastive` (contrastive_zidong.py): symmetric loss for every present modality pair, negatives from all ranks.
+- `matching` (matching_zidong.py): the fusion encoder tells "matched" from "text / vision / speech was swapped"
+  on hard negatives mined from the contrastive scores.
+- `masked_text` / `masked_vision` / `masked_speech` (masking_zidong.py): one extra pass of the towers on masked
+  inputs; the fusion encoder predicts the masked tokens, pixels and filterbank steps.
 
-Lockstep (`lockstep=True`, used under DeepSpeed). ZeRO gathers and reduces parameters with collectives, so every
-process must run the same modules in the same order and give every parameter a gradient, whatever its batch
-holds. In lockstep a tower whose modality the batch lacks runs on a one-row placeholder, and a head with nothing
-to score runs on one row; their outputs enter the loss multiplied by 0 (a zero gradient, the same call sequence
-on every process). A forward with no inputs at all is a valid lockstep call (an idle evaluation batch).
+`lockstep=True` (DeepSpeed, FSDP) makes every call run the same modules in the same order whatever the batch
+holds; lockstep_zidong.py is the one place that knows how.
 
 Each tower is wrapped by an adapter that yields `TowerOutput(token_states, attention_mask, pooled)`: text and
 speech pool by masked mean (independent of padding), vision takes its first (CLS) token.
@@ -34,12 +30,10 @@ speech pool by masked mean (independent of padding), vision takes its first (CLS
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -49,25 +43,21 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_zidong import MODALITIES, ZidongConfig
+from .contrastive_zidong import contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
 from .fusion_zidong import ZidongFusionEncoder, ZidongFusionLayer, ZidongPredictionHead
-from .losses_zidong import contrastive_losses, multiway_matching_loss, span_mask
+from .lockstep_zidong import Lockstep
+from .masking_zidong import masked_modelling_objective
+from .matching_zidong import MATCHING_CLASSES, matching_objective
+from .towers_zidong import Encoded, TowerOutput, masked_mean, scatter_rows
 
 OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
-MATCHING_CLASSES = ("matched", "text_swapped", "vision_swapped", "speech_swapped")
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-@dataclass
-class TowerOutput:
-    token_states: torch.Tensor  # (n, tokens, hidden)
-    attention_mask: torch.Tensor  # (n, tokens) bool, True on real tokens
-    pooled: torch.Tensor  # (n, hidden)
 
 
 @dataclass
@@ -81,11 +71,6 @@ class ZidongOutput(ModelOutput):
     vision_present: torch.Tensor | None = None
     speech_present: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
-
-
-def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask[..., None].to(states.dtype)
-    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask) -> dict:
@@ -110,13 +95,6 @@ def text_mask_argument(
     if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
         raise ValueError("token_type_ids must be all 0: zidong encodes one text segment per sample")
     return text_attention_mask if text_attention_mask is not None else attention_mask
-
-
-def scatter_rows(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Rows of the present samples -> a tensor over the whole batch, zeros (or False) where absent."""
-    full = rows.new_zeros((present.shape[0], *rows.shape[1:]))
-    full[present] = rows
-    return full
 
 
 class ZidongPreTrainedModel(PreTrainedModel):
@@ -223,13 +201,13 @@ class ZidongModel(ZidongPreTrainedModel):
         """Waveforms (n, samples) at 16 kHz -> tower states; features run batched on the model's device."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_values, dtype=torch.long)
-        if self._speech_takes_features:
+        if self.speech_takes_features:
             steps, step_mask = self.speech_steps(input_values, attention_mask, augment=self.training)
-            return self._run_speech_tower(steps, step_mask)
-        return self._run_speech_tower(input_values, attention_mask.bool())
+            return self.run_speech_tower(steps, step_mask)
+        return self.run_speech_tower(input_values, attention_mask.bool())
 
     @property
-    def _speech_takes_features(self) -> bool:
+    def speech_takes_features(self) -> bool:
         return self.speech_model.main_input_name == "input_features"
 
     def speech_steps(
@@ -242,8 +220,8 @@ class ZidongModel(ZidongPreTrainedModel):
             features = self.spec_augment(features.transpose(1, 2)[:, None])[:, 0].transpose(1, 2)
         return normalize_and_stack(features, frame_mask, self.config.speech_frame_stack)
 
-    def _run_speech_tower(self, speech_inputs: torch.Tensor, input_mask: torch.Tensor) -> TowerOutput:
-        if self._speech_takes_features:
+    def run_speech_tower(self, speech_inputs: torch.Tensor, input_mask: torch.Tensor) -> TowerOutput:
+        if self.speech_takes_features:
             output = self.speech_model(input_features=speech_inputs, attention_mask=input_mask.long())
         else:
             output = self.speech_model(input_values=speech_inputs, attention_mask=input_mask.long())
@@ -300,77 +278,59 @@ class ZidongModel(ZidongPreTrainedModel):
         weights = self._loss_weights(loss_weights) if return_loss else {}
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         presence = self._presence(inputs, {"text": text_present, "vision": vision_present, "speech": speech_present})
-        idle: list[torch.Tensor] | None = [] if lockstep else None
-        if lockstep:  # absent modalities run on a placeholder row; presence (all False) keeps it out of every loss
-            inputs = {m: value if presence[m].any() else self._placeholder(m) for m, value in inputs.items()}
-        towers: dict[str, TowerOutput] = {}
-        embeds: dict[str, torch.Tensor | None] = dict.fromkeys(MODALITIES)
-        for modality in MODALITIES:
-            if presence[modality].any() or lockstep:
-                with self._idle_if(not presence[modality].any()):
-                    towers[modality] = self._encode(modality, *inputs[modality])
-                embeds[modality] = scatter_rows(self._embed(modality, towers[modality]), presence[modality])
-                if idle is not None:  # a projection that no pair loss reads still takes part
-                    idle.append(embeds[modality])
+        steps = Lockstep(self, lockstep)
+        encoded = self._encode_batch(inputs, presence, steps)
         losses: dict[str, torch.Tensor] = {}
         if weights.get("contrastive"):
-            losses.update(self.contrastive_losses(embeds, presence))
+            losses.update(contrastive_objective(self, encoded))
         if weights.get("matching"):
-            losses.update(self.matching_loss(towers, embeds, presence, idle))
+            losses.update(matching_objective(self, encoded, steps))
         if any(weights.get(f"masked_{modality}") for modality in MODALITIES):
-            losses.update(self.masked_modelling_losses(inputs, towers, presence, weights, idle))
+            losses.update(masked_modelling_objective(self, encoded, weights, steps))
         loss = None
         if return_loss:
             loss = self.logit_scale[0] * 0.0  # keeps a graph even when nothing in the batch can be scored
             for objective, weight in weights.items():
                 if objective in losses:
                     loss = loss + weight * losses[objective]
-            for term in idle or []:
-                loss = loss + 0.0 * term.float().sum()
+            loss = steps.tie(loss)
         return ZidongOutput(
             loss=loss,
             losses=losses if return_loss else None,
-            text_embeds=embeds["text"],
-            vision_embeds=embeds["vision"],
-            speech_embeds=embeds["speech"],
+            text_embeds=encoded.embeds["text"],
+            vision_embeds=encoded.embeds["vision"],
+            speech_embeds=encoded.embeds["speech"],
             text_present=presence["text"],
             vision_present=presence["vision"],
             speech_present=presence["speech"],
             logit_scale=self.logit_scale,
         )
 
-    @contextlib.contextmanager
-    def _idle_if(self, idle: bool):
-        """Around lockstep placeholder work: leaves torch's and numpy's random state as it found them, so the
-        real rows' dropout and masks are those of an ordinary forward."""
-        if not idle:
-            yield
-            return
-        numpy_state = np.random.get_state()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            yield
-        np.random.set_state(numpy_state)
+    def _encode_batch(self, inputs: dict, presence: dict[str, torch.Tensor], steps: Lockstep) -> Encoded:
+        """Each tower on the rows that have its modality (in lockstep, an absent one on a placeholder row)."""
+        ran, towers, embeds = {}, {}, dict.fromkeys(MODALITIES)
+        for modality in MODALITIES:
+            real = bool(presence[modality].any())
+            if not (real or steps.enabled):
+                continue
+            ran[modality] = inputs[modality] if real else steps.placeholder(modality)
+            with steps.idle_work(not real):
+                towers[modality] = self.encode(modality, *ran[modality])
+            embeds[modality] = scatter_rows(self._embed(modality, towers[modality]), presence[modality])
+            steps.keep(embeds[modality])  # a projection that no pair loss reads still takes part
+        return Encoded(ran, towers, presence, embeds)
 
-    def _placeholder(self, modality: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One short, valid input row for a tower (lockstep): two tokens, a blank image, half a second of silence."""
-        if modality == "text":
-            token = self.config.text_config.pad_token_id or 0
-            return torch.full((1, 2), token, dtype=torch.long, device=self.device), None
-        if modality == "vision":
-            vision = self.config.vision_config
-            size = getattr(vision, "image_size", 224)
-            height, width = (size, size) if isinstance(size, int) else tuple(size)
-            channels = getattr(vision, "num_channels", 3)
-            return torch.zeros(1, channels, height, width, dtype=self.dtype, device=self.device), None
-        samples = self.config.sampling_rate // 2
-        return torch.zeros(1, samples, device=self.device), torch.ones(1, samples, dtype=torch.long, device=self.device)
-
-    def _encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None) -> TowerOutput:
+    def encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> TowerOutput:
+        """The tower of `modality` on its inputs (`mask`: the text or speech attention mask; vision takes none)."""
         if modality == "text":
             return self.encode_text(values, mask)
         if modality == "vision":
             return self.encode_vision(values)
         return self.encode_speech(values, mask)
+
+    def prediction_heads(self) -> dict[str, nn.Module | None]:
+        """The masked-modelling head of each modality (vision: None for a tower without patches)."""
+        return {"text": self.text_head, "vision": self.vision_head, "speech": self.speech_head}
 
     @staticmethod
     def _loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -407,323 +367,6 @@ class ZidongModel(ZidongPreTrainedModel):
             presence[modality] = mask
         return presence
 
-    # ------------------------------------------------------------------------------------- objectives
-
-    def contrastive_losses(
-        self, embeds: dict[str, torch.Tensor | None], presence: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """`contrastive_<a>_<b>` for every pair some sample (on any rank) has, and `contrastive`, their mean."""
-        with torch.no_grad():
-            self.logit_scale.clamp_(max=self.config.logit_scale_max)
-        losses = contrastive_losses(
-            embeds,
-            presence,
-            self.logit_scale[0],
-            self.logit_bias[0],
-            self.config.contrastive_loss,
-            self.config.projection_dim,
-        )
-        if losses:
-            losses["contrastive"] = torch.stack(list(losses.values())).mean()
-        return losses
-
-    def matching_loss(
-        self,
-        towers: dict[str, TowerOutput],
-        embeds: dict[str, torch.Tensor | None],
-        presence: dict[str, torch.Tensor],
-        idle: list[torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Multi-way matching on each multi-modal sample and one hard negative of it (one modality swapped).
-
-        With nothing to score and an `idle` list (lockstep), the fusion encoder and head run on one row and
-        their output is appended to `idle` instead."""
-        streams = {m: self._fusion_stream(m, towers[m], presence[m]) for m in towers}
-        present = torch.stack([presence[m] for m in MODALITIES], dim=1)  # (B, 3)
-        eligible = present.sum(dim=1) >= 2
-        with torch.no_grad():
-            swapped, partner = self._mine_hard_negatives(embeds, present, eligible)
-        negatives = swapped >= 0
-        positive_rows, negative_rows = eligible.nonzero()[:, 0], negatives.nonzero()[:, 0]
-        if positive_rows.numel() == 0:
-            if idle is not None:
-                with self._idle_if(True):
-                    fused = self.fusion({m: (states[:1], mask[:1]) for m, (states, mask) in streams.items()})
-                idle.append(self.matching_head(fused.states[:, 0]))
-            return {}
-        fused_inputs = {}
-        for m, (states, mask) in streams.items():
-            index = torch.where(
-                swapped == MODALITIES.index(m), partner, torch.arange(len(partner), device=partner.device)
-            )
-            negative_index = index[negative_rows]
-            # index_select, not states[...]: a partner can be drawn twice, and the backward of advanced indexing
-            # accumulates repeated rows with atomic adds on CPU (run-to-run differences); index_add is ordered
-            fused_inputs[m] = (
-                torch.cat([states.index_select(0, positive_rows), states.index_select(0, negative_index)]),
-                torch.cat([mask[positive_rows], mask[negative_index]]),
-            )
-        logits = self.matching_head(self.fusion(fused_inputs).states[:, 0])
-        rows = torch.cat([positive_rows, negative_rows])
-        allowed = torch.cat([torch.ones_like(rows, dtype=torch.bool)[:, None], present[rows]], dim=1)
-        target = torch.zeros_like(allowed)
-        target[: len(positive_rows), 0] = True
-        negative_target = present[negative_rows].clone()  # a pair's negative: either side counts as "swapped"
-        triplets = present[negative_rows].sum(dim=1) > 2
-        negative_target[triplets] = F.one_hot(swapped[negative_rows][triplets], len(MODALITIES)).bool()
-        target[len(positive_rows) :, 1:] = negative_target
-        return {"matching": multiway_matching_loss(logits, allowed, target)}
-
-    def _mine_hard_negatives(
-        self, embeds: dict[str, torch.Tensor | None], present: torch.Tensor, eligible: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each multi-modal sample: which modality to swap (-1: none possible) and whose to take instead.
-
-        The partner is drawn in proportion to softmax(similarity / temperature) between the sample's other
-        modalities and candidates' embeddings of the swapped one, so similar (hard) negatives dominate.
-        """
-        batch = present.shape[0]
-        scale = self.logit_scale[0].exp()
-        candidate_scores = torch.full((batch, len(MODALITIES), batch), float("-inf"), device=present.device)
-        for index, modality in enumerate(MODALITIES):
-            if embeds[modality] is None:
-                continue
-            similarity = torch.zeros(batch, batch, device=present.device)
-            others = 0
-            for other_index, other in enumerate(MODALITIES):
-                if other != modality and embeds[other] is not None:
-                    similarity += present[:, other_index, None] * (embeds[other] @ embeds[modality].T).float()
-                    others = others + present[:, other_index, None].float()
-            valid = eligible[:, None] & present[:, index, None] & present[None, :, index]
-            valid &= ~torch.eye(batch, dtype=torch.bool, device=present.device)
-            scores = scale * similarity / torch.as_tensor(others).clamp(min=1)
-            candidate_scores[:, index] = scores.masked_fill(~valid, float("-inf"))
-        possible = candidate_scores.isfinite().any(dim=2)  # (B, 3): a partner exists for that swap
-        choice = torch.rand(possible.shape, device=present.device).masked_fill(~possible, -1.0)
-        swapped = torch.where(possible.any(dim=1), choice.argmax(dim=1), -1)
-        partner = torch.zeros(batch, dtype=torch.long, device=present.device)
-        rows = (swapped >= 0).nonzero()[:, 0]
-        if rows.numel():
-            probabilities = candidate_scores[rows, swapped[rows]].softmax(dim=-1)
-            partner[rows] = torch.multinomial(probabilities, 1)[:, 0]
-        return swapped, partner
-
-    def _fusion_stream(
-        self, modality: str, tower_output: TowerOutput, present: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A tower's states, embedded for the fusion encoder, over the whole batch (absent rows fully masked)."""
-        states = self.fusion.embed(modality, tower_output.token_states)
-        return scatter_rows(states, present), scatter_rows(tower_output.attention_mask, present)
-
-    def masked_modelling_losses(
-        self,
-        inputs: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
-        towers: dict[str, TowerOutput],
-        presence: dict[str, torch.Tensor],
-        weights: dict[str, float],
-        idle: list[torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Masked text / vision / speech modelling through the fusion encoder, in one extra pass.
-
-        With an `idle` list (lockstep), a head with nothing masked runs on one fused row, appended to `idle`."""
-        targets = [m for m in towers if weights.get(f"masked_{m}")]
-        whole = self._modality_level_mask(targets, presence)
-        streams, predictions = {}, {}
-        for modality, tower_output in towers.items():
-            if modality in targets:
-                masker = getattr(self, f"_mask_{modality}")
-                rows = whole[modality][presence[modality]]
-                if not presence[modality].any():  # a lockstep placeholder row
-                    rows = torch.zeros(tower_output.pooled.shape[0], dtype=torch.bool, device=self.device)
-                with self._idle_if(not presence[modality].any()):
-                    tower_output, predictions[modality] = masker(*inputs[modality], rows)
-            streams[modality] = self._fusion_stream(modality, tower_output, presence[modality])
-        fused = self.fusion(streams)
-        losses = {}
-        for modality, (chosen, target, score) in predictions.items():
-            chosen = chosen if presence[modality].any() else chosen[:0]
-            if not chosen.any():
-                if idle is not None:
-                    idle.append(getattr(self, f"{modality}_head")(fused.modality(modality)[:1, :1]))
-                continue
-            states = fused.modality(modality)[presence[modality]]
-            states = states[:, states.shape[1] - chosen.shape[1] :][chosen]  # vision: skip CLS/prefix tokens
-            predicted = getattr(self, f"{modality}_head")(states).float()
-            expected = target[chosen]
-            losses[f"masked_{modality}"] = score(
-                predicted, expected.float() if expected.is_floating_point() else expected
-            )
-        return losses
-
-    def _modality_level_mask(self, targets: list[str], presence: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per modality, which samples have it masked entirely: at most one modality per multi-modal sample."""
-        batch = presence["text"].shape[0]
-        whole = {m: torch.zeros(batch, dtype=torch.bool, device=self.device) for m in MODALITIES}
-        if not targets or not self.config.modality_mask_probability:
-            return whole
-        present = torch.stack([presence[m] for m in MODALITIES], dim=1)
-        candidates = present & torch.tensor([m in targets for m in MODALITIES], device=self.device)
-        drawn = (torch.rand(batch, device=self.device) < self.config.modality_mask_probability) & (
-            present.sum(dim=1) >= 2
-        )
-        choice = torch.rand(candidates.shape, device=self.device).masked_fill(~candidates, -1.0).argmax(dim=1)
-        drawn &= candidates.any(dim=1)
-        for index, modality in enumerate(MODALITIES):
-            whole[modality] = drawn & (choice == index)
-        return whole
-
-    def _mask_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, whole: torch.Tensor):
-        """BERT-style masking (80% mask token, 10% random token, 10% kept); cross-entropy on the chosen ones."""
-        if self.config.mask_token_id is None:
-            raise ValueError(
-                "ZidongConfig.mask_token_id is not set; masked_text needs the tokenizer's mask token id "
-                "(the trainer sets it from the tokenizer)"
-            )
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        special = torch.tensor(sorted(self._special_token_ids()), dtype=input_ids.dtype, device=input_ids.device)
-        candidates = mask & ~torch.isin(input_ids, special)
-        draws = torch.rand(input_ids.shape, device=input_ids.device)
-        chosen = candidates & ((draws < self.config.text_mask_probability) | whole[:, None])
-        replace = torch.rand(input_ids.shape, device=input_ids.device)
-        random_ids = torch.randint_like(input_ids, self.config.text_config.vocab_size)
-        masked = torch.where(chosen & (replace < 0.8), self.config.mask_token_id, input_ids)
-        masked = torch.where(chosen & (replace >= 0.8) & (replace < 0.9), random_ids, masked)
-        return self.encode_text(masked, mask), (chosen, input_ids, F.cross_entropy)
-
-    def _special_token_ids(self) -> set[int]:
-        names = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
-        ids = {getattr(self.config.text_config, name, None) for name in names} | {self.config.mask_token_id}
-        return {token for token in ids if isinstance(token, int)}
-
-    def _mask_vision(self, pixel_values: torch.Tensor, _: None, whole: torch.Tensor):
-        """Blank a random `vision_mask_ratio` of patches; regress their per-patch normalised pixels."""
-        if self.vision_head is None:
-            raise ValueError(
-                "masked_vision needs a patch-based vision tower (vision_config.patch_size); "
-                f"{self.config.vision_config.model_type} has none; set its loss weight to 0"
-            )
-        size = self.config.vision_config.patch_size
-        batch, channels, height, width = pixel_values.shape
-        grid = (height // size, width // size)
-        patches = (
-            pixel_values[:, :, : grid[0] * size, : grid[1] * size]
-            .reshape(batch, channels, grid[0], size, grid[1], size)
-            .permute(0, 2, 4, 3, 5, 1)
-            .reshape(batch, grid[0] * grid[1], size * size * channels)
-        )
-        count = round(self.config.vision_mask_ratio * patches.shape[1])
-        ranks = torch.rand(patches.shape[:2], device=pixel_values.device).argsort(dim=1).argsort(dim=1)
-        chosen = (ranks < count) | whole[:, None]
-        blanked = patches.masked_fill(chosen[..., None], 0.0)
-        masked = pixel_values.clone()
-        masked[:, :, : grid[0] * size, : grid[1] * size] = (
-            blanked.reshape(batch, grid[0], grid[1], size, size, channels)
-            .permute(0, 5, 1, 3, 2, 4)
-            .reshape(batch, channels, grid[0] * size, grid[1] * size)
-        )
-        tower_output = self.encode_vision(masked)
-        if tower_output.token_states.shape[1] < patches.shape[1]:
-            raise ValueError(
-                f"the vision tower returns {tower_output.token_states.shape[1]} tokens for {patches.shape[1]} patches; "
-                "masked_vision needs one token per patch"
-            )
-        mean, variance = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
-        target = (patches - mean) / (variance + 1e-6).sqrt()
-        return tower_output, (chosen, target, F.mse_loss)
-
-    def _mask_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None, whole: torch.Tensor):
-        """Blank spans of 20 ms steps (features, or the waveform samples under them); regress the filterbank."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_values, dtype=torch.long)
-        steps, step_mask = self.speech_steps(input_values, attention_mask)
-        chosen_steps = span_mask(step_mask, self.config.speech_mask_ratio, self.config.speech_mask_span)
-        chosen_steps |= whole[:, None] & step_mask
-        if self._speech_takes_features:
-            tower_output = self._run_speech_tower(steps.masked_fill(chosen_steps[..., None], 0.0), step_mask)
-        else:
-            samples_per_step = self.fbank.window_shift * self.config.speech_frame_stack
-            blank = chosen_steps.repeat_interleave(samples_per_step, dim=1)[:, : input_values.shape[1]]
-            blank = F.pad(blank, (0, input_values.shape[1] - blank.shape[1]))
-            tower_output = self._run_speech_tower(input_values.masked_fill(blank, 0.0), attention_mask.bool())
-        tokens = tower_output.token_states.shape[1]  # the tower may subsample: targets follow its token grid
-        chosen = F.adaptive_avg_pool1d(chosen_steps[:, None].float(), tokens)[:, 0] > 0.5
-        target = F.adaptive_avg_pool1d(steps.transpose(1, 2), tokens).transpose(1, 2)
-        return tower_output, (chosen & tower_output.attention_mask, target, F.mse_loss)
-
-
-@dataclass
-class ZidongClassifierOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    losses: dict[str, torch.Tensor] | None = None
-    logits: torch.Tensor | None = None  # (batch, classes); zero rows where a sample lacks the modality
-    present: torch.Tensor | None = None  # (batch,) bool: the rows that were classified
-
-
-class ZidongForClassification(ZidongPreTrainedModel):
-    """A linear classifier on one tower's pooled output (`config.classification_modality`, classes from
-    `config.id2label`): the tower's mean-pooled (text, speech) or CLS (vision) state, as in `ZidongModel`.
-
-    Takes the processor's batch (other modalities are ignored) and `labels` (batch,), -1 for unlabelled rows;
-    the loss is the cross-entropy over the rows that have the modality and a label. `lockstep` as in
-    `ZidongModel.forward`: a batch without the modality still runs the tower on a placeholder row.
-    """
-
-    def __init__(self, config: ZidongConfig):
-        super().__init__(config)
-        if config.classification_modality not in MODALITIES:
-            raise ValueError(
-                f"ZidongForClassification needs config.classification_modality in {', '.join(MODALITIES)}, "
-                f"got {config.classification_modality!r}"
-            )
-        self.zidong = ZidongModel(config)
-        self.classifier = nn.Linear(self.zidong._tower_width(config.classification_modality), config.num_labels)
-        self.post_init()
-
-    def towers(self) -> dict[str, PreTrainedModel]:
-        return self.zidong.towers()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        text_attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        input_values: torch.Tensor | None = None,
-        speech_attention_mask: torch.Tensor | None = None,
-        text_present: torch.Tensor | None = None,
-        vision_present: torch.Tensor | None = None,
-        speech_present: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        lockstep: bool = False,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> ZidongClassifierOutput:
-        """Logits for the rows that have the classified modality and, with `labels`, their cross-entropy.
-        `attention_mask` is accepted for `text_attention_mask`; an unknown keyword argument raises TypeError."""
-        text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
-        modality = self.config.classification_modality
-        inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
-        given = {"text": text_present, "vision": vision_present, "speech": speech_present}
-        present = self.zidong._presence(inputs, given)[modality]
-        logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
-        idle = None
-        if present.any():
-            rows = self.classifier(self.zidong._encode(modality, *inputs[modality]).pooled)
-            logits = scatter_rows(rows, present)
-        elif lockstep:
-            with self.zidong._idle_if(True):
-                idle = self.classifier(self.zidong._encode(modality, *self.zidong._placeholder(modality)).pooled)
-        loss = None
-        if labels is not None:
-            scored = present & (labels.to(present.device) >= 0)
-            loss = self.classifier.bias.sum() * 0.0  # a graph even when nothing in the batch can be scored
-            if scored.any():
-                loss = loss + F.cross_entropy(logits[scored].float(), labels.to(present.device)[scored])
-            if idle is not None:
-                loss = loss + 0.0 * idle.float().sum()
-        return ZidongClassifierOutput(
-            loss=loss, losses={"classify": loss} if loss is not None else None, logits=logits, present=present
-        )
-
 
 def _tower_config(modality: str, folder: str | os.PathLike):
     """The config of a local pretrained tower folder, after checking that the folder holds a model."""
@@ -740,8 +383,6 @@ def _tower_config(modality: str, folder: str | os.PathLike):
 __all__ = [
     "MATCHING_CLASSES",
     "OBJECTIVES",
-    "ZidongClassifierOutput",
-    "ZidongForClassification",
     "ZidongModel",
     "ZidongOutput",
     "ZidongPreTrainedModel",

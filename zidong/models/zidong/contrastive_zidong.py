@@ -1,6 +1,6 @@
-"""The objectives of `ZidongModel`: contrastive alignment with global negatives, multi-way matching, masking.
+"""The `contrastive` objective: symmetric InfoNCE or SigLIP loss for every modality pair, negatives from all ranks.
 
-Contrastive loss across processes (gather-with-grad + local loss). Each rank scores only its own rows against
+Across processes (gather-with-grad + local loss). Each rank scores only its own rows against
 the columns of every rank, so the logits cost (local x global) instead of (global x global) memory. The loss a
 rank returns is scaled so that the *mean over ranks* (what DDP's gradient averaging computes) equals the loss of
 one process holding the whole global batch, in value and in gradient; ranks may hold different numbers of
@@ -12,10 +12,33 @@ Imports only torch so exported folders load with `trust_remote_code=True`.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .towers_zidong import Encoded
+
+if TYPE_CHECKING:
+    from .modeling_zidong import ZidongModel
+
+
+def contrastive_objective(model: ZidongModel, encoded: Encoded) -> dict[str, torch.Tensor]:
+    """`contrastive_<a>_<b>` for every pair some sample (on any rank) has, and `contrastive`, their mean."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(max=model.config.logit_scale_max)
+    losses = contrastive_losses(
+        encoded.embeds,
+        encoded.presence,
+        model.logit_scale[0],
+        model.logit_bias[0],
+        model.config.contrastive_loss,
+        model.config.projection_dim,
+    )
+    if losses:
+        losses["contrastive"] = torch.stack(list(losses.values())).mean()
+    return losses
 
 
 def distributed_world_size() -> int:
@@ -166,30 +189,10 @@ def _summed_pair_loss(
     return summed + F.cross_entropy(logits_ba, rows + mine.start, reduction="sum")
 
 
-def multiway_matching_loss(logits: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the classes a sample may take, with the probability of a *set* of correct classes.
-
-    The matching head scores "matched" plus "text / vision / speech was swapped". A triplet's negative has one
-    correct class; a two-modality sample's negative has two equivalent ones (swapping either side of a pair
-    looks the same), so its probability is the sum over both. `allowed` and `target` are (n, classes) bool.
-    """
-    scores = logits.float()
-    log_all = scores.masked_fill(~allowed, float("-inf")).logsumexp(dim=-1)
-    log_target = scores.masked_fill(~target, float("-inf")).logsumexp(dim=-1)
-    return (log_all - log_target).mean()
-
-
-def span_mask(valid: torch.Tensor, ratio: float, span: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask about `ratio` of the True positions of `valid` (n, length) in runs of `span` (wav2vec2-style).
-
-    Span starts are drawn with probability ratio / span; each start masks the next `span` positions.
-    """
-    if ratio <= 0:
-        return torch.zeros_like(valid)
-    draws = torch.rand(valid.shape, device=valid.device, generator=generator)
-    starts = (draws < ratio / span) & valid
-    spread = F.max_pool1d(F.pad(starts[:, None].float(), (span - 1, 0)), kernel_size=span, stride=1)[:, 0]
-    return spread.bool() & valid
-
-
-__all__ = ["contrastive_losses", "contrastive_pair_loss", "gather_with_grad", "multiway_matching_loss", "span_mask"]
+__all__ = [
+    "contrastive_losses",
+    "contrastive_objective",
+    "contrastive_pair_loss",
+    "distributed_world_size",
+    "gather_with_grad",
+]

@@ -1,0 +1,91 @@
+"""`ZidongForClassification`: a linear classifier on one tower of `ZidongModel` (fine-tuning, linear probes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_zidong import MODALITIES, ZidongConfig
+from .lockstep_zidong import Lockstep
+from .modeling_zidong import ZidongModel, ZidongPreTrainedModel, modality_inputs, text_mask_argument
+from .towers_zidong import scatter_rows
+
+
+@dataclass
+class ZidongClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None  # (batch, classes); zero rows where a sample lacks the modality
+    present: torch.Tensor | None = None  # (batch,) bool: the rows that were classified
+
+
+class ZidongForClassification(ZidongPreTrainedModel):
+    """A linear classifier on one tower's pooled output (`config.classification_modality`, classes from
+    `config.id2label`): the tower's mean-pooled (text, speech) or CLS (vision) state, as in `ZidongModel`.
+
+    Takes the processor's batch (other modalities are ignored) and `labels` (batch,), -1 for unlabelled rows;
+    the loss is the cross-entropy over the rows that have the modality and a label. `lockstep` as in
+    `ZidongModel.forward`: a batch without the modality still runs the tower on a placeholder row.
+    """
+
+    def __init__(self, config: ZidongConfig):
+        super().__init__(config)
+        if config.classification_modality not in MODALITIES:
+            raise ValueError(
+                f"ZidongForClassification needs config.classification_modality in {', '.join(MODALITIES)}, "
+                f"got {config.classification_modality!r}"
+            )
+        self.zidong = ZidongModel(config)
+        self.classifier = nn.Linear(self.zidong._tower_width(config.classification_modality), config.num_labels)
+        self.post_init()
+
+    def towers(self) -> dict[str, PreTrainedModel]:
+        return self.zidong.towers()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        speech_attention_mask: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+        vision_present: torch.Tensor | None = None,
+        speech_present: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        lockstep: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> ZidongClassifierOutput:
+        """Logits for the rows that have the classified modality and, with `labels`, their cross-entropy.
+        `attention_mask` is accepted for `text_attention_mask`; an unknown keyword argument raises TypeError."""
+        text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
+        modality = self.config.classification_modality
+        inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
+        given = {"text": text_present, "vision": vision_present, "speech": speech_present}
+        present = self.zidong._presence(inputs, given)[modality]
+        steps = Lockstep(self.zidong, lockstep)
+        logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
+        if present.any():
+            rows = self.classifier(self.zidong.encode(modality, *inputs[modality]).pooled)
+            logits = scatter_rows(rows, present)
+        else:  # in lockstep the tower still runs, on a placeholder row
+            steps.idle(lambda: self.classifier(self.zidong.encode(modality, *steps.placeholder(modality)).pooled))
+        loss = None
+        if labels is not None:
+            scored = present & (labels.to(present.device) >= 0)
+            loss = self.classifier.bias.sum() * 0.0  # a graph even when nothing in the batch can be scored
+            if scored.any():
+                loss = loss + F.cross_entropy(logits[scored].float(), labels.to(present.device)[scored])
+            loss = steps.tie(loss)
+        return ZidongClassifierOutput(
+            loss=loss, losses={"classify": loss} if loss is not None else None, logits=logits, present=present
+        )
+
+
+__all__ = ["ZidongClassifierOutput", "ZidongForClassification"]

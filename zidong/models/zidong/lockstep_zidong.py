@@ -1,0 +1,82 @@
+"""Lockstep: the one place the model knows it may be sharded (DeepSpeed ZeRO, FSDP).
+
+Sharded training gathers and reduces parameters with collectives as modules are called, so every process must call
+the same modules in the same order, and give every parameter a gradient, whatever its batch holds. The trainer
+asks for lockstep (`model(..., lockstep=True)`); model code then needs three things of a `Lockstep`, and with it
+off (the default) each of them is a no-op:
+
+- `placeholder(modality)`: one short valid input row for a tower whose modality the batch lacks (two tokens, a
+  blank image, half a second of silence). The tower runs on it; its presence stays all False, so it enters no loss.
+- `idle(run)`: where an objective has nothing to score, it hands the module call it would have made on one row;
+  in lockstep that call runs (keeping torch's and numpy's random state as it found it, so real rows draw the same
+  dropout and masks as in an ordinary forward) and its output is kept.
+- `tie(loss)`: adds every kept output to the loss times 0: a zero gradient, the same backward on every process.
+
+An objective author calls `idle` in the branch where the batch gives nothing to score; tests/models/test_lockstep.py
+checks every objective for the same module sequence on every batch mix and a gradient on every parameter.
+
+Imports only torch and numpy so exported folders load with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Lockstep:
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.enabled = enabled
+        self._model = model
+        self._kept: list[torch.Tensor] = []
+
+    def placeholder(self, modality: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One short, valid input row for the tower of `modality`: (values, attention mask or None)."""
+        config, device = self._model.config, self._model.device
+        if modality == "text":
+            token = config.text_config.pad_token_id or 0
+            return torch.full((1, 2), token, dtype=torch.long, device=device), None
+        if modality == "vision":
+            vision = config.vision_config
+            size = getattr(vision, "image_size", 224)
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            channels = getattr(vision, "num_channels", 3)
+            return torch.zeros(1, channels, height, width, dtype=self._model.dtype, device=device), None
+        samples = config.sampling_rate // 2
+        return torch.zeros(1, samples, device=device), torch.ones(1, samples, dtype=torch.long, device=device)
+
+    @contextlib.contextmanager
+    def idle_work(self, idle: bool = True) -> Iterator[None]:
+        """Around placeholder work (when `idle`): torch's and numpy's random state are left as they were found."""
+        if not idle:
+            yield
+            return
+        device = self._model.device
+        numpy_state = np.random.get_state()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+        np.random.set_state(numpy_state)
+
+    def idle(self, run: Callable[[], torch.Tensor]) -> None:
+        """In lockstep: `run()` (the module call an objective with nothing to score would have made, on one row)
+        as placeholder work, its output kept for `tie`. Otherwise nothing."""
+        if self.enabled:
+            with self.idle_work():
+                self.keep(run())
+
+    def keep(self, output: torch.Tensor) -> None:
+        """In lockstep: `output` takes part in the backward (via `tie`) even when no loss reads it."""
+        if self.enabled:
+            self._kept.append(output)
+
+    def tie(self, loss: torch.Tensor) -> torch.Tensor:
+        for output in self._kept:
+            loss = loss + 0.0 * output.float().sum()
+        return loss
+
+
+__all__ = ["Lockstep"]
