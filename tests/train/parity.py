@@ -59,13 +59,13 @@ def _accelerate(config: str, processes: int) -> list[str]:
 def install() -> None:
     """Patch the trainer of this process for a parity run (called by parity_site/sitecustomize.py)."""
     from zidong.models.zidong.configuration_zidong import PRESETS
-    from zidong.train import trainer
+    from zidong.train import setup
 
     tiny = PRESETS["tiny"]
     tiny["text_config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tiny["speech_config"].update(layerdrop=0.0, conformer_conv_dropout=0.0)
     tiny.update(spec_augment_freq_mask=0, spec_augment_time_mask=0)
-    trainer.train_loader = _global_batch_loader(trainer.train_loader)
+    setup.train_loader = _global_batch_loader(setup.train_loader)
 
 
 def _global_batch_loader(train_loader):

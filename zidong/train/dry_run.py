@@ -13,13 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.train.flops import StepFlops
 from zidong.train.optim import freeze_for_good, objective_weights
 from zidong.train.recipe import PretrainRecipe
+from zidong.train.setup import model_config
 
 BYTES_PER_PARAMETER = {"weights": 2, "gradients": 2, "optimizer": 12}
 
@@ -57,19 +58,12 @@ def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
 
 
 def _config(recipe: PretrainRecipe) -> tuple[ZidongConfig, str]:
-    overrides: dict = {}
-    note = "text vocabulary of the preset"
+    """The trainer's model config (`model_config`), with the recipe's tokenizer when it exists already."""
     tokenizer_folder = recipe.model.tokenizer
     if tokenizer_folder and (Path(tokenizer_folder) / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-        overrides["text"] = {"vocab_size": len(tokenizer)}
-        note = f"{len(tokenizer)}-token vocabulary from {tokenizer_folder}"
-    for modality in MODALITIES:
-        folder = getattr(recipe.model, modality).pretrained
-        if folder:
-            overrides[f"{modality}_config"] = AutoConfig.from_pretrained(folder).to_dict()
-            overrides.pop(modality, None)
-    return ZidongConfig.from_preset(recipe.model.preset, **overrides), note
+        return model_config(recipe, tokenizer), f"{len(tokenizer)}-token vocabulary from {tokenizer_folder}"
+    return model_config(recipe), "text vocabulary of the preset"
 
 
 def _count(module: torch.nn.Module) -> int:

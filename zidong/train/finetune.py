@@ -36,8 +36,11 @@ from zidong.export.trained import load_trained
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.processing_zidong import ZidongProcessor
+from zidong.train.distributed import lockstep_enabled
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.trainer import Run, Task, apply_train_settings, lockstep_enabled, train
+from zidong.train.setup import Run, apply_train_settings
+from zidong.train.task import Task
+from zidong.train.trainer import train
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)

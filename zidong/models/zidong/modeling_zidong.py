@@ -178,12 +178,19 @@ class ZidongModel(ZidongPreTrainedModel):
         """
         folders = {m: folder for m, folder in zip(MODALITIES, (text, vision, speech), strict=True) if folder}
         for modality, folder in folders.items():
-            config_overrides[f"{modality}_config"] = _tower_config(modality, folder).to_dict()
+            config_overrides[f"{modality}_config"] = pretrained_tower_config(modality, folder).to_dict()
         model = cls(ZidongConfig.from_preset(preset, **config_overrides))
-        for modality, folder in folders.items():
-            tower = AutoModel.from_pretrained(folder, attn_implementation=model.config._attn_implementation or "sdpa")
-            model.towers()[modality].load_state_dict(tower.state_dict())
+        model.load_pretrained_towers(folders)
         return model
+
+    def load_pretrained_towers(self, folders: Mapping[str, str | os.PathLike | None]) -> None:
+        """Load each tower given a folder (modality -> local Hugging Face folder or None) from it."""
+        for modality, folder in folders.items():
+            if folder:
+                tower = AutoModel.from_pretrained(
+                    folder, attn_implementation=self.config._attn_implementation or "sdpa"
+                )
+                self.towers()[modality].load_state_dict(tower.state_dict())
 
     # ---------------------------------------------------------------------------------------- adapters
 
@@ -368,7 +375,7 @@ class ZidongModel(ZidongPreTrainedModel):
         return presence
 
 
-def _tower_config(modality: str, folder: str | os.PathLike):
+def pretrained_tower_config(modality: str, folder: str | os.PathLike):
     """The config of a local pretrained tower folder, after checking that the folder holds a model."""
     field = f"model.{modality}.pretrained"
     if not os.path.isdir(folder):
@@ -386,4 +393,5 @@ __all__ = [
     "ZidongModel",
     "ZidongOutput",
     "ZidongPreTrainedModel",
+    "pretrained_tower_config",
 ]

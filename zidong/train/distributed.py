@@ -1,0 +1,111 @@
+"""The distributed set-up of a training run: the `Accelerator`, DeepSpeed's settings, lockstep, and the few
+decisions every process must take together.
+
+Launchers (torchrun, `accelerate launch`, SLURM) set the environment; `make_accelerator` turns it into DDP (gloo on
+CPU, NCCL on GPUs), DeepSpeed ZeRO or FSDP and refuses a launch that would leave processes training alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, gather_object
+from transformers.integrations import unset_hf_deepspeed_config
+
+from zidong.errors import UserError
+from zidong.train.recipe import PretrainRecipe
+
+
+def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    # a rank whose batch lacks a modality does not run that tower
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl"))
+    # no `cpu=` here: it would override a DeepSpeed launch; a CPU box under torchrun needs ACCELERATE_USE_CPU=1
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision if not cpu else "no",
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        # Our schedules count optimizer steps. Linked to the optimizer, Accelerate's scheduler wrapper would step
+        # the schedule once per process on every call (it assumes a dataloader whose batch grows with the
+        # processes), so warm-up and decay would run N times too fast on N processes.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+        log_with=list(recipe.train.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise UserError(
+            f"{world} processes were launched, but Accelerate set up no distributed training for them on "
+            f"{accelerator.device} (each would train alone and overwrite the others' files). FSDP needs GPUs; on "
+            "CPU launch DDP with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m zidong pretrain ...` or "
+            "DeepSpeed with `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml ...`"
+        )
+    return accelerator
+
+
+def lockstep_enabled(accelerator: Accelerator) -> bool:
+    """Under DeepSpeed and FSDP every process runs every tower and head on every step (placeholders where its batch
+    has nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in the
+    order modules run (FSDP likewise per sharded layer), so processes whose batches differ in modalities must still
+    make the same calls. DDP instead runs with find_unused_parameters."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def configure_deepspeed(accelerator: Accelerator, recipe: PretrainRecipe) -> None:
+    """Under DeepSpeed, batch size, accumulation and clipping come from the recipe (we prepare no DataLoader
+    from which Accelerate could read the batch size)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(
+            {
+                "train_micro_batch_size_per_gpu": recipe.train.batch_size,
+                "train_batch_size": recipe.train.batch_size * recipe.train.grad_accum * accelerator.num_processes,
+                "gradient_accumulation_steps": recipe.train.grad_accum,
+                "gradient_clipping": recipe.train.max_grad_norm,
+            }
+        )
+
+
+@contextlib.contextmanager
+def built_whole(accelerator: Accelerator):
+    """Build the model whole on every process, then let DeepSpeed partition it in `prepare`.
+
+    Accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under
+    ZeRO-3 transformers would then build the towers inside `deepspeed.zero.Init`, where their weight
+    initialisation fails on partitioned (empty) tensors."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) -> tuple[bool, bool]:
+    """(every process's loss is finite, some process was asked to stop), the same on every process."""
+    if accelerator.num_processes == 1:
+        return loss_finite, stop_requested
+    flags = torch.tensor([float(not loss_finite), float(stop_requested)], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] == 0), bool(flags[1] > 0)
+
+
+def averaged_over_processes(accelerator: Accelerator, losses: dict[str, float]) -> dict[str, float]:
+    """Each loss averaged over the processes that have it (collective). `loss` then is what the update minimised
+    (gradients are averaged over processes); a per-objective loss that a process's batch had nothing for
+    (a pair it lacked) is the mean over the others."""
+    if accelerator.num_processes == 1:
+        return losses
+    every = gather_object([losses])
+    names = dict.fromkeys(name for each in every for name in each)
+    return {name: statistics.fmean(each[name] for each in every if name in each) for name in names}

@@ -1,0 +1,286 @@
+"""Everything a training run is built from, before its first step: `setup(recipe, task) -> Run`.
+
+The builders here (tokenizer, model config, model, data stream, held-out set, resume point) are shared by
+pretraining, fine-tuning tasks and `--dry-run`; the distributed side (the `Accelerator`, DeepSpeed, lockstep) is
+zidong/train/distributed.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer
+
+from zidong.config import to_dict, to_yaml
+from zidong.data.stream import StreamLoader, StreamSettings
+from zidong.data.transforms import SamplePipeline
+from zidong.errors import UserError
+from zidong.evaluation.retrieval import HeldOut
+from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
+from zidong.models.zidong.modeling_zidong import ZidongModel, pretrained_tower_config
+from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint
+from zidong.train.distributed import built_whole, configure_deepspeed, lockstep_enabled, make_accelerator
+from zidong.train.flops import StepFlops, measured_peak_flops
+from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
+from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
+from zidong.train.recipe import PretrainRecipe
+from zidong.utils.log import get_logger
+
+if TYPE_CHECKING:
+    from zidong.train.task import Task
+
+logger = get_logger(__name__)
+LEDGER_FILE = "ledger-rank{rank}.jsonl"
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by `setup`."""
+
+    task: Task
+    recipe: PretrainRecipe
+    accelerator: Accelerator
+    output_dir: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: StreamLoader
+    held_out: HeldOut | None  # `data.eval`, read with evaluation transforms
+    counters: Counters
+    step_flops: StepFlops
+    log: MetricsLog
+    window: ThroughputWindow
+    ledger: Path | None
+    describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
+
+    @property
+    def lockstep(self) -> bool:
+        return lockstep_enabled(self.accelerator)
+
+
+def setup(recipe: PretrainRecipe, task: Task) -> Run:
+    """Accelerator, model (from the task), optimizer, data stream, resume point, held-out set, metrics sinks."""
+    check_trackers(recipe.train.trackers)
+    output_dir = Path(recipe.output_dir)
+    accelerator = make_accelerator(recipe, output_dir)
+    logger.info(
+        "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
+    )
+    if recipe.train.compile and accelerator.device.type != "cuda":
+        # seen with torch 2.11: inductor's CPU backward of the towers' scaled-dot-product attention fails a
+        # stride assertion after minutes of compiling
+        raise UserError("train.compile=true needs a CUDA device (compiling the towers for CPU fails in torch 2.11)")
+    resume_from = resume_point(recipe, output_dir)
+    set_seed(recipe.seed)
+    with built_whole(accelerator):
+        model, processor = task.build(recipe, accelerator)
+    frozen = freeze_for_good(model, recipe)
+    if frozen:
+        logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
+    step_flops = StepFlops(model.base_model)  # a classifier: count the towers of its joint model
+    if recipe.train.compile:
+        for tower in model.base_model.towers().values():
+            tower.compile()  # in place: parameter names, and so checkpoints, are unchanged
+    optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
+    scheduler = build_scheduler(optimizer, recipe)
+    configure_deepspeed(accelerator, recipe)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    counters, data_states = Counters(), []
+    if resume_from is not None:
+        trainer_state, data_states = load_checkpoint(accelerator, resume_from)
+        counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
+        logger.info("resumed from %s (step %d)", resume_from, counters.step)
+    options = task.pipeline_options(recipe)
+    return Run(
+        task=task,
+        recipe=recipe,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=train_loader(
+            recipe,
+            processor,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            saved=data_states,
+            options=options,
+            pin_memory=accelerator.device.type == "cuda",
+        ),
+        held_out=held_out(recipe, processor, accelerator, options),
+        counters=counters,
+        step_flops=step_flops,
+        log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
+        window=ThroughputWindow(step_flops.samples_per_speech_frame, peak_flops(recipe, accelerator)),
+        ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
+        describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def resume_point(recipe: PretrainRecipe, output_dir: Path) -> Path | None:
+    """The checkpoint to continue from, as `resume` says (`auto`, `never` or a checkpoint folder)."""
+    if recipe.resume == "never":
+        if checkpoints(output_dir):
+            raise UserError(
+                f"{output_dir} already holds checkpoints and resume=never; choose another output_dir or use resume=auto"
+            )
+        return None
+    if recipe.resume == "auto":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(recipe.resume)
+    if not (path / "trainer.json").is_file():
+        raise UserError(f"resume={recipe.resume}: not a checkpoint folder (expected {path}/trainer.json)")
+    return path
+
+
+def ensure_demo_corpus(recipe: PretrainRecipe, accelerator: Accelerator) -> None:
+    """`data.demo`: build the demo corpus there on the first run (the main process; the others wait)."""
+    if recipe.data.demo is None:
+        return
+    folder = Path(recipe.data.demo)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (folder / "tokenizer" / "tokenizer.json").is_file():
+            from zidong.data.demo import make_demo
+
+            logger.info("building the demo corpus into %s (first run only)", folder)
+            make_demo(folder)
+
+
+def load_tokenizer(recipe: PretrainRecipe):
+    source = recipe.model.tokenizer or recipe.model.text.pretrained
+    if source is None:
+        raise UserError("model.tokenizer is not set: give a tokenizer folder (see `zidong tokenizer train`)")
+    if not Path(source).is_dir():
+        raise UserError(f"model.tokenizer={source}: no such folder (train one with `zidong tokenizer train`)")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.tokenizer={source}: cannot load a tokenizer there ({err})") from None
+
+
+def model_config(recipe: PretrainRecipe, tokenizer=None) -> ZidongConfig:
+    """The model config a recipe describes: its preset, the configs of its pretrained towers and, given the
+    tokenizer, its mask token and (for a from-scratch text tower) its vocabulary."""
+    overrides: dict[str, Any] = {}
+    try:
+        for modality in MODALITIES:
+            folder = getattr(recipe.model, modality).pretrained
+            if folder:
+                overrides[f"{modality}_config"] = pretrained_tower_config(modality, folder).to_dict()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if tokenizer is not None:
+        overrides["mask_token_id"] = tokenizer.mask_token_id
+        if "text_config" not in overrides:
+            overrides["text"] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    return ZidongConfig.from_preset(recipe.model.preset, **overrides)
+
+
+def pretraining_model(recipe: PretrainRecipe, tokenizer, lockstep: bool) -> ZidongModel:
+    """A new model as the recipe describes it, its pretrained towers loaded, ready for training."""
+    config = model_config(recipe, tokenizer)
+    try:
+        model = ZidongModel(config)
+        model.load_pretrained_towers({m: getattr(recipe.model, m).pretrained for m in MODALITIES})
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return apply_train_settings(model, recipe, lockstep)
+
+
+def apply_train_settings(model: torch.nn.Module, recipe: PretrainRecipe, lockstep: bool) -> torch.nn.Module:
+    """Activation checkpointing as the recipe says; LayerDrop off in lockstep (it skips random layers,
+    differently on each process, and ZeRO/FSDP need the same calls everywhere)."""
+    zidong = model.base_model  # a classifier wraps the joint model
+    if recipe.train.activation_checkpointing:
+        zidong.activation_checkpointing_enable()
+    if lockstep:
+        for modality, tower in zidong.towers().items():
+            if getattr(tower.config, "layerdrop", 0.0):
+                logger.info("%s tower: layerdrop %.2f -> 0 (lockstep)", modality, tower.config.layerdrop)
+                tower.config.layerdrop = 0.0
+                getattr(zidong.config, f"{modality}_config").layerdrop = 0.0
+    return model
+
+
+def train_loader(
+    recipe: PretrainRecipe,
+    processor,
+    rank: int = 0,
+    world_size: int = 1,
+    saved: list[dict[str, Any]] | None = None,
+    options: dict[str, Any] | None = None,
+    pin_memory: bool = False,
+    pipeline_type: type[SamplePipeline] = SamplePipeline,
+) -> StreamLoader:
+    """The training stream the recipe describes for one process (`saved`: every process's stream state from the
+    checkpoint resumed; `options`: extra `pipeline_type` settings)."""
+    data = recipe.data
+    pipeline = pipeline_type(
+        processor,
+        train=True,
+        max_text_tokens=data.max_text_tokens,
+        max_speech_seconds=data.max_speech_seconds,
+        crop_scale=(data.crop_scale_min, 1.0),
+        **(options or {}),
+    )
+    settings = StreamSettings(
+        batch_size=recipe.train.batch_size,
+        seed=recipe.seed,
+        shuffle_window=data.shuffle_window,
+        bucket_pool=data.bucket_pool,
+        max_bad_fraction=data.max_bad_fraction,
+    )
+    return StreamLoader(
+        [(source.path, source.weight) for source in data.train],
+        settings,
+        pipeline,
+        num_workers=data.num_workers,
+        rank=rank,
+        world_size=world_size,
+        saved=saved,
+        pin_memory=pin_memory,
+    )
+
+
+def held_out(recipe: PretrainRecipe, processor, accelerator: Accelerator, options: dict[str, Any]) -> HeldOut | None:
+    """`data.eval` read with evaluation transforms (None without it)."""
+    if not recipe.data.eval:
+        return None
+    pipeline = SamplePipeline(
+        processor,
+        train=False,
+        max_text_tokens=recipe.data.max_text_tokens,
+        max_speech_seconds=recipe.data.max_speech_seconds,
+        **options,
+    )
+    return HeldOut(recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, lockstep_enabled(accelerator))
+
+
+def peak_flops(recipe: PretrainRecipe, accelerator: Accelerator) -> float:
+    """`train.peak_tflops`, or a matmul measured on this device (the MFU denominator)."""
+    if recipe.train.peak_tflops:
+        return recipe.train.peak_tflops * 1e12
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    peak = measured_peak_flops(accelerator.device, dtype)
+    logger.info("matmul peak measured on %s (%s): %.1f TFLOP/s per process", accelerator.device, dtype, peak / 1e12)
+    return peak
