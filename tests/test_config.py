@@ -293,6 +293,8 @@ def test_names_spelled_out_for_light_imports_match_their_owners() -> None:
     from dataclasses import fields
 
     from zidong.cli import FINETUNE_TASKS
+    from zidong.modalities import MODALITIES
+    from zidong.models.zidong import configuration_zidong
     from zidong.models.zidong.modeling_zidong import OBJECTIVES
     from zidong.train.finetune import TASKS
     from zidong.train.recipe import LossSection
@@ -301,3 +303,4 @@ def test_names_spelled_out_for_light_imports_match_their_owners() -> None:
     assert tuple(field.name for field in fields(LossSection)) == OBJECTIVES
     assert ("loss", *OBJECTIVES) == LOSS_KEYS
     assert tuple(TASKS) == FINETUNE_TASKS
+    assert MODALITIES == configuration_zidong.MODALITIES  # the model folder's own copy (it ships as remote code)

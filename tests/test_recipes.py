@@ -11,8 +11,7 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from zidong.config import load_config
-from zidong.train.finetune import FinetuneRecipe
-from zidong.train.recipe import PretrainRecipe
+from zidong.train.recipe import FinetuneRecipe, PretrainRecipe
 
 PRETRAIN_RECIPES = sorted((REPO_ROOT / "recipes" / "pretrain").glob("*.yaml"))
 FINETUNE_RECIPES = sorted((REPO_ROOT / "recipes" / "finetune").glob("*.yaml"))

@@ -93,12 +93,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    _quiet_deepspeed_on_cpu()
     from zidong.config import load_config
-    from zidong.train.finetune import FinetuneRecipe, finetune
+    from zidong.train.recipe import FinetuneRecipe
     from zidong.utils.run_info import record_run
 
-    recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)
+    recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)  # a bad recipe exits before torch loads
+    _quiet_deepspeed_on_cpu()
+    from zidong.train.finetune import finetune
+
     record_run(recipe.output_dir, recipe)
     finetune(args.task, recipe)
     return 0

@@ -25,7 +25,7 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from zidong.config import InvalidValue
-from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.modalities import MODALITIES
 
 SAMPLING_RATE = 16000
 MANIFEST_MODALITIES = ("text", "image", "audio")  # manifest keys of text, vision, speech

@@ -22,22 +22,19 @@ trackers and checkpoints work the same. At the end the model is exported as a Hu
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from zidong.config import InvalidValue
 from zidong.data.labels import LabelSet, load_labels
 from zidong.errors import UserError
 from zidong.evaluation.classification import accuracy_table, classification_accuracy
 from zidong.export.trained import load_trained
 from zidong.models.zidong import ZidongForClassification, ZidongModel
-from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.distributed import lockstep_enabled
-from zidong.train.recipe import PretrainRecipe
+from zidong.train.recipe import FinetuneRecipe
 from zidong.train.setup import Run, apply_train_settings
 from zidong.train.task import Task
 from zidong.train.trainer import train
@@ -45,24 +42,6 @@ from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
 EXPORT_FOLDER = "model"
-
-
-@dataclass
-class FinetuneSection:
-    source: str
-    modalities: list[Literal["text", "vision", "speech"]] = field(default_factory=lambda: list(MODALITIES))
-    labels: str | None = None
-
-    def __post_init__(self) -> None:
-        if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
-            raise InvalidValue("modalities", f"must list distinct modalities, got {self.modalities}")
-
-
-@dataclass(kw_only=True)
-class FinetuneRecipe(PretrainRecipe):
-    """A pretraining recipe plus the `finetune` section (module docstring)."""
-
-    finetune: FinetuneSection
 
 
 def finetune(task_name: str, recipe: FinetuneRecipe) -> dict[str, float]:

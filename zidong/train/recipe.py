@@ -1,4 +1,4 @@
-"""The pretraining recipe: the typed schema of `recipes/pretrain/*.yaml`.
+"""The recipes: the typed schema of `recipes/pretrain/*.yaml` and, with a `finetune` section, `recipes/finetune/*.yaml`.
 
 Every key a recipe may hold is a field here, with its type, default and allowed values; `zidong.config`
 parses YAML and `key=value` overrides into these classes and reports any mismatch before training starts.
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from zidong.config import InvalidValue
+from zidong.modalities import MODALITIES
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:
@@ -180,3 +181,21 @@ class PretrainRecipe:
             "resume",
             "must be `auto` (latest checkpoint in output_dir), `never`, or a checkpoint path",
         )
+
+
+@dataclass
+class FinetuneSection:
+    source: str
+    modalities: list[Literal["text", "vision", "speech"]] = field(default_factory=lambda: list(MODALITIES))
+    labels: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
+            raise InvalidValue("modalities", f"must list distinct modalities, got {self.modalities}")
+
+
+@dataclass(kw_only=True)
+class FinetuneRecipe(PretrainRecipe):
+    """A pretraining recipe plus the `finetune` section (source, modalities, labels: docs/finetune.md)."""
+
+    finetune: FinetuneSection

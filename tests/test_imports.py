@@ -1,0 +1,68 @@
+"""`import zidong` is light yet registers the Auto classes; the data and config commands never load torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+HEAVY = ("torch", "torchaudio", "transformers", "accelerate", "deepspeed")
+
+
+def python(code: str) -> str:
+    """Run `code` in a fresh interpreter (outside the repository folder) and return its last output line."""
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_import_zidong_loads_no_heavy_package() -> None:
+    assert python(f"import sys, zidong; print([m for m in {HEAVY!r} if m in sys.modules])") == "[]"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import zidong\nfrom transformers import AutoConfig",  # zidong first: registers when Auto loads
+        "from transformers import AutoConfig\nimport zidong",  # transformers first: registers at once
+    ],
+    ids=["zidong first", "auto first"],
+)
+def test_import_zidong_registers_the_auto_classes_in_any_order(code: str) -> None:
+    check = (
+        "\nfrom transformers import AutoModel, AutoProcessor, AutoModelForSequenceClassification"
+        "\nconfig = AutoConfig.for_model('zidong')"
+        "\nprint(type(config).__name__, AutoModel._model_mapping[type(config)].__name__,"
+        " AutoModelForSequenceClassification._model_mapping[type(config)].__name__)"
+    )
+    assert python(code + check) == "ZidongConfig ZidongModel ZidongForClassification"
+
+
+def test_model_names_load_on_first_use() -> None:
+    code = "import zidong\nprint(zidong.ZidongModel.__name__, zidong.ZidongModel._auto_class, 'ZidongModel' in dir(zidong))"
+    assert python(code) == "ZidongModel AutoModel True"
+    with pytest.raises(AssertionError, match="has no attribute 'Nope'"):
+        python("import zidong\nzidong.Nope")
+
+
+def test_help_data_inspect_and_a_bad_recipe_load_no_heavy_package(demo_corpus: Path) -> None:
+    tiny = REPO_ROOT / "recipes" / "pretrain" / "tiny.yaml"
+    commands = [
+        ["--help"],
+        ["data", "inspect", str(demo_corpus / "train")],
+        ["pretrain", str(tiny), "not.a.key=1"],
+        ["pretrain", str(tiny), "--print-config"],
+        ["finetune", "classify", str(REPO_ROOT / "recipes" / "finetune" / "probe-color-speech.yaml"), "nope=1"],
+    ]
+    for words in commands:
+        code = (
+            "import contextlib, io, sys\nfrom zidong.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            f"    try:\n        main({words!r})\n    except SystemExit:\n        pass\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])"
+        )
+        assert python(code) == "[]", words
