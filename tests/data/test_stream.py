@@ -20,7 +20,8 @@ import torch
 from tests.data.corpus import TEXT_COMBINATIONS, make_corpus
 from zidong import ZidongProcessor
 from zidong.data.shards import ShardFolder
-from zidong.data.stream import DataError, SlotStream, StreamLoader, StreamSettings, epoch_plan, fresh_state
+from zidong.data.slots import DataError, SlotStream, StreamSettings, epoch_plan, fresh_state
+from zidong.data.stream import StreamLoader
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 
