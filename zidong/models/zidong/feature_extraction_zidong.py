@@ -86,6 +86,16 @@ class BatchedFbank(nn.Module):
         self.window = window.to(self.window.device)
         self.mel_banks = banks.to(self.mel_banks.device)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the window and filters; dtype casts (`model.half()`, `.to(torch.bfloat16)`) do
+        not: they are recomputed in their own dtypes, so the front end computes in float32 in any model."""
+        super()._apply(fn, recurse)
+        if self.window.dtype != torch.float64 or self.mel_banks.dtype != torch.float32:
+            self.window = torch.empty(self.window.shape, dtype=torch.float64, device=self.window.device)
+            self.mel_banks = torch.empty(self.mel_banks.shape, dtype=torch.float32, device=self.mel_banks.device)
+            self.reset_buffers()
+        return self
+
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """Frames Kaldi produces for each length (snip_edges: only windows that fit entirely)."""
         frames = torch.div(num_samples - self.window_size, self.window_shift, rounding_mode="floor") + 1

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ from transformers.utils import ModelOutput
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .contrastive_zidong import contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
-from .fusion_zidong import ZidongFusionEncoder, ZidongFusionLayer, ZidongPredictionHead
+from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Lockstep
 from .masking_zidong import masked_modelling_objective
 from .matching_zidong import MATCHING_CLASSES, matching_objective
@@ -103,6 +104,9 @@ class ZidongPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True  # towers are built with attn_implementation="sdpa"; the fusion encoder calls SDPA
+    _no_split_modules: ClassVar[list[str]] = [
+        "ZidongFusionLayer"
+    ]  # device_map="auto" keeps each fusion layer (and tower layer) whole
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linear, embedding and norm layers outside the towers
@@ -147,11 +151,7 @@ class ZidongModel(ZidongPreTrainedModel):
             else None
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
-        self._no_split_modules = sorted(
-            {name for tower in self.towers().values() for name in (tower._no_split_modules or [])}
-            | {ZidongFusionLayer.__name__}
-        )
-        self.post_init()
+        self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
 
     def _tower_width(self, modality: str) -> int:
         tower_config = getattr(self.config, f"{modality}_config")
@@ -192,6 +192,35 @@ class ZidongModel(ZidongPreTrainedModel):
                 )
                 self.towers()[modality].load_state_dict(tower.state_dict())
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resize the text tower's vocabulary (transformers' rules) and the masked-text head's output with it:
+        old rows are kept, new rows of the head start at the mean of the old ones (`mean_resizing`) or at zero."""
+        embeddings = self.text_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.num_embeddings
+        old = self.text_head.decoder
+        if old.out_features != size:
+            new = nn.Linear(old.in_features, size, device=old.weight.device, dtype=old.weight.dtype)
+            kept = min(size, old.out_features)
+            with torch.no_grad():
+                new.weight.zero_()
+                new.bias.zero_()
+                if mean_resizing and size > kept:
+                    new.weight[kept:] = old.weight.mean(dim=0)
+                    new.bias[kept:] = old.bias.mean()
+                new.weight[:kept] = old.weight[:kept]
+                new.bias[:kept] = old.bias[:kept]
+            self.text_head.decoder = new
+        self.config.text_config.vocab_size = size
+        return embeddings
+
     # ---------------------------------------------------------------------------------------- adapters
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
@@ -221,13 +250,16 @@ class ZidongModel(ZidongPreTrainedModel):
         self, input_values: torch.Tensor, attention_mask: torch.Tensor, augment: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Waveforms -> normalised filterbank stacked to 20 ms steps (n, steps, bins x stack) and their mask."""
-        features, frame_mask = self.fbank(input_values, attention_mask.long().sum(dim=1))
+        # the front end computes in float32 whatever the model's dtype; the tower gets its own dtype back
+        features, frame_mask = self.fbank(input_values.float(), attention_mask.long().sum(dim=1))
         if augment and len(self.spec_augment):
             # (n, 1, bins, frames): the 4-D layout under which torchaudio draws a different mask per utterance
             features = self.spec_augment(features.transpose(1, 2)[:, None])[:, 0].transpose(1, 2)
         return normalize_and_stack(features, frame_mask, self.config.speech_frame_stack)
 
     def run_speech_tower(self, speech_inputs: torch.Tensor, input_mask: torch.Tensor) -> TowerOutput:
+        """The speech tower on filterbank steps or waveforms (whichever it reads), cast to the tower's dtype."""
+        speech_inputs = speech_inputs.to(self.speech_model.dtype)
         if self.speech_takes_features:
             output = self.speech_model(input_features=speech_inputs, attention_mask=input_mask.long())
         else:

@@ -1,0 +1,68 @@
+"""What transformers' own tools expect of a model class: device-map support, embedding resizing, half precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tests.models.test_modeling import ALL_OBJECTIVES, VOCAB, make_inputs, tiny_config
+from zidong.models.zidong import ZidongForClassification, ZidongModel
+from zidong.models.zidong.configuration_zidong import MODALITIES
+
+
+def test_no_split_modules_are_declared_on_the_class_and_gathered_from_the_towers() -> None:
+    # device_map="auto" and offloading read the class attribute before any instance exists
+    assert "ZidongFusionLayer" in (ZidongModel._no_split_modules or [])
+    assert "ZidongFusionLayer" in (ZidongForClassification._no_split_modules or [])
+    model = ZidongModel(tiny_config())
+    assert {"ZidongFusionLayer", "BertLayer", "ViTLayer", "Wav2Vec2BertEncoderLayer"} <= set(model._no_split_modules)
+
+
+def test_device_map_auto_loads_the_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ZidongModel(tiny_config()).save_pretrained(tmp_path)
+    model = ZidongModel.from_pretrained(tmp_path, device_map="auto")
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+
+
+def test_resize_token_embeddings_resizes_the_tower_and_the_masked_text_head(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).train()
+    assert model.get_input_embeddings() is model.text_model.get_input_embeddings()
+    before = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(VOCAB + 7)
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB + 7
+    assert torch.equal(model.get_input_embeddings().weight[:VOCAB], before)  # old rows kept
+    assert model.text_head.decoder.out_features == VOCAB + 7
+    assert model.config.text_config.vocab_size == VOCAB + 7
+    inputs = make_inputs({m: [True, True] for m in MODALITIES})
+    inputs["input_ids"][:, :4] = VOCAB + 6  # new tokens, masked and predicted by the masked-text head
+    model(**inputs, return_loss=True, loss_weights=ALL_OBJECTIVES).loss.backward()
+    model.save_pretrained(tmp_path)
+    reloaded = ZidongModel.from_pretrained(tmp_path)
+    assert reloaded.text_head.decoder.out_features == VOCAB + 7
+
+
+def test_bfloat16_runs_every_modality_close_to_float32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).eval()
+    inputs = make_inputs({m: [True, True] for m in MODALITIES}, seed=3)
+    with torch.no_grad():
+        reference = model(**inputs)
+    model.save_pretrained(tmp_path)
+    for half in (ZidongModel(tiny_config()).eval(), ZidongModel.from_pretrained(tmp_path, dtype=torch.bfloat16)):
+        if half.dtype != torch.bfloat16:  # a model cast after building
+            half.load_state_dict(model.state_dict())
+            half = half.to(torch.bfloat16)
+        assert half.fbank.window.dtype == torch.float64
+        assert half.fbank.mel_banks.dtype == torch.float32
+        with torch.no_grad():
+            out = half(**inputs)
+        for modality in MODALITIES:
+            embeds = getattr(out, f"{modality}_embeds")
+            assert embeds.dtype == torch.bfloat16, modality
+            expected = getattr(reference, f"{modality}_embeds")
+            similarity = F.cosine_similarity(embeds.float(), expected, dim=-1)
+            assert similarity.min() > 0.99, (modality, similarity)
