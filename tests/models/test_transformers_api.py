@@ -66,3 +66,15 @@ def test_bfloat16_runs_every_modality_close_to_float32(tmp_path: Path) -> None:
             expected = getattr(reference, f"{modality}_embeds")
             similarity = F.cosine_similarity(embeds.float(), expected, dim=-1)
             assert similarity.min() > 0.99, (modality, similarity)
+
+
+def test_each_tower_keeps_its_own_attention_implementation(tmp_path: Path) -> None:
+    ZidongModel(tiny_config()).save_pretrained(tmp_path)
+    choice = {"text_config": "eager", "vision_config": "sdpa", "speech_config": "eager"}
+    model = ZidongModel.from_pretrained(tmp_path, attn_implementation=choice)
+    for modality, tower in model.towers().items():
+        assert tower.config._attn_implementation == choice[f"{modality}_config"], modality
+    config = tiny_config()
+    config.vision_config._attn_implementation = "eager"  # a tower config's own setting
+    assert ZidongModel(config).vision_model.config._attn_implementation == "eager"
+    assert ZidongModel(tiny_config()).text_model.config._attn_implementation == "sdpa"  # the default

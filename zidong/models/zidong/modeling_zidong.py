@@ -122,10 +122,9 @@ class ZidongPreTrainedModel(PreTrainedModel):
 class ZidongModel(ZidongPreTrainedModel):
     def __init__(self, config: ZidongConfig):
         super().__init__(config)
-        attention = config._attn_implementation or "sdpa"
-        self.text_model = AutoModel.from_config(config.text_config, attn_implementation=attention)
-        self.vision_model = AutoModel.from_config(config.vision_config, attn_implementation=attention)
-        self.speech_model = AutoModel.from_config(config.speech_config, attn_implementation=attention)
+        self.text_model = AutoModel.from_config(config.text_config, attn_implementation=self._attention("text"))
+        self.vision_model = AutoModel.from_config(config.vision_config, attn_implementation=self._attention("vision"))
+        self.speech_model = AutoModel.from_config(config.speech_config, attn_implementation=self._attention("speech"))
         self.fbank = BatchedFbank(sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins)
         spec_masks: list[nn.Module] = []
         if config.spec_augment_freq_mask:
@@ -152,6 +151,12 @@ class ZidongModel(ZidongPreTrainedModel):
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
         self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
+
+    def _attention(self, modality: str) -> str:
+        """The tower's own attention implementation (its config's, as `from_pretrained(attn_implementation={...})`
+        sets it per sub-config), else the joint config's, else SDPA."""
+        tower_config = getattr(self.config, f"{modality}_config")
+        return tower_config._attn_implementation_internal or self.config._attn_implementation_internal or "sdpa"
 
     def _tower_width(self, modality: str) -> int:
         tower_config = getattr(self.config, f"{modality}_config")
@@ -187,9 +192,7 @@ class ZidongModel(ZidongPreTrainedModel):
         """Load each tower given a folder (modality -> local Hugging Face folder or None) from it."""
         for modality, folder in folders.items():
             if folder:
-                tower = AutoModel.from_pretrained(
-                    folder, attn_implementation=self.config._attn_implementation or "sdpa"
-                )
+                tower = AutoModel.from_pretrained(folder, attn_implementation=self._attention(modality))
                 self.towers()[modality].load_state_dict(tower.state_dict())
 
     def get_input_embeddings(self) -> nn.Module:
