@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from tests.models.test_modeling import ALL_OBJECTIVES, VOCAB, make_inputs, tiny_config
 from zidong.models.zidong import ZidongForClassification, ZidongModel
@@ -78,3 +79,18 @@ def test_each_tower_keeps_its_own_attention_implementation(tmp_path: Path) -> No
     config.vision_config._attn_implementation = "eager"  # a tower config's own setting
     assert ZidongModel(config).vision_model.config._attn_implementation == "eager"
     assert ZidongModel(tiny_config()).text_model.config._attn_implementation == "sdpa"  # the default
+
+
+def test_towers_carry_no_pooler_and_older_weights_with_one_still_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config())
+    assert not [name for name, _ in model.named_parameters() if ".pooler." in name]  # computed, untrained, saved
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    width = model.config.text_config.hidden_size
+    for tower in ("text_model", "vision_model"):  # what an export written by an earlier zidong holds
+        weights[f"{tower}.pooler.dense.weight"] = torch.zeros(width, width)
+        weights[f"{tower}.pooler.dense.bias"] = torch.zeros(width)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = ZidongModel.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.text_projection.weight, model.text_projection.weight)

@@ -66,6 +66,8 @@ def _load_weights(model: ZidongPreTrainedModel, folder: Path) -> None:
     weights = read_weights(folder)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
+    obsolete = [re.compile(pattern) for pattern in model._keys_to_ignore_on_load_unexpected or []]
+    weights = {name: tensor for name, tensor in weights.items() if not any(p.search(name) for p in obsolete)}
     unexpected = sorted(set(weights) - set(expected))
     wrong_shape = sorted(n for n in set(expected) & set(weights) if expected[n].shape != weights[n].shape)
     if missing or unexpected or wrong_shape:

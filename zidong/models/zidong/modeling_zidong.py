@@ -30,6 +30,7 @@ speech pool by masked mean (independent of padding), vision takes its first (CLS
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -104,9 +105,10 @@ class ZidongPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True  # towers are built with attn_implementation="sdpa"; the fusion encoder calls SDPA
-    _no_split_modules: ClassVar[list[str]] = [
-        "ZidongFusionLayer"
-    ]  # device_map="auto" keeps each fusion layer (and tower layer) whole
+    # device_map="auto" keeps each fusion layer whole (post_init adds the towers' own layers)
+    _no_split_modules: ClassVar[list[str]] = ["ZidongFusionLayer"]
+    # the towers' poolers, in checkpoints and exports written before towers were built without them
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"_model\.pooler\."]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linear, embedding and norm layers outside the towers
@@ -122,9 +124,9 @@ class ZidongPreTrainedModel(PreTrainedModel):
 class ZidongModel(ZidongPreTrainedModel):
     def __init__(self, config: ZidongConfig):
         super().__init__(config)
-        self.text_model = AutoModel.from_config(config.text_config, attn_implementation=self._attention("text"))
-        self.vision_model = AutoModel.from_config(config.vision_config, attn_implementation=self._attention("vision"))
-        self.speech_model = AutoModel.from_config(config.speech_config, attn_implementation=self._attention("speech"))
+        self.text_model = self._new_tower("text")
+        self.vision_model = self._new_tower("vision")
+        self.speech_model = self._new_tower("speech")
         self.fbank = BatchedFbank(sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins)
         spec_masks: list[nn.Module] = []
         if config.spec_augment_freq_mask:
@@ -151,6 +153,17 @@ class ZidongModel(ZidongPreTrainedModel):
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
         self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
+
+    def _new_tower(self, modality: str, folder: str | os.PathLike | None = None) -> PreTrainedModel:
+        """The tower of `modality`, from its config (or a local pretrained folder), without a pooler of its own:
+        zidong pools the token states itself, so a BERT/ViT pooler would be computed, never trained, and saved."""
+        tower_config = getattr(self.config, f"{modality}_config")
+        options = {"attn_implementation": self._attention(modality)}
+        if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters:
+            options["add_pooling_layer"] = False
+        if folder is None:
+            return AutoModel.from_config(tower_config, **options)
+        return AutoModel.from_pretrained(folder, **options)
 
     def _attention(self, modality: str) -> str:
         """The tower's own attention implementation (its config's, as `from_pretrained(attn_implementation={...})`
@@ -192,7 +205,7 @@ class ZidongModel(ZidongPreTrainedModel):
         """Load each tower given a folder (modality -> local Hugging Face folder or None) from it."""
         for modality, folder in folders.items():
             if folder:
-                tower = AutoModel.from_pretrained(folder, attn_implementation=self._attention(modality))
+                tower = self._new_tower(modality, folder)
                 self.towers()[modality].load_state_dict(tower.state_dict())
 
     def get_input_embeddings(self) -> nn.Module:
