@@ -94,3 +94,26 @@ def test_towers_carry_no_pooler_and_older_weights_with_one_still_load(tmp_path: 
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     reloaded = ZidongModel.from_pretrained(tmp_path)
     assert torch.equal(reloaded.text_projection.weight, model.text_projection.weight)
+
+
+def _uniform_bound(linear: torch.nn.Linear) -> float:
+    return (1 / linear.in_features) ** 0.5
+
+
+def test_a_weight_missing_from_a_checkpoint_gets_its_towers_own_initialisation(tmp_path: Path) -> None:
+    # Wav2Vec2-BERT initialises its feature projection uniform(-1/sqrt(in), 1/sqrt(in)) (std 0.046 for 160
+    # inputs), not normal(0, 0.02) like a generic linear layer
+    torch.manual_seed(0)
+    built = ZidongModel(tiny_config())
+    projection = built.speech_model.feature_projection.projection
+    bound = _uniform_bound(projection)
+    assert projection.weight.abs().max() <= bound
+    assert projection.weight.std() > 0.035
+    built.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["speech_model.feature_projection.projection.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = ZidongModel.from_pretrained(tmp_path).speech_model.feature_projection.projection
+    assert reloaded.weight.abs().max() <= bound
+    assert reloaded.weight.std() > 0.035
+    assert torch.equal(reloaded.bias, projection.bias)  # present in the checkpoint: loaded, not re-initialised

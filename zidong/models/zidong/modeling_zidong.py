@@ -110,6 +110,15 @@ class ZidongPreTrainedModel(PreTrainedModel):
     # the towers' poolers, in checkpoints and exports written before towers were built without them
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"_model\.pooler\."]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: transformers treats classes outside its package as custom code, and then skips every module
+        without parameters of its own while initialising, in the towers too, so a tower's own rules for such
+        modules never ran (Wav2Vec2-BERT's feature projection got normal(0, 0.02) instead of its uniform init).
+        That guard exists for `_init_weights` that write parameters in place; ours uses
+        `transformers.initialization`, which leaves loaded parameters alone, as the library's own models do."""
+        return False
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linear, embedding and norm layers outside the towers
         if isinstance(module, ZidongModel):
