@@ -174,9 +174,11 @@ def test_each_tower_loads_with_plain_transformers_and_embeds_like_the_joint_mode
     inputs = sample_inputs(processor)
     with torch.no_grad():
         joint = {
-            "text": original.get_text_features(inputs["input_ids"], inputs["text_attention_mask"]),
-            "vision": original.get_vision_features(inputs["pixel_values"]),
-            "speech": original.get_speech_features(inputs["input_values"], inputs["speech_attention_mask"]),
+            "text": original.get_text_features(inputs["input_ids"], inputs["text_attention_mask"]).pooler_output,
+            "vision": original.get_vision_features(inputs["pixel_values"]).pooler_output,
+            "speech": original.get_speech_features(
+                inputs["input_values"], inputs["speech_attention_mask"]
+            ).pooler_output,
         }
     torch.testing.assert_close(towers["text"], joint["text"], rtol=0, atol=1e-6)
     torch.testing.assert_close(towers["vision"], joint["vision"], rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -117,3 +118,44 @@ def test_a_weight_missing_from_a_checkpoint_gets_its_towers_own_initialisation(t
     assert reloaded.weight.abs().max() <= bound
     assert reloaded.weight.std() > 0.035
     assert torch.equal(reloaded.bias, projection.bias)  # present in the checkpoint: loaded, not re-initialised
+
+
+def test_return_dict_false_gives_tuples_and_unsupported_output_switches_are_refused() -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).eval()
+    inputs = make_inputs({m: [True, True] for m in MODALITIES})
+    with torch.no_grad():
+        as_object = model(**inputs, return_loss=True)
+        loss, _losses, text_embeds, *_ = model(**inputs, return_loss=True, return_dict=False)
+    assert torch.equal(loss, as_object.loss)
+    assert torch.equal(text_embeds, as_object.text_embeds)
+    model.config.return_dict = False
+    with torch.no_grad():
+        assert isinstance(model(**inputs), tuple)
+    model.config.return_dict = True
+    for switch in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(TypeError, match=switch):
+            model(**inputs, **{switch: True})
+        model(**inputs, **{switch: False})  # the default, accepted
+    classifier = ZidongForClassification(tiny_config(classification_modality="text", id2label={0: "a", 1: "b"}))
+    logits = classifier(**inputs, labels=torch.tensor([0, 1]), return_dict=False)[2]
+    assert logits.shape == (2, 2)
+
+
+def test_features_follow_the_transformers_convention() -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).eval()
+    inputs = make_inputs({m: [True, True] for m in MODALITIES})
+    calls = {
+        "text": lambda **o: model.get_text_features(inputs["input_ids"], inputs["text_attention_mask"], **o),
+        "vision": lambda **o: model.get_vision_features(inputs["pixel_values"], **o),
+        "speech": lambda **o: model.get_speech_features(inputs["input_values"], inputs["speech_attention_mask"], **o),
+    }
+    with torch.no_grad():
+        joint = model(**inputs)
+        for modality, call in calls.items():
+            features = call(output_hidden_states=True)
+            assert torch.equal(features.pooler_output, getattr(joint, f"{modality}_embeds")), modality
+            assert features.last_hidden_state.shape[0] == 2
+            assert len(features.hidden_states) == getattr(model.config, f"{modality}_config").num_hidden_layers + 1
+            assert torch.equal(call(return_dict=False)[1], features.pooler_output), modality

@@ -74,7 +74,7 @@ def class_prototypes(model: ZidongModel, processor, label_set: LabelSet) -> torc
         tokens = processor.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
         features = model.get_text_features(
             tokens["input_ids"].to(model.device), tokens["attention_mask"].to(model.device)
-        )
+        ).pooler_output
         rows.append(F.normalize(features.float(), dim=-1).mean(dim=0).cpu())
     return F.normalize(torch.stack(rows), dim=-1)
 

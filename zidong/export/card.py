@@ -198,7 +198,8 @@ def _loading_section(towers: bool) -> list[str]:
         "out.text_embeds, out.vision_embeds, out.speech_embeds   # (batch, dim), zero rows where a sample lacks one",
         "```",
         "",
-        "`model.get_text_features`, `get_vision_features` and `get_speech_features` embed one modality.",
+        "`model.get_text_features(...)`, `get_vision_features` and `get_speech_features` embed one modality: "
+        "their `.pooler_output` is the embedding (transformers' CLIP convention).",
         "",
     ]
     if towers:

@@ -8,11 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .lockstep_zidong import Lockstep
-from .modeling_zidong import ZidongModel, ZidongPreTrainedModel, modality_inputs, text_mask_argument
+from .modeling_zidong import (
+    ZidongModel,
+    ZidongPreTrainedModel,
+    modality_inputs,
+    refuse_output_switches,
+    text_mask_argument,
+)
 from .towers_zidong import scatter_rows
 
 
@@ -47,6 +53,7 @@ class ZidongForClassification(ZidongPreTrainedModel):
     def towers(self) -> dict[str, PreTrainedModel]:
         return self.zidong.towers()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -61,9 +68,12 @@ class ZidongForClassification(ZidongPreTrainedModel):
         lockstep: bool = False,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> ZidongClassifierOutput:
         """Logits for the rows that have the classified modality and, with `labels`, their cross-entropy.
         `attention_mask` is accepted for `text_attention_mask`; an unknown keyword argument raises TypeError."""
+        refuse_output_switches(output_hidden_states, output_attentions)
         text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
         modality = self.config.classification_modality
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)

@@ -42,7 +42,8 @@ import torchaudio
 from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .contrastive_zidong import contrastive_objective
@@ -82,6 +83,24 @@ def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, 
         "vision": (pixel_values, None),
         "speech": (input_values, speech_attention_mask),
     }
+
+
+def refuse_output_switches(output_hidden_states: bool | None, output_attentions: bool | None) -> None:
+    """The joint forward does not return the towers' hidden states or attentions: say so instead of ignoring it."""
+    for name, value in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+        if value:
+            raise TypeError(
+                f"{name}=True is not supported by the joint forward; call get_text_features / "
+                f"get_vision_features / get_speech_features(..., {name}=True) for one tower's"
+            )
+
+
+def _given(switches: dict[str, bool | None]) -> dict[str, bool]:
+    """The towers' output switches that were set (a tower is called exactly as before when none is)."""
+    unknown = set(switches) - {"output_hidden_states", "output_attentions"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return {name: value for name, value in switches.items() if value is not None}
 
 
 def text_mask_argument(
@@ -248,24 +267,32 @@ class ZidongModel(ZidongPreTrainedModel):
 
     # ---------------------------------------------------------------------------------------- adapters
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
+    # `switches`: the towers' own `output_hidden_states` / `output_attentions`, given only when set
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> TowerOutput:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        states = self.text_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
-        return TowerOutput(states, mask, masked_mean(states, mask))
+        output = self.text_model(input_ids=input_ids, attention_mask=mask.long(), **_given(switches))
+        states = output.last_hidden_state
+        return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
 
-    def encode_vision(self, pixel_values: torch.Tensor) -> TowerOutput:
-        states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+    def encode_vision(self, pixel_values: torch.Tensor, **switches: bool | None) -> TowerOutput:
+        output = self.vision_model(pixel_values=pixel_values, **_given(switches))
+        states = output.last_hidden_state
         mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
-        return TowerOutput(states, mask, states[:, 0])
+        return TowerOutput(states, mask, states[:, 0], output.hidden_states, output.attentions)
 
-    def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
+    def encode_speech(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> TowerOutput:
         """Waveforms (n, samples) at 16 kHz -> tower states; features run batched on the model's device."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_values, dtype=torch.long)
         if self.speech_takes_features:
             steps, step_mask = self.speech_steps(input_values, attention_mask, augment=self.training)
-            return self.run_speech_tower(steps, step_mask)
-        return self.run_speech_tower(input_values, attention_mask.bool())
+            return self.run_speech_tower(steps, step_mask, **switches)
+        return self.run_speech_tower(input_values, attention_mask.bool(), **switches)
 
     @property
     def speech_takes_features(self) -> bool:
@@ -282,32 +309,49 @@ class ZidongModel(ZidongPreTrainedModel):
             features = self.spec_augment(features.transpose(1, 2)[:, None])[:, 0].transpose(1, 2)
         return normalize_and_stack(features, frame_mask, self.config.speech_frame_stack)
 
-    def run_speech_tower(self, speech_inputs: torch.Tensor, input_mask: torch.Tensor) -> TowerOutput:
+    def run_speech_tower(
+        self, speech_inputs: torch.Tensor, input_mask: torch.Tensor, **switches: bool | None
+    ) -> TowerOutput:
         """The speech tower on filterbank steps or waveforms (whichever it reads), cast to the tower's dtype."""
         speech_inputs = speech_inputs.to(self.speech_model.dtype)
-        if self.speech_takes_features:
-            output = self.speech_model(input_features=speech_inputs, attention_mask=input_mask.long())
-        else:
-            output = self.speech_model(input_values=speech_inputs, attention_mask=input_mask.long())
+        name = "input_features" if self.speech_takes_features else "input_values"
+        output = self.speech_model(**{name: speech_inputs}, attention_mask=input_mask.long(), **_given(switches))
         states = output.last_hidden_state
         if states.shape[1] != input_mask.shape[1]:  # the tower subsamples: map the mask onto its token grid
             mask = self.speech_model._get_feature_vector_attention_mask(states.shape[1], input_mask.long()).bool()
         else:
             mask = input_mask.bool()
-        return TowerOutput(states, mask, masked_mean(states, mask))
+        return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
 
     # ---------------------------------------------------------------------------------- CLIP-style API
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._embed("text", self.encode_text(input_ids, attention_mask))
+    # As in transformers 5's CLIP and CLAP: a `BaseModelOutputWithPooling` whose `pooler_output` is the embedding
+    # (here L2-normalised, as in `forward`), a tuple under `return_dict=False`, and the tower's hidden states and
+    # attentions when asked.
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._embed("vision", self.encode_vision(pixel_values))
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> BaseModelOutputWithPooling:
+        return self._features("text", self.encode_text(input_ids, attention_mask, **switches))
 
+    @can_return_tuple
+    def get_vision_features(self, pixel_values: torch.Tensor, **switches: bool | None) -> BaseModelOutputWithPooling:
+        return self._features("vision", self.encode_vision(pixel_values, **switches))
+
+    @can_return_tuple
     def get_speech_features(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self._embed("speech", self.encode_speech(input_values, attention_mask))
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> BaseModelOutputWithPooling:
+        return self._features("speech", self.encode_speech(input_values, attention_mask, **switches))
+
+    def _features(self, modality: str, tower_output: TowerOutput) -> BaseModelOutputWithPooling:
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower_output.token_states,
+            pooler_output=self._embed(modality, tower_output),
+            hidden_states=tower_output.hidden_states,
+            attentions=tower_output.attentions,
+        )
 
     def _embed(self, modality: str, tower_output: TowerOutput) -> torch.Tensor:
         projection = getattr(self, f"{modality}_projection")
@@ -315,6 +359,7 @@ class ZidongModel(ZidongPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------ forward
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -330,6 +375,8 @@ class ZidongModel(ZidongPreTrainedModel):
         lockstep: bool = False,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> ZidongOutput:
         """Embeddings of every given modality and, with `return_loss`, the weighted objectives.
 
@@ -338,6 +385,7 @@ class ZidongModel(ZidongPreTrainedModel):
         `attention_mask` is accepted for `text_attention_mask` (`model(**tokenizer(texts, padding=True))`); an
         unknown keyword argument raises TypeError.
         """
+        refuse_output_switches(output_hidden_states, output_attentions)
         text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
         weights = self._loss_weights(loss_weights) if return_loss else {}
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)

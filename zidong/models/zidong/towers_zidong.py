@@ -18,6 +18,8 @@ class TowerOutput:
     token_states: torch.Tensor  # (n, tokens, hidden)
     attention_mask: torch.Tensor  # (n, tokens) bool, True on real tokens
     pooled: torch.Tensor  # (n, hidden)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # the tower's own, when asked for
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
