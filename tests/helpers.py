@@ -26,33 +26,6 @@ def run_cli(
     )
 
 
-class BackgroundCli:
-    """`python -m zidong ARGS` started now in a fresh process, its output going to files in `folder`; `wait`
-    gives what `run_cli` gives. For a long run (the main job) that other tests can overlap."""
-
-    def __init__(self, *args: str, folder: Path, env: dict[str, str] | None = None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self._out, self._err = folder / "stdout.txt", folder / "stderr.txt"
-        with self._out.open("w") as out, self._err.open("w") as err:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "zidong", *args],
-                cwd=REPO_ROOT,
-                env={**os.environ, **(env or {})},
-                stdout=out,
-                stderr=err,
-                text=True,
-            )
-
-    def wait(self, timeout: float) -> subprocess.CompletedProcess:
-        returncode = self._process.wait(timeout=timeout)
-        return subprocess.CompletedProcess(self._process.args, returncode, self._out.read_text(), self._err.read_text())
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            kill_tree(self._process.pid)
-            self._process.wait()
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants at once, as a lost node would. Not `os.killpg`: torchrun (and
     `accelerate launch`) start every rank in a session of its own, so the ranks outlive their launcher's group."""

@@ -12,6 +12,7 @@ from tests.helpers import run_cli
 from zidong.export.trained import load_trained
 from zidong.models.zidong import ZidongForClassification
 
+TINY = "recipes/pretrain/tiny.yaml"
 QUIET = {"ZIDONG_PROGRESS": "0"}
 
 
@@ -21,10 +22,9 @@ def evaluations(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def main_job(main_job_process) -> Path:
-    """The main job's run folder, once it has finished (it started with the session: tests/conftest.py)."""
-    run, job = main_job_process
-    result = job.wait(timeout=1800)
+def main_job(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("main") / "run"  # the recipe reads the shared demo corpus, data/demo
+    result = run_cli("pretrain", TINY, f"output_dir={run}", env=QUIET, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out retrieval after" in result.stderr
     return run
