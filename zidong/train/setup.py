@@ -24,7 +24,8 @@ from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.evaluation.retrieval import HeldOut
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
-from zidong.models.zidong.modeling_zidong import ZidongModel, pretrained_tower_config
+from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.models.zidong.towers_zidong import pretrained_tower_config
 from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint
 from zidong.train.distributed import built_whole, configure_deepspeed, lockstep_enabled, make_accelerator
 from zidong.train.flops import StepFlops, measured_peak_flops

@@ -10,16 +10,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
+from .arguments_zidong import modality_inputs, presence_masks, refuse_output_switches, text_mask_argument
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .lockstep_zidong import Lockstep
-from .modeling_zidong import (
-    ZidongModel,
-    ZidongPreTrainedModel,
-    modality_inputs,
-    refuse_output_switches,
-    text_mask_argument,
-)
-from .towers_zidong import scatter_rows
+from .modeling_zidong import ZidongModel, ZidongPreTrainedModel
+from .towers_zidong import scatter_rows, tower_width
 
 
 @dataclass
@@ -47,7 +42,7 @@ class ZidongForClassification(ZidongPreTrainedModel):
                 f"got {config.classification_modality!r}"
             )
         self.zidong = ZidongModel(config)
-        self.classifier = nn.Linear(self.zidong._tower_width(config.classification_modality), config.num_labels)
+        self.classifier = nn.Linear(tower_width(config, config.classification_modality), config.num_labels)
         self.post_init()
 
     def towers(self) -> dict[str, PreTrainedModel]:
@@ -78,7 +73,7 @@ class ZidongForClassification(ZidongPreTrainedModel):
         modality = self.config.classification_modality
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
-        present = self.zidong._presence(inputs, given)[modality]
+        present = presence_masks(inputs, given, self.device)[modality]
         steps = Lockstep(self.zidong, lockstep)
         logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
         if present.any():

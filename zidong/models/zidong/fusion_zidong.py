@@ -133,5 +133,23 @@ class ZidongPredictionHead(nn.Module):
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(states))
 
+    @torch.no_grad()
+    def resize_output(self, size: int, mean_resizing: bool = True) -> None:
+        """A decoder of `size` outputs (a resized vocabulary): the kept rows unchanged, new rows at the mean of the
+        old ones (`mean_resizing`) or at zero."""
+        old = self.decoder
+        if old.out_features == size:
+            return
+        new = nn.Linear(old.in_features, size, device=old.weight.device, dtype=old.weight.dtype)
+        kept = min(size, old.out_features)
+        new.weight.zero_()
+        new.bias.zero_()
+        if mean_resizing and size > kept:
+            new.weight[kept:] = old.weight.mean(dim=0)
+            new.bias[kept:] = old.bias.mean()
+        new.weight[:kept] = old.weight[:kept]
+        new.bias[:kept] = old.bias[:kept]
+        self.decoder = new
+
 
 __all__ = ["FusedStreams", "ZidongFusionEncoder", "ZidongFusionLayer", "ZidongPredictionHead"]

@@ -30,7 +30,6 @@ speech pool by masked mean (independent of padding), vision takes its first (CLS
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,11 +39,20 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
-from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple
 
+from .arguments_zidong import (
+    OBJECTIVES,
+    checked_loss_weights,
+    given_switches,
+    modality_inputs,
+    presence_masks,
+    refuse_output_switches,
+    text_mask_argument,
+)
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .contrastive_zidong import contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
@@ -52,14 +60,14 @@ from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Lockstep
 from .masking_zidong import masked_modelling_objective
 from .matching_zidong import MATCHING_CLASSES, matching_objective
-from .towers_zidong import Encoded, TowerOutput, masked_mean, scatter_rows
-
-OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+from .towers_zidong import (
+    Encoded,
+    TowerOutput,
+    build_tower,
+    masked_mean,
+    pretrained_tower_config,
+    scatter_rows,
+    tower_width,
 )
 
 
@@ -74,48 +82,6 @@ class ZidongOutput(ModelOutput):
     vision_present: torch.Tensor | None = None
     speech_present: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
-
-
-def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask) -> dict:
-    """The forward's arguments grouped as modality -> (values, attention mask or None)."""
-    return {
-        "text": (input_ids, text_attention_mask),
-        "vision": (pixel_values, None),
-        "speech": (input_values, speech_attention_mask),
-    }
-
-
-def refuse_output_switches(output_hidden_states: bool | None, output_attentions: bool | None) -> None:
-    """The joint forward does not return the towers' hidden states or attentions: say so instead of ignoring it."""
-    for name, value in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
-        if value:
-            raise TypeError(
-                f"{name}=True is not supported by the joint forward; call get_text_features / "
-                f"get_vision_features / get_speech_features(..., {name}=True) for one tower's"
-            )
-
-
-def _given(switches: dict[str, bool | None]) -> dict[str, bool]:
-    """The towers' output switches that were set (a tower is called exactly as before when none is)."""
-    unknown = set(switches) - {"output_hidden_states", "output_attentions"}
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    return {name: value for name, value in switches.items() if value is not None}
-
-
-def text_mask_argument(
-    text_attention_mask: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    token_type_ids: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """The text padding mask, given as `text_attention_mask` (the processor's name) or `attention_mask` (what a
-    tokenizer returns, the name CLIP and CLAP take). All-zero `token_type_ids` (from a BERT-style tokenizer) are
-    the towers' default and ignored; other segment ids have no meaning here."""
-    if attention_mask is not None and text_attention_mask is not None:
-        raise TypeError("give the text padding mask once: attention_mask and text_attention_mask are the same input")
-    if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
-        raise ValueError("token_type_ids must be all 0: zidong encodes one text segment per sample")
-    return text_attention_mask if text_attention_mask is not None else attention_mask
 
 
 class ZidongPreTrainedModel(PreTrainedModel):
@@ -152,9 +118,9 @@ class ZidongPreTrainedModel(PreTrainedModel):
 class ZidongModel(ZidongPreTrainedModel):
     def __init__(self, config: ZidongConfig):
         super().__init__(config)
-        self.text_model = self._new_tower("text")
-        self.vision_model = self._new_tower("vision")
-        self.speech_model = self._new_tower("speech")
+        self.text_model = build_tower(config, "text")
+        self.vision_model = build_tower(config, "vision")
+        self.speech_model = build_tower(config, "speech")
         self.fbank = BatchedFbank(sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins)
         spec_masks: list[nn.Module] = []
         if config.spec_augment_freq_mask:
@@ -162,7 +128,7 @@ class ZidongModel(ZidongPreTrainedModel):
         if config.spec_augment_time_mask:
             spec_masks.append(torchaudio.transforms.TimeMasking(config.spec_augment_time_mask, iid_masks=True))
         self.spec_augment = nn.Sequential(*spec_masks)
-        widths = {modality: self._tower_width(modality) for modality in MODALITIES}
+        widths = {modality: tower_width(config, modality) for modality in MODALITIES}
         self.text_projection = nn.Linear(widths["text"], config.projection_dim, bias=False)
         self.vision_projection = nn.Linear(widths["vision"], config.projection_dim, bias=False)
         self.speech_projection = nn.Linear(widths["speech"], config.projection_dim, bias=False)
@@ -181,29 +147,6 @@ class ZidongModel(ZidongPreTrainedModel):
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
         self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
-
-    def _new_tower(self, modality: str, folder: str | os.PathLike | None = None) -> PreTrainedModel:
-        """The tower of `modality`, from its config (or a local pretrained folder), without a pooler of its own:
-        zidong pools the token states itself, so a BERT/ViT pooler would be computed, never trained, and saved."""
-        tower_config = getattr(self.config, f"{modality}_config")
-        options = {"attn_implementation": self._attention(modality)}
-        if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters:
-            options["add_pooling_layer"] = False
-        if folder is None:
-            return AutoModel.from_config(tower_config, **options)
-        return AutoModel.from_pretrained(folder, **options)
-
-    def _attention(self, modality: str) -> str:
-        """The tower's own attention implementation (its config's, as `from_pretrained(attn_implementation={...})`
-        sets it per sub-config), else the joint config's, else SDPA."""
-        tower_config = getattr(self.config, f"{modality}_config")
-        return tower_config._attn_implementation_internal or self.config._attn_implementation_internal or "sdpa"
-
-    def _tower_width(self, modality: str) -> int:
-        tower_config = getattr(self.config, f"{modality}_config")
-        if getattr(tower_config, "add_adapter", False) and getattr(tower_config, "output_hidden_size", None):
-            return tower_config.output_hidden_size
-        return tower_config.hidden_size
 
     def towers(self) -> dict[str, PreTrainedModel]:
         return {"text": self.text_model, "vision": self.vision_model, "speech": self.speech_model}
@@ -233,7 +176,7 @@ class ZidongModel(ZidongPreTrainedModel):
         """Load each tower given a folder (modality -> local Hugging Face folder or None) from it."""
         for modality, folder in folders.items():
             if folder:
-                tower = self._new_tower(modality, folder)
+                tower = build_tower(self.config, modality, folder)
                 self.towers()[modality].load_state_dict(tower.state_dict())
 
     def get_input_embeddings(self) -> nn.Module:
@@ -249,19 +192,7 @@ class ZidongModel(ZidongPreTrainedModel):
         old rows are kept, new rows of the head start at the mean of the old ones (`mean_resizing`) or at zero."""
         embeddings = self.text_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         size = embeddings.num_embeddings
-        old = self.text_head.decoder
-        if old.out_features != size:
-            new = nn.Linear(old.in_features, size, device=old.weight.device, dtype=old.weight.dtype)
-            kept = min(size, old.out_features)
-            with torch.no_grad():
-                new.weight.zero_()
-                new.bias.zero_()
-                if mean_resizing and size > kept:
-                    new.weight[kept:] = old.weight.mean(dim=0)
-                    new.bias[kept:] = old.bias.mean()
-                new.weight[:kept] = old.weight[:kept]
-                new.bias[:kept] = old.bias[:kept]
-            self.text_head.decoder = new
+        self.text_head.resize_output(size, mean_resizing)
         self.config.text_config.vocab_size = size
         return embeddings
 
@@ -273,12 +204,12 @@ class ZidongModel(ZidongPreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
     ) -> TowerOutput:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        output = self.text_model(input_ids=input_ids, attention_mask=mask.long(), **_given(switches))
+        output = self.text_model(input_ids=input_ids, attention_mask=mask.long(), **given_switches(switches))
         states = output.last_hidden_state
         return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
 
     def encode_vision(self, pixel_values: torch.Tensor, **switches: bool | None) -> TowerOutput:
-        output = self.vision_model(pixel_values=pixel_values, **_given(switches))
+        output = self.vision_model(pixel_values=pixel_values, **given_switches(switches))
         states = output.last_hidden_state
         mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return TowerOutput(states, mask, states[:, 0], output.hidden_states, output.attentions)
@@ -315,7 +246,9 @@ class ZidongModel(ZidongPreTrainedModel):
         """The speech tower on filterbank steps or waveforms (whichever it reads), cast to the tower's dtype."""
         speech_inputs = speech_inputs.to(self.speech_model.dtype)
         name = "input_features" if self.speech_takes_features else "input_values"
-        output = self.speech_model(**{name: speech_inputs}, attention_mask=input_mask.long(), **_given(switches))
+        output = self.speech_model(
+            **{name: speech_inputs}, attention_mask=input_mask.long(), **given_switches(switches)
+        )
         states = output.last_hidden_state
         if states.shape[1] != input_mask.shape[1]:  # the tower subsamples: map the mask onto its token grid
             mask = self.speech_model._get_feature_vector_attention_mask(states.shape[1], input_mask.long()).bool()
@@ -387,9 +320,10 @@ class ZidongModel(ZidongPreTrainedModel):
         """
         refuse_output_switches(output_hidden_states, output_attentions)
         text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
-        weights = self._loss_weights(loss_weights) if return_loss else {}
+        weights = checked_loss_weights(loss_weights) if return_loss else {}
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
-        presence = self._presence(inputs, {"text": text_present, "vision": vision_present, "speech": speech_present})
+        given = {"text": text_present, "vision": vision_present, "speech": speech_present}
+        presence = presence_masks(inputs, given, self.device)
         steps = Lockstep(self, lockstep)
         encoded = self._encode_batch(inputs, presence, steps)
         losses: dict[str, torch.Tensor] = {}
@@ -444,53 +378,6 @@ class ZidongModel(ZidongPreTrainedModel):
         """The masked-modelling head of each modality (vision: None for a tower without patches)."""
         return {"text": self.text_head, "vision": self.vision_head, "speech": self.speech_head}
 
-    @staticmethod
-    def _loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-        if loss_weights is None:
-            return {"contrastive": 1.0}
-        unknown = sorted(set(loss_weights) - set(OBJECTIVES))
-        if unknown:
-            raise ValueError(
-                f"unknown objective(s) {', '.join(unknown)} in loss_weights; known: {', '.join(OBJECTIVES)}"
-            )
-        return {name: float(weight) for name, weight in loss_weights.items() if weight}
-
-    def _presence(self, inputs: dict, given: dict) -> dict[str, torch.Tensor]:
-        """Per-modality (B,) bool masks, checked against the number of rows each modality was given."""
-        counts = {m: 0 if inputs[m][0] is None else inputs[m][0].shape[0] for m in MODALITIES}
-        sizes = {given[m].shape[0] if given[m] is not None else counts[m] for m in MODALITIES}
-        sizes -= {0} if len(sizes) > 1 else set()
-        if len(sizes) > 1:
-            raise ValueError(
-                "inputs of different batch sizes need text_present / vision_present / speech_present masks"
-            )
-        batch = sizes.pop()
-        presence = {}
-        for modality in MODALITIES:
-            mask = given[modality]
-            if mask is None:
-                mask = torch.full((batch,), counts[modality] > 0, dtype=torch.bool, device=self.device)
-            mask = mask.to(device=self.device, dtype=torch.bool)
-            if int(mask.sum()) != counts[modality]:
-                raise ValueError(
-                    f"{modality}_present marks {int(mask.sum())} samples but {counts[modality]} {modality} "
-                    "inputs were given"
-                )
-            presence[modality] = mask
-        return presence
-
-
-def pretrained_tower_config(modality: str, folder: str | os.PathLike):
-    """The config of a local pretrained tower folder, after checking that the folder holds a model."""
-    field = f"model.{modality}.pretrained"
-    if not os.path.isdir(folder):
-        raise ValueError(f"{field}: {folder} is not a folder (give a local Hugging Face model folder)")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{field}: {folder} holds no config.json, so it is not a Hugging Face model folder")
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
-        raise ValueError(f"{field}: {folder} holds no model weights (expected one of {', '.join(WEIGHT_FILES)})")
-    return AutoConfig.from_pretrained(folder)
-
 
 __all__ = [
     "MATCHING_CLASSES",
@@ -498,5 +385,4 @@ __all__ = [
     "ZidongModel",
     "ZidongOutput",
     "ZidongPreTrainedModel",
-    "pretrained_tower_config",
 ]

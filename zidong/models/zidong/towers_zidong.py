@@ -1,13 +1,24 @@
-"""What the towers hand to the objectives: one tower's output, and everything the towers made of a batch.
+"""The towers: how each is built from its config (or a local pretrained folder), and what they hand to the
+objectives: one tower's output, and everything the towers made of a batch.
 
-Imports only torch so exported folders load with `trust_remote_code=True`.
+Imports only torch and transformers so exported folders load with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass
 
 import torch
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass
@@ -53,4 +64,52 @@ def scatter_rows(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return full
 
 
-__all__ = ["Encoded", "TowerOutput", "masked_mean", "scatter_rows"]
+def build_tower(config: PretrainedConfig, modality: str, folder: str | os.PathLike | None = None) -> PreTrainedModel:
+    """The tower of `modality` in the joint `config`, new (or from a local pretrained folder), without a pooler of
+    its own: zidong pools the token states itself, so a BERT/ViT pooler would be computed, never trained, saved."""
+    tower_config = getattr(config, f"{modality}_config")
+    options = {"attn_implementation": tower_attention(config, modality)}
+    if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters:
+        options["add_pooling_layer"] = False
+    if folder is None:
+        return AutoModel.from_config(tower_config, **options)
+    return AutoModel.from_pretrained(folder, **options)
+
+
+def tower_attention(config: PretrainedConfig, modality: str) -> str:
+    """The tower's own attention implementation (its config's, as `from_pretrained(attn_implementation={...})`
+    sets it per sub-config), else the joint config's, else SDPA."""
+    tower_config = getattr(config, f"{modality}_config")
+    return tower_config._attn_implementation_internal or config._attn_implementation_internal or "sdpa"
+
+
+def tower_width(config: PretrainedConfig, modality: str) -> int:
+    """The width of the states the tower hands on (after its adapter, if it has one)."""
+    tower_config = getattr(config, f"{modality}_config")
+    if getattr(tower_config, "add_adapter", False) and getattr(tower_config, "output_hidden_size", None):
+        return tower_config.output_hidden_size
+    return tower_config.hidden_size
+
+
+def pretrained_tower_config(modality: str, folder: str | os.PathLike):
+    """The config of a local pretrained tower folder, after checking that the folder holds a model."""
+    field = f"model.{modality}.pretrained"
+    if not os.path.isdir(folder):
+        raise ValueError(f"{field}: {folder} is not a folder (give a local Hugging Face model folder)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{field}: {folder} holds no config.json, so it is not a Hugging Face model folder")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise ValueError(f"{field}: {folder} holds no model weights (expected one of {', '.join(WEIGHT_FILES)})")
+    return AutoConfig.from_pretrained(folder)
+
+
+__all__ = [
+    "Encoded",
+    "TowerOutput",
+    "build_tower",
+    "masked_mean",
+    "pretrained_tower_config",
+    "scatter_rows",
+    "tower_attention",
+    "tower_width",
+]

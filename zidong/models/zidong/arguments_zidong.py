@@ -1,0 +1,101 @@
+"""How `ZidongModel.forward` and `ZidongForClassification.forward` read their arguments: the inputs grouped by
+modality and checked against the presence masks, the text mask under either of its names, the objectives' weights,
+and the output switches they refuse or pass to a tower.
+
+Imports only torch so exported folders load with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .configuration_zidong import MODALITIES
+
+OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
+
+
+def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask) -> dict:
+    """The forward's arguments grouped as modality -> (values, attention mask or None)."""
+    return {
+        "text": (input_ids, text_attention_mask),
+        "vision": (pixel_values, None),
+        "speech": (input_values, speech_attention_mask),
+    }
+
+
+def refuse_output_switches(output_hidden_states: bool | None, output_attentions: bool | None) -> None:
+    """The joint forward does not return the towers' hidden states or attentions: say so instead of ignoring it."""
+    for name, value in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+        if value:
+            raise TypeError(
+                f"{name}=True is not supported by the joint forward; call get_text_features / "
+                f"get_vision_features / get_speech_features(..., {name}=True) for one tower's"
+            )
+
+
+def given_switches(switches: dict[str, bool | None]) -> dict[str, bool]:
+    """The towers' output switches that were set (a tower is called exactly as before when none is)."""
+    unknown = set(switches) - {"output_hidden_states", "output_attentions"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return {name: value for name, value in switches.items() if value is not None}
+
+
+def text_mask_argument(
+    text_attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The text padding mask, given as `text_attention_mask` (the processor's name) or `attention_mask` (what a
+    tokenizer returns, the name CLIP and CLAP take). All-zero `token_type_ids` (from a BERT-style tokenizer) are
+    the towers' default and ignored; other segment ids have no meaning here."""
+    if attention_mask is not None and text_attention_mask is not None:
+        raise TypeError("give the text padding mask once: attention_mask and text_attention_mask are the same input")
+    if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
+        raise ValueError("token_type_ids must be all 0: zidong encodes one text segment per sample")
+    return text_attention_mask if text_attention_mask is not None else attention_mask
+
+
+def checked_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
+    if loss_weights is None:
+        return {"contrastive": 1.0}
+    unknown = sorted(set(loss_weights) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown objective(s) {', '.join(unknown)} in loss_weights; known: {', '.join(OBJECTIVES)}")
+    return {name: float(weight) for name, weight in loss_weights.items() if weight}
+
+
+def presence_masks(inputs: dict, given: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-modality (B,) bool masks, checked against the number of rows each modality was given."""
+    counts = {m: 0 if inputs[m][0] is None else inputs[m][0].shape[0] for m in MODALITIES}
+    sizes = {given[m].shape[0] if given[m] is not None else counts[m] for m in MODALITIES}
+    sizes -= {0} if len(sizes) > 1 else set()
+    if len(sizes) > 1:
+        raise ValueError("inputs of different batch sizes need text_present / vision_present / speech_present masks")
+    batch = sizes.pop()
+    presence = {}
+    for modality in MODALITIES:
+        mask = given[modality]
+        if mask is None:
+            mask = torch.full((batch,), counts[modality] > 0, dtype=torch.bool, device=device)
+        mask = mask.to(device=device, dtype=torch.bool)
+        if int(mask.sum()) != counts[modality]:
+            raise ValueError(
+                f"{modality}_present marks {int(mask.sum())} samples but {counts[modality]} {modality} "
+                "inputs were given"
+            )
+        presence[modality] = mask
+    return presence
+
+
+__all__ = [
+    "OBJECTIVES",
+    "checked_loss_weights",
+    "given_switches",
+    "modality_inputs",
+    "presence_masks",
+    "refuse_output_switches",
+    "text_mask_argument",
+]
