@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from tests.helpers import run_cli
 from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
@@ -256,3 +257,20 @@ def test_an_existing_output_folder_is_left_alone(run_dir: Path, tmp_path: Path) 
     assert result.returncode == 2
     assert "already exists and is not an empty folder" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_checkpoint_written_with_tower_poolers_still_loads(run_dir: Path, tmp_path: Path) -> None:
+    # checkpoints from before the towers lost their unused poolers hold `*_model.pooler.*` tensors
+    source = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    old = tmp_path / source.name
+    shutil.copytree(source, old)
+    weights = load_file(old / "model.safetensors")
+    width = next(t for name, t in weights.items() if name.startswith("text_projection.")).shape[1]
+    for tower in ("text_model", "vision_model"):
+        weights[f"{tower}.pooler.dense.weight"] = torch.zeros(width, width)
+        weights[f"{tower}.pooler.dense.bias"] = torch.zeros(width)
+    save_file(weights, old / "model.safetensors", metadata={"format": "pt"})
+    model, _, _, _ = load_trained(old)
+    current, _, _, _ = load_trained(source)
+    for name, tensor in current.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
