@@ -3,7 +3,7 @@
 A parity run launches the real `zidong pretrain` / `zidong finetune` (one process, torchrun DDP, or Accelerate +
 DeepSpeed) with `tests/train/parity_site` on PYTHONPATH. Its `sitecustomize` calls `install()` in every process:
 
-- The trainer's `train_loader` is replaced by one that reads the stream of a *single* process whose batch is the
+- The set-up's `train_loader` (zidong/train/setup.py) is replaced by one that reads the stream of a *single* process whose batch is the
   global batch (per-process batch x processes), and hands each process its own rows (`split_rows`). One process
   therefore sees exactly the samples, crops and audio windows that N processes see together.
 - The tiny preset loses the randomness each process draws from its own generator over its own rows: dropout in
