@@ -5,8 +5,8 @@ DeepSpeed) with `tests/train/parity_site` on PYTHONPATH. Its `sitecustomize` cal
 
 - The set-up's `train_loader` (zidong/train/setup.py) is replaced by one that reads the stream of a *single*
   process whose batch is the global batch (per-process batch x processes), and hands each process its own rows
-  (`split_rows`). One process
-  therefore sees exactly the samples, crops and audio windows that N processes see together.
+  (`split_rows`). One process therefore sees exactly the samples, crops and audio windows that N processes see
+  together.
 - The tiny preset loses the randomness each process draws from its own generator over its own rows: dropout in
   the text tower, LayerDrop in the speech tower, SpecAugment. One process drawing masks for 2B rows cannot draw
   what two processes draw for B rows each, so these are off in parity runs (the towers' own code draws them).
