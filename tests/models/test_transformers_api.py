@@ -137,9 +137,13 @@ def test_return_dict_false_gives_tuples_and_unsupported_output_switches_are_refu
         with pytest.raises(TypeError, match=switch):
             model(**inputs, **{switch: True})
         model(**inputs, **{switch: False})  # the default, accepted
-    classifier = ZidongForClassification(tiny_config(classification_modality="text", id2label={0: "a", 1: "b"}))
-    logits = classifier(**inputs, labels=torch.tensor([0, 1]), return_dict=False)[2]
-    assert logits.shape == (2, 2)
+    classifier = ZidongForClassification(tiny_config(classification_modality="text", id2label={0: "a", 1: "b"})).eval()
+    with torch.no_grad():
+        as_tuple = classifier(**inputs, labels=torch.tensor([0, 1]), return_dict=False)
+        as_object = classifier(**inputs, labels=torch.tensor([0, 1]))
+    assert torch.equal(as_tuple[0], as_object.loss)
+    assert torch.equal(as_tuple[2], as_object.logits)
+    assert as_tuple[2].shape == (2, 2)
 
 
 def test_features_follow_the_transformers_convention() -> None:
@@ -159,3 +163,5 @@ def test_features_follow_the_transformers_convention() -> None:
             assert features.last_hidden_state.shape[0] == 2
             assert len(features.hidden_states) == getattr(model.config, f"{modality}_config").num_hidden_layers + 1
             assert torch.equal(call(return_dict=False)[1], features.pooler_output), modality
+    with pytest.raises(TypeError, match="output_hidden_state"):
+        calls["text"](output_hidden_state=True)  # a misspelt switch is refused, not ignored

@@ -47,8 +47,9 @@ def masked_modelling_objective(
     for modality, tower_output in encoded.towers.items():
         if modality in targets:
             real = bool(presence[modality].any())
-            rows = whole[modality][presence[modality]]
-            if not real:  # a lockstep placeholder row
+            if real:
+                rows = whole[modality][presence[modality]]
+            else:  # a lockstep placeholder row
                 rows = torch.zeros(tower_output.pooled.shape[0], dtype=torch.bool, device=model.device)
             with lockstep.idle_work(not real):
                 masked[modality] = MASKERS[modality](model, *encoded.inputs[modality], rows)
