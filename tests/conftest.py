@@ -1,4 +1,5 @@
-"""Test session set-up: no hub access, GPU tests skipped where no CUDA device is present, one demo corpus."""
+"""Test session set-up: no hub access, GPU tests skipped where no CUDA device is present, one demo corpus, and the
+order and thread count that let two pytest-xdist workers share a 2-core machine (`make test` runs `-n 2`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,19 @@ import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import REPO_ROOT
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker (set before torch loads, and inherited by every run a test starts): each worker keeps
+    # one core busy; two threads each would make the workers take turns on both cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# the main job (10 minutes on 2 cores, about a third of the suite) starts first, so the other worker runs the
+# rest of the suite beside it instead of after it
+FIRST = "tests/test_main_job.py"
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +29,15 @@ def demo_corpus() -> Path:
     from zidong.data.demo import make_demo
 
     folder = REPO_ROOT / "data" / "demo"
-    if not (folder / "tokenizer" / "tokenizer.json").is_file():
-        make_demo(folder)
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(folder.parent / ".demo.lock"):  # the other worker may be building it now
+        if not (folder / "tokenizer" / "tokenizer.json").is_file():
+            make_demo(folder)
     return folder
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,30 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now. Every multi-process launch in the tests takes one: tests run in parallel
+    (pytest-xdist), and two launches on torchrun's default port 29500 would join each other's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` for `processes` ranks on a port of their own (see `free_port`)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_port", str(free_port()),
+    ]  # fmt: skip
+
+
+def accelerate_launch(config: Path, processes: int) -> list[str]:
+    """`python -m accelerate.commands.launch` with an Accelerate config file, on a port of its own."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--num_processes", str(processes), "--main_process_port", str(free_port()),
+    ]  # fmt: skip
 
 
 def kill_tree(pid: int) -> None:

@@ -34,7 +34,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, accelerate_launch, torchrun
 
 SITE = Path(__file__).resolve().parent / "parity_site"
 ENVIRONMENT = "ZIDONG_PARITY"
@@ -44,17 +44,14 @@ CONTRASTIVE_PAIRS = ("contrastive_text_vision", "contrastive_text_speech", "cont
 # (prefix, extra arguments) of each launcher for N processes
 LAUNCHERS = {
     "single": lambda n: [],
-    "ddp": lambda n: ["-m", "torch.distributed.run", "--nproc_per_node", str(n)],
+    "ddp": lambda n: torchrun(n)[1:],
     "zero2": lambda n: _accelerate("deepspeed_zero2", n),
     "zero3": lambda n: _accelerate("deepspeed_zero3", n),
 }
 
 
 def _accelerate(config: str, processes: int) -> list[str]:
-    return [
-        "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / f"recipes/accelerate/{config}.yaml"),
-        "--num_processes", str(processes),
-    ]  # fmt: skip
+    return accelerate_launch(REPO_ROOT / f"recipes/accelerate/{config}.yaml", processes)[1:]
 
 
 def install() -> None:

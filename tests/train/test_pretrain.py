@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
-from tests.helpers import REPO_ROOT, kill_tree, resumed_step, run_cli
+from tests.helpers import REPO_ROOT, accelerate_launch, kill_tree, resumed_step, run_cli, torchrun
 from zidong.data.tokenizer import train_tokenizer
 
 STEPS = 6
@@ -212,8 +212,7 @@ def test_compile_on_cpu_is_refused_before_any_work(corpus: dict[str, Path], tmp_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fsdp_on_cpu_is_refused_instead_of_training_twice(corpus: dict[str, Path], tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "recipes/accelerate/fsdp.yaml"), "--num_processes", "2",
+        *accelerate_launch(REPO_ROOT / "recipes/accelerate/fsdp.yaml", 2),
         "-m", "zidong", "pretrain", str(write_recipe(tmp_path, corpus)),
     ]  # fmt: skip
     env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -249,7 +248,10 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path],
     assert [m["skipped_steps"] for m in metrics if m["kind"] == "train"] == [0, 0, 1, 2]
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zidong", "pretrain"]
+def ddp_pretrain(recipe: Path, processes: int = 2) -> list[str]:
+    return [*torchrun(processes), "-m", "zidong", "pretrain", str(recipe)]
+
+
 TORCHRUN_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -262,9 +264,8 @@ def test_another_process_count_continues_the_epoch_exactly(
     changes = {"train": {"max_steps": 2}, "data": {"num_workers": 1, "eval": None, "bucket_pool": 0}}
     recipe = write_recipe(tmp_path, corpus, **changes)
     for processes, steps in ((before, 2), (after, 4)):
-        command = [*TORCHRUN[:3], "--nproc_per_node", str(processes), *TORCHRUN[5:], str(recipe)]
         result = subprocess.run(
-            [*command, f"train.max_steps={steps}", f"data.num_workers={processes}"],
+            [*ddp_pretrain(recipe, processes), f"train.max_steps={steps}", f"data.num_workers={processes}"],
             cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
@@ -288,20 +289,20 @@ def test_two_process_ddp_kill_9_then_relaunch_matches_the_straight_run(corpus: d
         (tmp_path / name).mkdir()
     straight = write_recipe(tmp_path / "straight", corpus, **changes)
     result = subprocess.run(
-        [*TORCHRUN, str(straight)], cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
+        ddp_pretrain(straight), cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     recipe = write_recipe(tmp_path / "killed", corpus, **changes)
     run = tmp_path / "killed" / "run"
     job = subprocess.Popen(
-        [*TORCHRUN, str(recipe)], cwd=REPO_ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE,
+        ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     wait_for(run / "checkpoints" / "step-00000002", job)
     kill_tree(job.pid)  # the launcher and both ranks at once, as a lost node would
     job.wait()
     relaunched = subprocess.run(
-        [*TORCHRUN, str(recipe)], cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
+        ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
     )
     assert relaunched.returncode == 0, relaunched.stderr[-3000:]
     assert resumed_step(relaunched.stderr) < 6  # killed mid-run, not after the end

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import textwrap
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, free_port
 from tests.train.test_pretrain import corpus, wait_for, write_recipe  # noqa: F401  (corpus is a fixture)
 
 SCRIPT = REPO_ROOT / "scripts" / "slurm" / "pretrain.sbatch"
@@ -43,12 +42,6 @@ def _shims(folder: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_usr1_checkpoints_every_process_then_requeues(corpus: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     recipe = write_recipe(tmp_path, corpus, train={"max_steps": 40}, data={"num_workers": 0, "eval": None})
     shims = _shims(tmp_path / "bin")
@@ -59,7 +52,7 @@ def test_usr1_checkpoints_every_process_then_requeues(corpus: dict[str, Path], t
         "SLURM_NNODES": "1",
         "SLURM_JOB_NODELIST": "localhost",
         "GPUS_PER_NODE": "2",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "ACCELERATE_USE_CPU": "1",
         "OMP_NUM_THREADS": "1",
         "ZIDONG_PROGRESS": "0",
