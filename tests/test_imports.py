@@ -29,8 +29,10 @@ def test_import_zidong_loads_no_heavy_package() -> None:
     [
         "import zidong\nfrom transformers import AutoConfig",  # zidong first: registers when Auto loads
         "from transformers import AutoConfig\nimport zidong",  # transformers first: registers at once
+        # transformers loads its Auto module from inside another of its modules, still half-imported then
+        "import zidong\nfrom transformers import ProcessorMixin\nfrom transformers import AutoConfig",
     ],
-    ids=["zidong first", "auto first"],
+    ids=["zidong first", "auto first", "auto inside another import"],
 )
 def test_import_zidong_registers_the_auto_classes_in_any_order(code: str) -> None:
     check = (
