@@ -39,6 +39,7 @@ def test_resize_token_embeddings_resizes_the_tower_and_the_masked_text_head(tmp_
     assert torch.equal(model.get_input_embeddings().weight[:VOCAB], before)  # old rows kept
     assert model.text_head.decoder.out_features == VOCAB + 7
     assert model.config.text_config.vocab_size == VOCAB + 7
+    assert model.vocab_size == VOCAB + 7  # set by transformers' own resize_token_embeddings too
     inputs = make_inputs({m: [True, True] for m in MODALITIES})
     inputs["input_ids"][:, :4] = VOCAB + 6  # new tokens, masked and predicted by the masked-text head
     model(**inputs, return_loss=True, loss_weights=ALL_OBJECTIVES).loss.backward()

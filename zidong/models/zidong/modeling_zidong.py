@@ -193,7 +193,7 @@ class ZidongModel(ZidongPreTrainedModel):
         embeddings = self.text_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         size = embeddings.num_embeddings
         self.text_head.resize_output(size, mean_resizing)
-        self.config.text_config.vocab_size = size
+        self.config.text_config.vocab_size = self.vocab_size = size  # both, as transformers' own method does
         return embeddings
 
     # ---------------------------------------------------------------------------------------- adapters
