@@ -166,3 +166,21 @@ def test_features_follow_the_transformers_convention() -> None:
             assert torch.equal(call(return_dict=False)[1], features.pooler_output), modality
     with pytest.raises(TypeError, match="output_hidden_state"):
         calls["text"](output_hidden_state=True)  # a misspelt switch is refused, not ignored
+
+
+def test_clip_and_clap_feature_names_give_the_vision_and_speech_features() -> None:
+    # evaluation tools written for CLIP / CLAP call get_image_features(pixel_values=...) and get_audio_features(...)
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).eval()
+    inputs = make_inputs({m: [True, True] for m in MODALITIES}, seed=4)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        vision = model.get_vision_features(pixel_values=inputs["pixel_values"])
+        audio = model.get_audio_features(
+            input_values=inputs["input_values"], attention_mask=inputs["speech_attention_mask"]
+        )
+        speech = model.get_speech_features(inputs["input_values"], inputs["speech_attention_mask"])
+        hidden = model.get_audio_features(inputs["input_values"], output_hidden_states=True, return_dict=False)
+    assert torch.equal(image.pooler_output, vision.pooler_output)
+    assert torch.equal(audio.pooler_output, speech.pooler_output)
+    assert isinstance(hidden, tuple) and len(hidden[2]) == model.config.speech_config.num_hidden_layers + 1

@@ -278,6 +278,20 @@ class ZidongModel(ZidongPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         return self._features("speech", self.encode_speech(input_values, attention_mask, **switches))
 
+    # The names evaluation tools call on CLIP (images) and CLAP (audio) models.
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **switches: bool | None) -> BaseModelOutputWithPooling:
+        """`get_vision_features` under CLIP's name."""
+        return self._features("vision", self.encode_vision(pixel_values, **switches))
+
+    @can_return_tuple
+    def get_audio_features(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> BaseModelOutputWithPooling:
+        """`get_speech_features` under CLAP's name (the waveform, as `input_values`)."""
+        return self._features("speech", self.encode_speech(input_values, attention_mask, **switches))
+
     def _features(self, modality: str, tower_output: TowerOutput) -> BaseModelOutputWithPooling:
         return BaseModelOutputWithPooling(
             last_hidden_state=tower_output.token_states,
