@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zidong-installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean hf-common
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ lint: $(STAMP)
 # once), the main job's file first: the rest of the suite runs beside it. Serial `pytest` works too, just slower.
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+# transformers' own common model tests on zidong's models: a development check, not part of `make test` (it
+# downloads the installed transformers version's source distribution once; see scripts/hf_common/run.py)
+hf-common: $(STAMP)
+	$(BIN)/python scripts/hf_common/run.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -183,4 +183,5 @@ def test_clip_and_clap_feature_names_give_the_vision_and_speech_features() -> No
         hidden = model.get_audio_features(inputs["input_values"], output_hidden_states=True, return_dict=False)
     assert torch.equal(image.pooler_output, vision.pooler_output)
     assert torch.equal(audio.pooler_output, speech.pooler_output)
-    assert isinstance(hidden, tuple) and len(hidden[2]) == model.config.speech_config.num_hidden_layers + 1
+    assert isinstance(hidden, tuple)
+    assert len(hidden[2]) == model.config.speech_config.num_hidden_layers + 1
