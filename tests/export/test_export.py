@@ -144,6 +144,33 @@ TOWERS = BLOCK_ZIDONG + textwrap.dedent(
 )
 
 
+# What an evaluation tool written for CLIP and CLAP does with a model folder: Auto classes, the processor's batch
+# straight into the features methods, cosine scores.
+CLIP_TOOL = BLOCK_ZIDONG + textwrap.dedent(
+    """
+    import numpy as np, torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 9000, 12345)]
+    text = ["a red circle", "两个蓝色的方块", "three small green triangles"]
+    with torch.no_grad():
+        features = {
+            "text": model.get_text_features(**processor(text=text, padding=True, return_tensors="pt")),
+            "vision": model.get_image_features(**processor(images=images, return_tensors="pt")),
+            "speech": model.get_audio_features(**processor(audio=audio, sampling_rate=16000, return_tensors="pt")),
+        }
+    unit = {m: f.pooler_output / f.pooler_output.norm(dim=-1, keepdim=True) for m, f in features.items()}
+    pairs = [("text", "vision"), ("text", "speech"), ("vision", "speech")]
+    torch.save({f"{a}->{b}": unit[a] @ unit[b].T for a, b in pairs}, sys.argv[2])
+    """
+)
+
+
 def _clean_run(tmp_path: Path, script: str, *args: str) -> None:
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -164,6 +191,20 @@ def test_remote_code_loads_without_zidong_and_gives_the_same_outputs(
         local = original(**inputs)
     for modality in MODALITIES:
         assert torch.equal(remote[modality], getattr(local, f"{modality}_embeds")), modality
+
+
+def test_a_clip_style_tool_scores_the_export_like_the_joint_model(
+    run_dir: Path, exported: Path, tmp_path: Path
+) -> None:
+    _clean_run(tmp_path, CLIP_TOOL, str(exported), str(tmp_path / "scores.pt"))
+    scores = torch.load(tmp_path / "scores.pt")
+    original, processor, _, _ = load_trained(run_dir)
+    with torch.no_grad():
+        out = original(**sample_inputs(processor))
+    for pair, got in scores.items():
+        first, second = pair.split("->")
+        expected = getattr(out, f"{first}_embeds") @ getattr(out, f"{second}_embeds").T
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=pair)
 
 
 def test_each_tower_loads_with_plain_transformers_and_embeds_like_the_joint_model(

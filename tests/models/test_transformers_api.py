@@ -185,3 +185,24 @@ def test_clip_and_clap_feature_names_give_the_vision_and_speech_features() -> No
     assert torch.equal(audio.pooler_output, speech.pooler_output)
     assert isinstance(hidden, tuple)
     assert len(hidden[2]) == model.config.speech_config.num_hidden_layers + 1
+
+
+def test_features_take_a_whole_processor_batch_and_refuse_what_is_not_theirs() -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).eval()
+    inputs = make_inputs({m: [True, True] for m in MODALITIES}, seed=5)
+    flags = {f"{m}_present": inputs[f"{m}_present"] for m in MODALITIES}
+    with torch.no_grad():
+        batch = model.get_text_features(inputs["input_ids"], text_attention_mask=inputs["text_attention_mask"], **flags)
+        plain = model.get_text_features(inputs["input_ids"], inputs["text_attention_mask"])
+        speech = model.get_audio_features(
+            inputs["input_values"], speech_attention_mask=inputs["speech_attention_mask"], **flags
+        )
+        speech_plain = model.get_speech_features(inputs["input_values"], inputs["speech_attention_mask"])
+    assert torch.equal(batch.pooler_output, plain.pooler_output)
+    assert torch.equal(speech.pooler_output, speech_plain.pooler_output)
+    mask = inputs["speech_attention_mask"]
+    with pytest.raises(TypeError, match="give the speech padding mask once"):
+        model.get_speech_features(inputs["input_values"], attention_mask=mask, speech_attention_mask=mask)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        model.get_image_features(inputs["pixel_values"], pixel_mask=torch.ones(2, 64, 64))

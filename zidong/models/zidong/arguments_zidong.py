@@ -58,6 +58,25 @@ def text_mask_argument(
     return text_attention_mask if text_attention_mask is not None else attention_mask
 
 
+def features_arguments(
+    modality: str, attention_mask: torch.Tensor | None, rest: dict
+) -> tuple[torch.Tensor | None, dict[str, bool | None]]:
+    """(padding mask, output switches) of a `get_*_features` call that may pass a whole `ZidongProcessor` batch,
+    as tools written for CLIP and CLAP do (`model.get_text_features(**processor(text=texts))`): the batch's
+    `{modality}_attention_mask` stands for `attention_mask`, its presence flags are accepted and unused (the
+    features are those of the rows given), text's `token_type_ids` as in `forward`. What remains must be output
+    switches (checked by the tower call)."""
+    switches = {name: value for name, value in rest.items() if name not in {f"{m}_present" for m in MODALITIES}}
+    own_mask = switches.pop(f"{modality}_attention_mask", None)
+    if modality == "text":
+        return text_mask_argument(own_mask, attention_mask, switches.pop("token_type_ids", None)), switches
+    if own_mask is not None and attention_mask is not None:
+        raise TypeError(
+            f"give the {modality} padding mask once: attention_mask and {modality}_attention_mask are the same input"
+        )
+    return (own_mask if own_mask is not None else attention_mask), switches
+
+
 def checked_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
     if loss_weights is None:
         return {"contrastive": 1.0}

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .arguments_zidong import (
     OBJECTIVES,
     checked_loss_weights,
+    features_arguments,
     given_switches,
     modality_inputs,
     presence_masks,
@@ -260,37 +261,40 @@ class ZidongModel(ZidongPreTrainedModel):
 
     # As in transformers 5's CLIP and CLAP: a `BaseModelOutputWithPooling` whose `pooler_output` is the embedding
     # (here L2-normalised, as in `forward`), a tuple under `return_dict=False`, and the tower's hidden states and
-    # attentions when asked.
+    # attentions when asked. Each also takes a whole processor batch (`arguments_zidong.features_arguments`).
 
     @can_return_tuple
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **batch: Any
     ) -> BaseModelOutputWithPooling:
-        return self._features("text", self.encode_text(input_ids, attention_mask, **switches))
+        mask, switches = features_arguments("text", attention_mask, batch)
+        return self._features("text", self.encode_text(input_ids, mask, **switches))
 
     @can_return_tuple
-    def get_vision_features(self, pixel_values: torch.Tensor, **switches: bool | None) -> BaseModelOutputWithPooling:
+    def get_vision_features(self, pixel_values: torch.Tensor, **batch: Any) -> BaseModelOutputWithPooling:
+        _, switches = features_arguments("vision", None, batch)
         return self._features("vision", self.encode_vision(pixel_values, **switches))
 
     @can_return_tuple
     def get_speech_features(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **batch: Any
     ) -> BaseModelOutputWithPooling:
-        return self._features("speech", self.encode_speech(input_values, attention_mask, **switches))
+        mask, switches = features_arguments("speech", attention_mask, batch)
+        return self._features("speech", self.encode_speech(input_values, mask, **switches))
 
     # The names evaluation tools call on CLIP (images) and CLAP (audio) models.
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **switches: bool | None) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **batch: Any) -> BaseModelOutputWithPooling:
         """`get_vision_features` under CLIP's name."""
-        return self._features("vision", self.encode_vision(pixel_values, **switches))
+        return self.get_vision_features(pixel_values, return_dict=True, **batch)
 
     @can_return_tuple
     def get_audio_features(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **batch: Any
     ) -> BaseModelOutputWithPooling:
         """`get_speech_features` under CLAP's name (the waveform, as `input_values`)."""
-        return self._features("speech", self.encode_speech(input_values, attention_mask, **switches))
+        return self.get_speech_features(input_values, attention_mask, return_dict=True, **batch)
 
     def _features(self, modality: str, tower_output: TowerOutput) -> BaseModelOutputWithPooling:
         return BaseModelOutputWithPooling(
