@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,11 @@ import torchaudio
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .arguments_zidong import (
     OBJECTIVES,
     checked_loss_weights,
-    features_arguments,
     given_switches,
     modality_inputs,
     presence_masks,
@@ -57,6 +55,7 @@ from .arguments_zidong import (
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .contrastive_zidong import contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
+from .features_zidong import ZidongFeatures
 from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Lockstep
 from .masking_zidong import masked_modelling_objective
@@ -116,7 +115,7 @@ class ZidongPreTrainedModel(PreTrainedModel):
             module.reset_buffers()
 
 
-class ZidongModel(ZidongPreTrainedModel):
+class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
     def __init__(self, config: ZidongConfig):
         super().__init__(config)
         self.text_model = build_tower(config, "text")
@@ -256,53 +255,6 @@ class ZidongModel(ZidongPreTrainedModel):
         else:
             mask = input_mask.bool()
         return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
-
-    # ---------------------------------------------------------------------------------- CLIP-style API
-
-    # As in transformers 5's CLIP and CLAP: a `BaseModelOutputWithPooling` whose `pooler_output` is the embedding
-    # (here L2-normalised, as in `forward`), a tuple under `return_dict=False`, and the tower's hidden states and
-    # attentions when asked. Each also takes a whole processor batch (`arguments_zidong.features_arguments`).
-
-    @can_return_tuple
-    def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **batch: Any
-    ) -> BaseModelOutputWithPooling:
-        mask, switches = features_arguments("text", attention_mask, batch)
-        return self._features("text", self.encode_text(input_ids, mask, **switches))
-
-    @can_return_tuple
-    def get_vision_features(self, pixel_values: torch.Tensor, **batch: Any) -> BaseModelOutputWithPooling:
-        _, switches = features_arguments("vision", None, batch)
-        return self._features("vision", self.encode_vision(pixel_values, **switches))
-
-    @can_return_tuple
-    def get_speech_features(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **batch: Any
-    ) -> BaseModelOutputWithPooling:
-        mask, switches = features_arguments("speech", attention_mask, batch)
-        return self._features("speech", self.encode_speech(input_values, mask, **switches))
-
-    # The names evaluation tools call on CLIP (images) and CLAP (audio) models.
-
-    @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **batch: Any) -> BaseModelOutputWithPooling:
-        """`get_vision_features` under CLIP's name."""
-        return self.get_vision_features(pixel_values, return_dict=True, **batch)
-
-    @can_return_tuple
-    def get_audio_features(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **batch: Any
-    ) -> BaseModelOutputWithPooling:
-        """`get_speech_features` under CLAP's name (the waveform, as `input_values`)."""
-        return self.get_speech_features(input_values, attention_mask, return_dict=True, **batch)
-
-    def _features(self, modality: str, tower_output: TowerOutput) -> BaseModelOutputWithPooling:
-        return BaseModelOutputWithPooling(
-            last_hidden_state=tower_output.token_states,
-            pooler_output=self._embed(modality, tower_output),
-            hidden_states=tower_output.hidden_states,
-            attentions=tower_output.attentions,
-        )
 
     def _embed(self, modality: str, tower_output: TowerOutput) -> torch.Tensor:
         projection = getattr(self, f"{modality}_projection")
