@@ -27,6 +27,11 @@ REPO_ROOT = HERE.parent.parent
 BUILD = REPO_ROOT / "build" / "hf-common"
 
 
+def fail(message: str) -> None:
+    print(f"hf-common: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def fetch_common_tests(version: str) -> Path:
     """build/hf-common/hf_tests: the tests/ folder of transformers==`version`'s source distribution, plus stand-ins."""
     package = BUILD / "hf_tests"
@@ -37,7 +42,11 @@ def fetch_common_tests(version: str) -> Path:
     if not archive.is_file():
         BUILD.mkdir(parents=True, exist_ok=True)
         download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*download, f"transformers=={version}", "--dest", str(BUILD)], check=True)
+        if subprocess.run([*download, f"transformers=={version}", "--dest", str(BUILD)]).returncode != 0:
+            fail(
+                f"could not download the source distribution of transformers=={version} (pip's message above); "
+                "it needs the package registry once, then build/hf-common/ keeps it"
+            )
     shutil.rmtree(package, ignore_errors=True)
     prefix = f"transformers-{version}/tests/"
     with tarfile.open(archive) as source:
@@ -58,7 +67,9 @@ def main(pytest_arguments: list[str]) -> int:
     version = importlib.metadata.version("transformers")
     fetch_common_tests(version)
     if importlib.util.find_spec("parameterized") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "parameterized"], check=True)
+        install = [sys.executable, "-m", "pip", "install", "--quiet", "parameterized"]
+        if subprocess.run(install).returncode != 0:
+            fail("could not install `parameterized` (pip's message above), which transformers' common tests import")
     print(f"transformers {version}: common model tests from its source distribution", flush=True)
     command = [
         sys.executable, "-m", "pytest", str(HERE / "test_zidong_common.py"),
