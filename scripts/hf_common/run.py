@@ -36,8 +36,16 @@ def fetch_common_tests(version: str) -> Path:
     """build/hf-common/hf_tests: the tests/ folder of transformers==`version`'s source distribution, plus stand-ins."""
     package = BUILD / "hf_tests"
     stamp = package / ".version"
-    if stamp.is_file() and stamp.read_text() == version:
-        return package
+    if not (stamp.is_file() and stamp.read_text() == version):
+        unpack_tests(version, package)
+    for standin in (HERE / "standins").rglob("*.py"):  # every run: an edited stand-in takes effect at once
+        target = package / standin.relative_to(HERE / "standins")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(standin, target)
+    return package
+
+
+def unpack_tests(version: str, package: Path) -> None:
     archive = BUILD / f"transformers-{version}.tar.gz"
     if not archive.is_file():
         BUILD.mkdir(parents=True, exist_ok=True)
@@ -54,13 +62,8 @@ def fetch_common_tests(version: str) -> Path:
         for member in members:
             member.name = member.name[len(prefix) :]
         source.extractall(package, members=members, filter="data")
-    for standin in (HERE / "standins").rglob("*.py"):
-        target = package / standin.relative_to(HERE / "standins")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(standin, target)
     (package / "__init__.py").touch()
-    stamp.write_text(version)
-    return package
+    (package / ".version").write_text(version)
 
 
 def main(pytest_arguments: list[str]) -> int:
