@@ -98,6 +98,11 @@ def test_eval_cli_prints_tables_and_writes_json(
             if query != target:
                 assert f"{query}->{target:<{15 - len(query) - 2}}" in result.stdout
                 assert 1 <= metrics[f"{query}->{target}/median_rank"] <= 12
+                pair = f"{query}->{target}"
+                assert metrics[f"{pair}/R@1"] <= metrics[f"{pair}/dup_R@1"]  # the own sample is one of the right
+                # every sample has all three: one of each caption's samples can come first
+                assert metrics[f"{pair}/ceiling_R@1"] == pytest.approx(metrics["distinct_captions"] / 12)
+    assert f"12 samples, {int(metrics['distinct_captions'])} distinct captions" in result.stdout
     assert "zero-shot classification of labels.parity (2 classes)" in result.stdout
     assert metrics["classify/vision/count"] == 12
     assert metrics["classify/speech/count"] == 12

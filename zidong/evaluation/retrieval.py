@@ -4,11 +4,17 @@ Every process embeds a contiguous block of the held-out samples (evaluation tran
 head); the embeddings are gathered to every process and scored there. For the pair (a, b) only samples that have
 both modalities take part; `a->b` ranks all b-embeddings for each a-query, and a hit is the query's own sample.
 Chance level for R@k is k / n.
+
+Captions often repeat (the demo's 240 held-out samples carry 196 distinct ones; COCO gives each image five), and a
+model cannot tell apart two images whose only link to the query is the same caption. So next to the strict R@k
+the metrics give its ceiling (the best a model can reach on these captions) and the duplicate-aware R@k, where any
+candidate with the query's caption is a hit (COCO's convention of several right answers). Tied scores count in
+expectation over a random order, never in the query's favour.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
@@ -24,6 +30,7 @@ from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.utils.log import EVERY_RANK, get_logger
 
 RECALL_AT = (1, 5, 10)
+QUERY_BLOCK = 1024  # queries scored at once
 logger = get_logger(__name__)
 
 
@@ -43,7 +50,7 @@ class HeldOut:
 def retrieval(model: torch.nn.Module, held_out: HeldOut) -> dict[str, float]:
     """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective)."""
     embeds, presence = embed_folder(model, held_out)
-    return recall_at_k(embeds, presence)
+    return recall_at_k(embeds, presence, folder_captions(held_out.folder))
 
 
 @torch.no_grad()
@@ -107,6 +114,21 @@ def forward_folder(
     shards.close()
 
 
+def folder_captions(folder: str | Path) -> list[str | None]:
+    """Every sample's caption (its text member) in `embed_folder` order; None where a sample has none or it
+    cannot be read."""
+    shards = ShardFolder(folder)
+    captions: list[str | None] = []
+    for shard, position in sample_refs(shards):
+        try:
+            text = shards.read(shard, position, only=("txt",)).files.get("txt")
+            captions.append(text.decode("utf-8") if text is not None else None)
+        except (SampleError, UnicodeDecodeError):
+            captions.append(None)
+    shards.close()
+    return captions
+
+
 def sample_refs(shards: ShardFolder) -> list[tuple[int, int]]:
     """(shard, position) of every sample of a shard folder, in the order `embed_folder` returns them."""
     return [(shard, position) for shard, count in enumerate(shards.counts) for position in range(count)]
@@ -129,33 +151,111 @@ def gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> tor
     return torch.cat([everything[r, : sizes[r]] for r in range(world)])
 
 
-def recall_at_k(embeds: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Recall@k for every ordered pair of modalities from (n, d) normalised embeddings and (n,) presence."""
-    metrics: dict[str, float] = {"samples": float(len(next(iter(present.values()))))}
+def recall_at_k(
+    embeds: dict[str, torch.Tensor], present: dict[str, torch.Tensor], captions: Sequence[str | None] | None = None
+) -> dict[str, float]:
+    """Recall@k for every ordered pair of modalities from (n, d) normalised embeddings and (n,) presence.
+
+    `{pair}/R@k` (strict: only the query's own sample is a hit) and `{pair}/median_rank`; with `captions` (one per
+    sample, None for a sample without one) also `{pair}/dup_R@k` (any candidate with the query's caption is a
+    hit) and `{pair}/ceiling_R@k` (the best strict R@k possible: a model that ranks every candidate with the
+    query's caption first still cannot tell them apart when the caption is all the two sides share). Scores
+    that tie are ordered at random; the numbers are the expectation over that order.
+    """
+    count_all = len(next(iter(present.values())))
+    metrics: dict[str, float] = {"samples": float(count_all)}
+    groups = caption_groups(captions, count_all)
+    if captions is not None:
+        metrics["distinct_captions"] = float(len(set(groups.tolist())))
     for query, target in permutations(MODALITIES, 2):
         both = present[query] & present[target]
         count = int(both.sum())
         if count < 2:
             continue
-        similarity = embeds[query][both] @ embeds[target][both].T
-        own = similarity.diagonal()[:, None]
-        rank = (similarity > own).sum(dim=1)  # how many candidates beat the right one
+        pair = f"{query}->{target}"
+        queries, candidates, group = embeds[query][both], embeds[target][both], groups[both]
+        strict: list[dict[int, torch.Tensor]] = []
+        duplicate: list[dict[int, torch.Tensor]] = []
+        ranks = []
+        for start in range(0, count, QUERY_BLOCK):  # (block, count) scores at a time bound the memory
+            rows = torch.arange(start, min(start + QUERY_BLOCK, count))
+            similarity = queries[rows] @ candidates.T
+            hits, rank = expected_hits(similarity, rows[:, None] == torch.arange(count)[None, :])
+            strict.append(hits)
+            ranks.append(rank)
+            duplicate.append(expected_hits(similarity, group[rows][:, None] == group[None, :])[0])
         for k in RECALL_AT:
-            metrics[f"{query}->{target}/R@{k}"] = float((rank < k).float().mean())
-        metrics[f"{query}->{target}/median_rank"] = float((rank + 1).float().median())
-        metrics[f"{query}->{target}/count"] = float(count)
+            metrics[f"{pair}/R@{k}"] = float(torch.cat([hits[k] for hits in strict]).mean())
+        metrics[f"{pair}/median_rank"] = float(torch.cat(ranks).median())
+        metrics[f"{pair}/count"] = float(count)
+        if captions is None:
+            continue
+        _, which, sizes = torch.unique(group, return_inverse=True, return_counts=True)
+        group_size = sizes[which].double()  # candidates with the query's caption, its own included
+        for k in RECALL_AT:
+            metrics[f"{pair}/dup_R@{k}"] = float(torch.cat([hits[k] for hits in duplicate]).mean())
+            metrics[f"{pair}/ceiling_R@{k}"] = float((group_size.clamp(max=k) / group_size).mean())
     return metrics
 
 
+def caption_groups(captions: Sequence[str | None] | None, count: int) -> torch.Tensor:
+    """(count,) group ids: equal captions share one; a sample without a caption (or no captions) is alone."""
+    if captions is None:
+        return torch.arange(count)
+    if len(captions) != count:
+        raise ValueError(f"{len(captions)} captions for {count} samples")
+    ids: dict[str, int] = {}
+    return torch.tensor(
+        [ids.setdefault(text, len(ids)) if text is not None else count + row for row, text in enumerate(captions)]
+    )
+
+
+def expected_hits(similarity: torch.Tensor, relevant: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per query (row): the probability that a relevant candidate is among the first k, for every k of
+    RECALL_AT, and the expected rank (1-based) of the first relevant candidate, when tied scores are put in a
+    random order. `relevant` (queries, candidates) marks the right answers; every row has at least one."""
+    best = similarity.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
+    above = (similarity > best).sum(dim=1).double()  # only wrong candidates can beat the best right one
+    at_best = similarity == best
+    tied_wrong = (at_best & ~relevant).sum(dim=1).double()
+    tied_right = (at_best & relevant).sum(dim=1).double()
+    hits = {}
+    for k in RECALL_AT:
+        # places left for the tie after the `above` candidates: the tie misses them all only if its first
+        # `places` members are all wrong, with probability prod_{i < places} (wrong - i) / (wrong + right - i)
+        places = k - above
+        all_wrong = torch.ones_like(above)
+        for i in range(k):
+            factor = torch.where(tied_wrong > i, (tied_wrong - i) / (tied_wrong + tied_right - i).clamp(min=1), 0.0)
+            all_wrong = torch.where(places > i, all_wrong * factor, all_wrong)
+        hits[k] = torch.where(places > 0, 1.0 - all_wrong, 0.0)
+    # among w wrong and r right candidates in random order, w / (r + 1) wrong ones come first on average
+    rank = above + 1 + tied_wrong / (tied_right + 1)
+    return hits, rank
+
+
 def retrieval_table(metrics: dict[str, float]) -> str:
-    """The retrieval metrics as a fixed-width table (R@k and median rank), with their chance levels."""
+    """The retrieval metrics as a fixed-width table (R@k and median rank), with their chance levels; when the
+    metrics have them, the strict R@1 ceiling and the duplicate-aware R@k, with a legend."""
     pairs = sorted({key.split("/")[0] for key in metrics if "/R@" in key})
     count = int(metrics.get("samples", 0))
-    lines = [f"{'pair':<16}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_AT) + f"{'median':>8}"]
+    captions = "distinct_captions" in metrics
+    extra = ["ceil@1", *(f"dup@{k}" for k in RECALL_AT)] if captions else []
+    lines = [f"{'pair':<16}" + "".join(f"{name:>8}" for name in [*(f"R@{k}" for k in RECALL_AT), "median", *extra])]
     for pair in pairs:
-        recalls = "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT)
-        lines.append(f"{pair:<16}{recalls}{metrics.get(f'{pair}/median_rank', float('nan')):>8.1f}")
+        row = "".join(f"{metrics[f'{pair}/R@{k}']:>8.3f}" for k in RECALL_AT)
+        row += f"{metrics.get(f'{pair}/median_rank', float('nan')):>8.1f}"
+        if captions:
+            row += f"{metrics[f'{pair}/ceiling_R@1']:>8.3f}"
+            row += "".join(f"{metrics[f'{pair}/dup_R@{k}']:>8.3f}" for k in RECALL_AT)
+        lines.append(f"{pair:<16}{row}")
     if count:
         chance = "".join(f"{min(1.0, k / count):>8.3f}" for k in RECALL_AT)
         lines.append(f"{'chance':<16}{chance}{(count + 1) / 2:>8.1f}")
+    if captions:
+        lines.append(
+            f"({count} samples, {int(metrics['distinct_captions'])} distinct captions. R@k: the query's own sample "
+            "is in the first k. ceil@1: the best R@1 possible when samples share a caption. dup@k: a sample with "
+            "the query's caption is in the first k.)"
+        )
     return "\n".join(lines)

@@ -24,7 +24,14 @@ from zidong.data.labels import LabelSet, load_labels
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
-from zidong.evaluation.retrieval import HeldOut, embed_folder, recall_at_k, retrieval_table, sample_refs
+from zidong.evaluation.retrieval import (
+    HeldOut,
+    embed_folder,
+    folder_captions,
+    recall_at_k,
+    retrieval_table,
+    sample_refs,
+)
 from zidong.export.trained import load_trained
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.utils.log import get_logger
@@ -50,7 +57,7 @@ def evaluate(
         embeds, presence = embed_folder(model, HeldOut(data, pipeline, batch_size, accelerator))
     except SampleError as err:
         raise UserError(f"--data {data}: {err}") from None
-    metrics = recall_at_k(embeds, presence)
+    metrics = recall_at_k(embeds, presence, folder_captions(data))
     if label_set is not None:
         prototypes = class_prototypes(model, processor, label_set)
         labels_by_row = _labels_of(data, label_set)
