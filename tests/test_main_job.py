@@ -1,4 +1,4 @@
-"""The README's main job (the tiny recipe, end to end on the demo corpus) reaches retrieval far above chance;
+"""The README's main job (the tiny recipe, end to end on the demo corpus) reaches the retrieval measured for it;
 then the shipped fine-tuning recipes start from it and beat its zero-shot numbers."""
 
 from __future__ import annotations
@@ -30,17 +30,32 @@ def main_job(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return run
 
 
-def test_tiny_recipe_retrieves_far_above_chance(main_job: Path) -> None:
+# duplicate-aware R@1 of the main job, measured on 2026-12-01 (docs/training.md); the run is bitwise
+# reproducible on one machine, and another CPU's arithmetic has moved R@1 by up to 0.03 before
+REACHED_DUP_R1 = {
+    "speech->text": 0.963,
+    "text->speech": 0.971,
+    "speech->vision": 0.312,
+    "vision->speech": 0.329,
+    "text->vision": 0.362,
+    "vision->text": 0.312,
+}
+MARGIN = 0.04
+
+
+def test_tiny_recipe_reaches_its_measured_retrieval(main_job: Path) -> None:
     final = evaluations(main_job)[-1]
-    chance_at_1, chance_at_10 = 1 / final["samples"], 10 / final["samples"]
-    pairs = sorted({key.split("/")[0] for key in final if key.endswith("/R@1")})
-    assert len(pairs) == 6  # every pair, both directions
-    for pair in pairs:
-        assert final[f"{pair}/R@1"] >= 5 * chance_at_1, f"{pair}: {final[f'{pair}/R@1']:.3f}"
-        assert final[f"{pair}/R@10"] >= 3 * chance_at_10, f"{pair}: {final[f'{pair}/R@10']:.3f}"
+    assert final["samples"] == 240
+    assert final["distinct_captions"] == 196
+    for pair, reached in REACHED_DUP_R1.items():
+        assert final[f"{pair}/dup_R@1"] >= reached - MARGIN, f"{pair}: {final[f'{pair}/dup_R@1']:.3f}"
+        assert final[f"{pair}/R@10"] >= 20 * 10 / 240, pair  # 20x chance
+    for pair in ("speech->text", "text->speech"):  # the targets in docs/training.md, met by these two
+        assert final[f"{pair}/dup_R@1"] >= 0.9, pair
+        assert final[f"{pair}/R@1"] >= 0.9 * final[f"{pair}/ceiling_R@1"], pair
     records = [json.loads(line) for line in (main_job / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert train[-1]["contrastive"] < 0.8 * train[0]["contrastive"]
+    assert train[-1]["contrastive"] < 0.3 * train[0]["contrastive"]
 
 
 def test_speech_colour_probe_beats_zero_shot(main_job: Path, tmp_path: Path) -> None:
@@ -57,7 +72,7 @@ def test_speech_colour_probe_beats_zero_shot(main_job: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     final = evaluations(run)[-1]
     assert final["samples"] == 240
-    # measured 0.775 vs 0.683 (0.808 vs 0.646 from the main job before the towers' initialisation changed)
+    # measured 0.833 vs 0.738 (0.775 vs 0.683 from the former 500-step main job with auxiliary objectives)
     assert final["accuracy"] >= baseline["classify/speech/accuracy"] + 0.05
     assert final["accuracy"] >= final["majority"] + 0.3
     model, _, _, _ = load_trained(run / "model")  # the HF folder the run ends with
@@ -75,9 +90,9 @@ def test_text_vision_retrieval_finetune_improves_on_its_source(main_job: Path, t
     assert result.returncode == 0, result.stderr[-3000:]
     after = evaluations(run)[-1]
     assert sorted(key for key in after if key.endswith("/R@1")) == ["text->vision/R@1", "vision->text/R@1"]
-    # measured R@5 0.675 -> 0.758 and 0.621 -> 0.762 (R@1 0.250 -> 0.279, 0.225 -> 0.354); R@1 moves by 0.004 per
-    # sample and shifted by 0.03 when the source differed in the 5th decimal, so R@5 is the steadier gauge
+    # measured from the 1200-step main job: R@5 0.787 -> 0.833 and 0.727 -> 0.780, dup@1 0.362 -> 0.400 and
+    # 0.312 -> 0.329 (300 steps gave +0.017 and +0.029 only: the source already trained this pair contrastively)
     for pair in ("text->vision", "vision->text"):
-        assert after[f"{pair}/R@5"] >= before[f"{pair}/R@5"] + 0.05, pair
-        assert after[f"{pair}/R@1"] >= before[f"{pair}/R@1"], pair
+        assert after[f"{pair}/R@5"] >= before[f"{pair}/R@5"] + 0.03, pair
+        assert after[f"{pair}/dup_R@1"] >= before[f"{pair}/dup_R@1"], pair
     assert (run / "model" / "config.json").is_file()

@@ -35,7 +35,7 @@ from zidong.models.zidong.modeling_zidong import ZidongModel
 
 WORLD = 2
 MICRO = (2, 4)  # samples per micro-batch per rank; the first is the headline (see docs/PERFORMANCE.md)
-TINY_LOSS_WEIGHTS = {"contrastive": 1.0, "matching": 0.1, "masked_text": 0.1}  # recipes/pretrain/tiny.yaml
+TINY_LOSS_WEIGHTS = {"contrastive": 1.0, "matching": 0.1, "masked_text": 0.1}  # every kind of loss, lightly weighted
 
 
 def distributed(work: Path, quick: bool) -> list[Result]:
