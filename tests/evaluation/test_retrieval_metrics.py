@@ -94,8 +94,11 @@ def test_without_repeated_captions_both_metrics_agree_and_the_ceiling_is_1() -> 
     for k in (1, 5, 10):
         assert metrics[f"text->vision/dup_R@{k}"] == metrics[f"text->vision/R@{k}"]
         assert metrics[f"text->vision/ceiling_R@{k}"] == 1.0
-    # samples without a caption are only their own match
-    assert recall_at_k(*_pairs_of(text, vision), [None] * 50)["text->vision/dup_R@1"] == metrics["text->vision/R@1"]
+    # samples without a caption are only their own match, and are no caption
+    uncaptioned = recall_at_k(*_pairs_of(text, vision), [None] * 50)
+    assert uncaptioned["text->vision/dup_R@1"] == metrics["text->vision/R@1"]
+    assert uncaptioned["text->vision/ceiling_R@1"] == 1.0
+    assert uncaptioned["distinct_captions"] == 0
 
 
 def test_the_table_shows_duplicate_aware_recall_and_the_ceiling() -> None:

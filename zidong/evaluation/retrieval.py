@@ -166,7 +166,7 @@ def recall_at_k(
     metrics: dict[str, float] = {"samples": float(count_all)}
     groups = caption_groups(captions, count_all)
     if captions is not None:
-        metrics["distinct_captions"] = float(len(set(groups.tolist())))
+        metrics["distinct_captions"] = float(len({text for text in captions if text is not None}))
     for query, target in permutations(MODALITIES, 2):
         both = present[query] & present[target]
         count = int(both.sum())
