@@ -162,10 +162,17 @@ def _data_demo(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
     from zidong.data.tokenizer import train_tokenizer
 
-    out = train_tokenizer(args.input, args.vocab_size, args.out)
-    print(f"wrote {out}/spm.model and {out}/tokenizer.json (load with AutoTokenizer.from_pretrained)")
+    out = train_tokenizer(args.input, args.vocab_size, args.out, exact_size=args.exact_vocab_size)
+    pieces = len(AutoTokenizer.from_pretrained(out))
+    print(f"wrote {out}/spm.model and {out}/tokenizer.json: {pieces} pieces (load with AutoTokenizer.from_pretrained)")
+    if pieces < args.vocab_size:
+        print(
+            f"--vocab-size {args.vocab_size} is an upper bound: this text supports {pieces} pieces (add text for more)"
+        )
     return 0
 
 
@@ -221,7 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_tokenizer.add_argument(
         "--input", required=True, nargs="+", type=_existing_path, metavar="PATH", help="text files or shard folders"
     )
-    train_tokenizer.add_argument("--vocab-size", required=True, type=_positive_int, metavar="N")
+    train_tokenizer.add_argument(
+        "--vocab-size",
+        required=True,
+        type=_positive_int,
+        metavar="N",
+        help="the most pieces; a text too small for N gets the most it supports (see --exact-vocab-size)",
+    )
+    train_tokenizer.add_argument(
+        "--exact-vocab-size", action="store_true", help="exactly N pieces, or exit 2 if the text cannot support N"
+    )
     train_tokenizer.add_argument("--out", required=True, type=Path, metavar="DIR")
     train_tokenizer.set_defaults(handler=_tokenizer_train)
 

@@ -6,6 +6,7 @@ import random
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece
 from transformers import AutoTokenizer
@@ -109,13 +110,55 @@ def test_reads_shard_folders(tmp_path: Path) -> None:
     assert fast.decode(fast.encode("两个小的红色圆形", add_special_tokens=False)) == "两个小的红色圆形"
 
 
+def _captions(path: Path, count: int) -> Path:
+    """`count` demo captions, half English and half Chinese: a lab's first small sample of its own text."""
+    from zidong.data.demo import caption, random_scene
+
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(caption(random_scene(rng), ("en", "zh")[i % 2]) for i in range(count)) + "\n")
+    return path
+
+
+def _train(text: Path, size: int, out: Path, *flags: str) -> int:
+    return main(["tokenizer", "train", "--input", str(text), "--vocab-size", str(size), "--out", str(out), *flags])
+
+
+def test_vocab_size_is_an_upper_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 400-line text supports a few hundred pieces: asking for 8000 gets the most it supports, and that size
+    is exactly what SentencePiece's own bound says (an exact run at it works, one piece more does not)."""
+    text = _captions(tmp_path / "captions.txt", 400)
+    assert _train(text, 8000, tmp_path / "bound") == 0
+    reached = len(AutoTokenizer.from_pretrained(tmp_path / "bound"))
+    assert 300 < reached < 8000
+    output = capsys.readouterr().out
+    assert f"tokenizer.json: {reached} pieces" in output
+    assert f"--vocab-size 8000 is an upper bound: this text supports {reached} pieces" in output
+    assert _train(text, reached, tmp_path / "exact", "--exact-vocab-size") == 0
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "exact")) == reached
+    assert _train(text, reached + 1, tmp_path / "over", "--exact-vocab-size") == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert f"this text supports at most {reached} pieces, not {reached + 1}" in error
+    assert "drop --exact-vocab-size" in error
+    assert not (tmp_path / "over").exists()
+
+
+def test_a_size_below_what_the_characters_need_names_the_least(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _captions(tmp_path / "captions.txt", 400)
+    assert _train(text, 280, tmp_path / "small") == EXIT_USAGE
+    error = capsys.readouterr().err
+    least = int(error.split("use --vocab-size ")[1].split()[0])
+    assert f"--vocab-size 280 is below the {least} pieces this text needs" in error
+    assert "Traceback" not in error
+    assert not (tmp_path / "small").exists()
+    assert _train(text, least, tmp_path / "least") == 0
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "least")) == least
+
+
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     small = tmp_path / "small.txt"
     small.write_text("a b c\nhello world\n")
-    assert (
-        main(["tokenizer", "train", "--input", str(small), "--vocab-size", "5000", "--out", str(tmp_path / "t")]) == 2
-    )
-    assert "Vocabulary size too high" in capsys.readouterr().err
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café\n".encode("latin-1"))
     assert (

@@ -200,6 +200,6 @@ def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[
             raise RuntimeError(f"the demo generator produced {indexes[split]['rejected']} rejected samples ({split})")
     shutil.rmtree(out / "raw")  # the staging files: the shards hold everything, normalised
     # the corpus comes with its tokenizer; the captions are formulaic, so the vocabulary is a bound, not a size
-    train_tokenizer([out / "train"], TOKENIZER_VOCAB, out / "tokenizer", exact_size=False)
+    train_tokenizer([out / "train"], TOKENIZER_VOCAB, out / "tokenizer")
     logger.info("demo corpus in %s: %d training and %d held-out samples", out, splits["train"][0], held_out)
     return indexes

@@ -17,6 +17,7 @@ tokenizer (the shard builder already applies NFC and collapses whitespace), and 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,13 +66,14 @@ def _captions(folder: ShardFolder) -> Iterator[str]:
 
 
 def train_tokenizer(
-    inputs: list[Path], vocab_size: int, out: Path, model_max_length: int = 512, exact_size: bool = True
+    inputs: list[Path], vocab_size: int, out: Path, model_max_length: int = 512, exact_size: bool = False
 ) -> Path:
-    """Train on `inputs` and write the SentencePiece model and its HF fast twin into `out`.
+    """Train on `inputs` and write the SentencePiece model and its HF fast twin into `out` (returned).
 
-    With `exact_size=False`, `vocab_size` is an upper bound: a small text yields a smaller vocabulary.
-    Raises UserError for unreadable input, no text, or (with `exact_size`) a vocabulary larger than the text
-    supports.
+    `vocab_size` is an upper bound: a text too small for it yields the largest vocabulary it supports.
+    With `exact_size`, a text that cannot support `vocab_size` pieces is an error instead. Raises UserError for
+    unreadable input, no text, a size below what the text's characters need, or (with `exact_size`) above what
+    the text supports.
     """
     import sentencepiece
 
@@ -111,7 +113,7 @@ def train_tokenizer(
         )
     except RuntimeError as err:
         message = str(err).strip().splitlines()[-1].split("] ", 1)[-1]  # drop the C++ source location
-        raise UserError(f"sentencepiece cannot train a {vocab_size}-piece vocabulary on this text: {message}") from None
+        raise UserError(_size_problem(vocab_size, message)) from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "spm.model").write_bytes(model.getvalue())
@@ -122,6 +124,24 @@ def train_tokenizer(
     fast.save_pretrained(out)
     logger.info("trained a %d-piece tokenizer on %d sentences into %s", len(fast), len(sentences), out)
     return out
+
+
+def _size_problem(vocab_size: int, message: str) -> str:
+    """SentencePiece's complaint about a vocabulary size, said as what to pass instead."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_small:
+        return (
+            f"--vocab-size {vocab_size} is below the {too_small[1]} pieces this text needs (one per character "
+            f"covering 99.95% of it, and the special tokens); use --vocab-size {too_small[1]} or more"
+        )
+    too_large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if too_large:
+        return (
+            f"--exact-vocab-size: this text supports at most {too_large[1]} pieces, not {vocab_size} "
+            f"(sentencepiece: {message}); use --vocab-size {too_large[1]}, add text, or drop --exact-vocab-size "
+            "to take --vocab-size as an upper bound"
+        )
+    return f"sentencepiece cannot train a {vocab_size}-piece vocabulary on this text: {message}"
 
 
 def fast_tokenizer_from_sentencepiece(processor, model_max_length: int = 512):
