@@ -183,7 +183,8 @@ def recall_at_k(
             hits, rank = expected_hits(similarity, rows[:, None] == torch.arange(count)[None, :])
             strict.append(hits)
             ranks.append(rank)
-            duplicate.append(expected_hits(similarity, group[rows][:, None] == group[None, :])[0])
+            if captions is not None:
+                duplicate.append(expected_hits(similarity, group[rows][:, None] == group[None, :])[0])
         for k in RECALL_AT:
             metrics[f"{pair}/R@{k}"] = float(torch.cat([hits[k] for hits in strict]).mean())
         metrics[f"{pair}/median_rank"] = float(torch.cat(ranks).median())
