@@ -199,6 +199,15 @@ def test_literal_lists_allowed_values(tmp_path: Path) -> None:
     assert "expected one of 'no', 'bf16', got the string 'fp8'" in problems_of(Schema, path)
 
 
+def test_yaml_words_read_as_booleans_still_name_a_literal_choice(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare `no` (and `off`) as false: `precision: no` and `optim.precision=no` mean "no"
+    path = write(tmp_path, "r.yaml", "name: demo\noptim: {precision: no}\n")
+    assert load_config(Schema, path, []).optim.precision == "no"
+    assert load_config(Schema, path, ["optim.precision=bf16", "optim.precision=no"]).optim.precision == "no"
+    path = write(tmp_path, "r.yaml", "name: demo\noptim: {precision: yes}\n")
+    assert "expected one of 'no', 'bf16', got true" in problems_of(Schema, path)
+
+
 def test_section_given_a_scalar(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", "name: demo\noptim: 3\n")
     assert "`optim`: expected a section with keys max_steps, lr, fused, precision" in problems_of(Schema, path)

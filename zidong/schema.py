@@ -89,6 +89,7 @@ class SchemaBuilder:
         if origin is dict and isinstance(value, dict):
             item_type = typing.get_args(tp)[1]
             return {str(k): self.build(item_type, v, join_path(path, str(k))) for k, v in value.items()}
+        value = _unread_yaml_boolean(tp, value)
         if _matches_scalar(tp, value):
             return float(value) if tp is float else value
         self.fail(path, f"expected {_describe_type(tp)}, got {describe_value(value)}")
@@ -151,6 +152,19 @@ def unwrap_optional(tp: Any) -> Any:
     if len(rest) != 1:
         raise TypeError(f"config fields may only be `X | None` unions, not {tp}")
     return rest[0]
+
+
+# the words YAML 1.1 (PyYAML) reads as booleans
+_YAML_BOOLEAN_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+
+
+def _unread_yaml_boolean(tp: Any, value: Any) -> Any:
+    """A bare `no` (or `off`, ...) for a choice among strings that include it: YAML 1.1 read the word as a boolean,
+    so `mixed_precision: no` arrives as false; give back the word it was."""
+    if not isinstance(value, bool) or typing.get_origin(tp) is not Literal:
+        return value
+    words = [choice for choice in typing.get_args(tp) if choice in _YAML_BOOLEAN_WORDS[value]]
+    return words[0] if len(words) == 1 else value
 
 
 def _matches_scalar(tp: Any, value: Any) -> bool:
