@@ -23,6 +23,7 @@ from zidong.errors import UserError
 EXIT_USAGE = 2
 DOCS_HINT = "Recipes live in recipes/, guides in docs/ (start with docs/cli.md and docs/recipes.md)."
 FINETUNE_TASKS = ("retrieval", "classify")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # zidong.export.folders.DTYPES
 
 
 # ------------------------------------------------------------------------------------ argument types
@@ -84,9 +85,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(dry_run_report(recipe, args.gpus))
         return 0
     _quiet_deepspeed_on_cpu()
+    from zidong.train.distributed import check_device_support
     from zidong.train.trainer import pretrain
     from zidong.utils.run_info import record_run
 
+    check_device_support(recipe)  # before anything is written
     record_run(recipe.output_dir, recipe)
     pretrain(recipe)
     return 0
@@ -99,8 +102,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
     recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)  # a bad recipe exits before torch loads
     _quiet_deepspeed_on_cpu()
+    from zidong.train.distributed import check_device_support
     from zidong.train.finetune import finetune
 
+    check_device_support(recipe)  # before anything is written
     record_run(recipe.output_dir, recipe)
     finetune(args.task, recipe)
     return 0
@@ -118,7 +123,7 @@ def _export(args: argparse.Namespace) -> int:
     _quiet_deepspeed_on_cpu()
     from zidong.export.folders import export
 
-    print(export(args.checkpoint, args.out, args.towers, args.push_to_hub, args.license))
+    print(export(args.checkpoint, args.out, args.towers, args.push_to_hub, args.license, dtype=args.dtype))
     return 0
 
 
@@ -272,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--towers", action="store_true", help="also write one plain transformers folder per tower")
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository")
     export.add_argument("--license", default="apache-2.0", help="license named in the model card (default apache-2.0)")
+    export.add_argument(
+        "--dtype",
+        choices=EXPORT_DTYPES,
+        default="float32",
+        help="the weights' dtype (default float32, what training keeps under any autocast precision)",
+    )
     export.set_defaults(handler=_export)
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained model for a downstream task")

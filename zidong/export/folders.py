@@ -1,11 +1,13 @@
-"""`zidong export CHECKPOINT --out DIR [--towers] [--push-to-hub REPO]`: Hugging Face folders from a checkpoint.
+"""`zidong export CHECKPOINT --out DIR [--towers] [--dtype D] [--push-to-hub REPO]`: Hugging Face folders.
 
 DIR holds the joint model (`config.json` with `auto_map`, `model.safetensors`, sharded above `max_shard_size`,
 the remote code, the processor) and a model card. With `--towers`, `DIR/text`, `DIR/vision` and `DIR/speech`
 each hold one tower as a plain transformers model of its own architecture with its own preprocessor, loadable
 with `AutoModel` alone, plus `projection.safetensors` (the linear map into the shared embedding space) and a
 README saying how to pool and project. Everything is written into `DIR.tmp` and renamed at the end, so DIR is
-either complete or absent; an existing non-empty DIR is refused.
+either complete or absent; an existing non-empty DIR is refused. Weights are written in float32 (what training
+keeps, whatever its autocast precision) unless `--dtype` asks for bfloat16 or float16; the audio front end's
+window and filters are float32 buffers recomputed on load in any dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2FeatureExtractor
 
@@ -26,6 +29,7 @@ from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
 PROJECTION_FILE = "projection.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export(
@@ -35,12 +39,17 @@ def export(
     push_to_hub: str | None = None,
     license: str = "apache-2.0",
     max_shard_size: str = "5GB",
+    dtype: str = "float32",
 ) -> Path:
-    """Write the export folder of `source` (run folder, checkpoint or export) to `out`; returns `out`."""
+    """Write the export folder of `source` (run folder, checkpoint or export) to `out` with weights in `dtype`
+    (a name in `DTYPES`); returns `out`."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose a new one (nothing written)")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     model, processor, recipe, folder = load_trained(source)
+    model = model.to(DTYPES[dtype])
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

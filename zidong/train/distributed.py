@@ -23,13 +23,14 @@ from zidong.train.recipe import PretrainRecipe
 
 def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     cpu = not torch.cuda.is_available()
+    check_device_support(recipe)
     # a rank whose batch lacks a modality does not run that tower
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl"))
     # no `cpu=` here: it would override a DeepSpeed launch; a CPU box under torchrun needs ACCELERATE_USE_CPU=1
     accelerator = Accelerator(
-        mixed_precision=recipe.train.mixed_precision if not cpu else "no",
+        mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         # Our schedules count optimizer steps. Linked to the optimizer, Accelerate's scheduler wrapper would step
         # the schedule once per process on every call (it assumes a dataloader whose batch grows with the
@@ -48,6 +49,40 @@ def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
             "DeepSpeed with `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml ...`"
         )
     return accelerator
+
+
+def check_device_support(recipe: PretrainRecipe) -> None:
+    """Refuse settings this machine cannot train with, before anything is written: a `train.mixed_precision` it
+    cannot do (instead of training in float32 unasked) and `train.compile` off CUDA."""
+    settings, cpu = recipe.train, not torch.cuda.is_available()
+    if settings.mixed_precision == "fp16" and cpu:
+        raise UserError(
+            "train.mixed_precision=fp16 needs a GPU: on CPU Accelerate has neither fp16 autocast nor loss scaling "
+            "(it would train in float32). Use train.mixed_precision=bf16 (CPU autocast) or no"
+        )
+    if settings.mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"train.mixed_precision=bf16: {torch.cuda.get_device_name()} has no bf16 support; use "
+            "train.mixed_precision=fp16 (loss scaling) or no"
+        )
+    if settings.compile and cpu:
+        # seen with torch 2.11: inductor's CPU backward of the towers' scaled-dot-product attention fails a
+        # stride assertion after minutes of compiling
+        raise UserError("train.compile=true needs a CUDA device (compiling the towers for CPU fails in torch 2.11)")
+
+
+def precision_in_use(accelerator: Accelerator) -> str:
+    """The start-up log's account of the precision a run trains in."""
+    precision = accelerator.mixed_precision
+    if precision == "no":
+        return "float32 (train.mixed_precision=no)"
+    if accelerator.state.deepspeed_plugin is not None:
+        return f"{precision} (DeepSpeed: {precision} weights and activations, float32 master weights in the optimizer)"
+    scaling = ", dynamic loss scaling" if accelerator.scaler is not None else ""
+    return (
+        f"{precision} autocast on {accelerator.device.type}{scaling}: weights, gradients, optimizer "
+        "state, the audio front end, contrastive logits and losses in float32"
+    )
 
 
 def lockstep_enabled(accelerator: Accelerator) -> bool:

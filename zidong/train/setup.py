@@ -27,7 +27,13 @@ from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.models.zidong.towers_zidong import pretrained_tower_config
 from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint
-from zidong.train.distributed import built_whole, configure_deepspeed, lockstep_enabled, make_accelerator
+from zidong.train.distributed import (
+    built_whole,
+    configure_deepspeed,
+    lockstep_enabled,
+    make_accelerator,
+    precision_in_use,
+)
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
 from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
@@ -82,10 +88,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
     logger.info(
         "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
     )
-    if recipe.train.compile and accelerator.device.type != "cuda":
-        # seen with torch 2.11: inductor's CPU backward of the towers' scaled-dot-product attention fails a
-        # stride assertion after minutes of compiling
-        raise UserError("train.compile=true needs a CUDA device (compiling the towers for CPU fails in torch 2.11)")
+    logger.info("precision: %s", precision_in_use(accelerator))
     resume_from = resume_point(recipe, output_dir)
     set_seed(recipe.seed)
     with built_whole(accelerator):

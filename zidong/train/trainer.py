@@ -96,12 +96,12 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], t
     grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm))
     # every process must take the same decisions: skip the update, and stop after this step
     loss_finite, stopping = agree(accelerator, math.isfinite(losses["loss"]), stop_requested)
-    if bool(torch.isfinite(grad_norm)) and loss_finite:
-        run.optimizer.step()
+    if apply_update(run.optimizer, accelerator.scaler, bool(torch.isfinite(grad_norm)) and loss_finite):
         counters.bad_steps_in_a_row = 0
     else:
         counters.skipped_steps += 1
-        counters.bad_steps_in_a_row += 1
+        if not (loss_finite and scale_still_working(accelerator.scaler)):
+            counters.bad_steps_in_a_row += 1
     rates = learning_rates(run.optimizer)  # those this step used
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -109,6 +109,26 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], t
     counters.samples += samples
     run.window.end_step()
     return losses, grad_norm, rates, stopping
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, sound: bool) -> bool:
+    """Step the optimizer when the loss and gradient are finite (`sound`); returns whether it did.
+
+    Under fp16 loss scaling the scaler must see every step: a sound one goes through `scaler.step` (inside the
+    prepared optimizer), and a skipped one still updates the scaler, which halves the scale when the gradient
+    overflowed (`clip_grad_norm_` unscaled it and recorded the overflow), so the next step can succeed."""
+    if sound:
+        optimizer.step()
+        return True
+    if scaler is not None:
+        scaler.update()
+    return False
+
+
+def scale_still_working(scaler: torch.amp.GradScaler | None) -> bool:
+    """Under fp16 loss scaling, an overflowing gradient with a finite loss is the scale's to fix (skipped, not
+    counted towards `train.max_bad_steps`) until the scale has fallen below 1: then it is not a scale problem."""
+    return scaler is not None and scaler.get_scale() >= 1.0
 
 
 def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, float], int]:

@@ -176,7 +176,20 @@ def _summed_pair_loss(
     logit_bias: torch.Tensor | None,
     kind: str,
 ) -> torch.Tensor:
-    """The loss of this rank's rows against every rank's, summed over them (not yet averaged)."""
+    """The loss of this rank's rows against every rank's, summed over them (not yet averaged). Computed in
+    float32 whatever the autocast: bf16 logits would round similarities of 0.99 and 0.995 to the same value."""
+    with torch.autocast(all_a.device.type, enabled=False):
+        return _summed_pair_loss_float32(all_a.float(), all_b.float(), mine, logit_scale, logit_bias, kind)
+
+
+def _summed_pair_loss_float32(
+    all_a: torch.Tensor,
+    all_b: torch.Tensor,
+    mine: slice,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    kind: str,
+) -> torch.Tensor:
     scale = logit_scale.exp()
     logits_ab = scale * all_a[mine] @ all_b.T
     rows = torch.arange(logits_ab.shape[0], device=all_a.device)

@@ -257,8 +257,10 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
 
     def _embed(self, modality: str, tower_output: TowerOutput) -> torch.Tensor:
+        """The L2-normalised embedding in the model's dtype, normalised in float32 (under bf16 autocast a float32
+        model's embeddings stay float32: they feed the contrastive logits and retrieval scores)."""
         projection = getattr(self, f"{modality}_projection")
-        return F.normalize(projection(tower_output.pooled), dim=-1)
+        return F.normalize(projection(tower_output.pooled).float(), dim=-1).to(self.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
 
