@@ -66,6 +66,20 @@ def test_a_row_does_not_depend_on_its_batch() -> None:
     assert torch.allclose(features[1, :frames], alone[0], atol=1e-5)
 
 
+def test_every_frame_path_of_accelerators_gives_the_real_frame_features() -> None:
+    # on an accelerator every frame is computed and padding zeroed (no host read of the mask); on CPU only the
+    # real frames are: the same features
+    _, batch = padded_batch(LENGTHS, torch.float32)
+    fbank = BatchedFbank()
+    frames = batch.unfold(1, fbank.window_size, fbank.window_shift)
+    mask = torch.arange(frames.shape[1]) < fbank.num_frames(torch.tensor(LENGTHS))[:, None]
+    assert not mask.all()  # some padding
+    real_only = fbank.padded_log_mel(frames, mask, real_only=True)
+    every = fbank.padded_log_mel(frames, mask, real_only=False)
+    assert torch.allclose(real_only, every, atol=1e-5)
+    assert every[~mask].abs().sum() == 0
+
+
 def test_normalize_and_stack_uses_real_frames_only() -> None:
     features = torch.randn(2, 10, 4)
     mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])

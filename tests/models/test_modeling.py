@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from zidong.models.zidong.arguments_zidong import Presence
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.contrastive_zidong import contrastive_objective
 from zidong.models.zidong.modeling_zidong import MODALITIES, OBJECTIVES, ZidongModel
@@ -113,8 +114,7 @@ def test_absent_rows_are_zero_and_get_no_gradient(model: ZidongModel) -> None:
         "speech": [False, True, True, True],
     }
     embeds = {m: torch.randn(4, 8).requires_grad_() for m in MODALITIES}
-    presence = {m: torch.tensor(present[m]) for m in MODALITIES}
-    losses = contrastive_objective(model, Encoded({}, {}, presence, embeds))
+    losses = contrastive_objective(model, Encoded({}, {}, Presence.from_host(present), embeds))
     losses["contrastive_text_vision"].backward()
     assert embeds["text"].grad[1].abs().sum() == 0  # sample 1 has no vision
     assert embeds["text"].grad[3].abs().sum() == 0  # sample 3 has no text

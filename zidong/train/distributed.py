@@ -131,8 +131,8 @@ def agree(accelerator: Accelerator, loss_finite: bool, stop_requested: bool) -> 
     if accelerator.num_processes == 1:
         return loss_finite, stop_requested
     flags = torch.tensor([float(not loss_finite), float(stop_requested)], device=accelerator.device)
-    flags = accelerator.reduce(flags, reduction="sum")
-    return bool(flags[0] == 0), bool(flags[1] > 0)
+    not_finite, stop = accelerator.reduce(flags, reduction="sum").tolist()  # one read
+    return not_finite == 0, stop > 0
 
 
 def averaged_over_processes(accelerator: Accelerator, losses: dict[str, float]) -> dict[str, float]:

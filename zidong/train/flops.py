@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from zidong.models.zidong.configuration_zidong import MODALITIES
@@ -45,17 +46,18 @@ class StepFlops:
         self.patch_size = getattr(config.vision_config, "patch_size", None)
 
     def of_batch(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> float:
-        """Model FLOPs of one training micro-batch with objective `weights` (its real, unpadded tokens)."""
+        """Model FLOPs of one training micro-batch with objective `weights` (its real, unpadded tokens), counted
+        on the collated batch while it is on the host."""
         return self.of_tokens(self._tokens_per_sample(batch), weights)
 
-    def of_tokens(self, tokens: dict[str, torch.Tensor], weights: dict[str, float]) -> float:
+    def of_tokens(self, tokens: dict[str, np.ndarray], weights: dict[str, float]) -> float:
         """Model FLOPs of training on samples with `tokens[modality]` (samples,) tokens each (0: absent)."""
         flops = 0.0
         for modality, (parameters, trains) in self.towers.items():
             passes = 1 + bool(weights.get(f"masked_{modality}"))
             flops += (6 if trains else 2) * parameters * float(tokens[modality].sum()) * passes
         per_sample = sum(tokens.values())
-        multi_modal = sum((tokens[m] > 0).long() for m in MODALITIES) >= 2
+        multi_modal = sum((tokens[m] > 0).astype(np.int64) for m in MODALITIES) >= 2
         fusion_tokens = 0.0
         if weights.get("matching"):
             fusion_tokens += 2 * float(per_sample[multi_modal].sum())
@@ -63,29 +65,28 @@ class StepFlops:
             fusion_tokens += float(per_sample.sum())
         return flops + 6 * self.fusion * fusion_tokens
 
-    def _tokens_per_sample(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        size = len(batch["text_present"])
-        tokens = {m: torch.zeros(size, dtype=torch.long) for m in MODALITIES}
-        if "input_ids" in batch:
-            mask = batch.get("text_attention_mask", torch.ones_like(batch["input_ids"]))
-            tokens["text"][batch["text_present"].cpu()] = mask.sum(dim=1).cpu()
-        if "pixel_values" in batch and self.patch_size:
-            height, width = batch["pixel_values"].shape[-2:]
-            tokens["vision"][batch["vision_present"].cpu()] = (height // self.patch_size) * (
-                width // self.patch_size
-            ) + 1
-        if "input_values" in batch:
-            mask = batch.get("speech_attention_mask", torch.ones_like(batch["input_values"]))
-            tokens["speech"][batch["speech_present"].cpu()] = mask.sum(dim=1).cpu() // self.samples_per_speech_step
+    def _tokens_per_sample(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        host = {key: value.cpu().numpy() for key, value in batch.items()}  # a no-op for the trainer's host batch
+        size = len(host["text_present"])
+        tokens = {m: np.zeros(size, dtype=np.int64) for m in MODALITIES}
+        if "input_ids" in host:
+            mask = host.get("text_attention_mask", np.ones_like(host["input_ids"]))
+            tokens["text"][host["text_present"]] = mask.sum(axis=1)
+        if "pixel_values" in host and self.patch_size:
+            height, width = host["pixel_values"].shape[-2:]
+            tokens["vision"][host["vision_present"]] = (height // self.patch_size) * (width // self.patch_size) + 1
+        if "input_values" in host:
+            mask = host.get("speech_attention_mask", np.ones(host["input_values"].shape, dtype=np.int64))
+            tokens["speech"][host["speech_present"]] = mask.sum(axis=1) // self.samples_per_speech_step
         return tokens
 
     def tokens_at_caps(
         self, text_tokens: int, image_size: tuple[int, int], speech_seconds: float, sampling_rate: int
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, np.ndarray]:
         """(1,) token counts per modality of one sample that reaches every cap (`zidong pretrain --dry-run`)."""
         patches = (image_size[0] // self.patch_size) * (image_size[1] // self.patch_size) + 1 if self.patch_size else 0
         steps = int(speech_seconds * sampling_rate) // self.samples_per_speech_step
-        return {m: torch.tensor([n]) for m, n in zip(MODALITIES, (text_tokens, patches, steps), strict=True)}
+        return {m: np.array([n]) for m, n in zip(MODALITIES, (text_tokens, patches, steps), strict=True)}
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:

@@ -90,10 +90,11 @@ class ThroughputWindow:
         """Account one micro-batch."""
         self.samples += len(batch["text_present"])
         self.flops += flops
-        if "text_attention_mask" in batch:
-            self.tokens["text"] += int(batch["text_attention_mask"].sum())
+        if "text_attention_mask" in batch:  # numpy: the trainer counts on the host batch
+            self.tokens["text"] += int(batch["text_attention_mask"].cpu().numpy().sum())
         if "speech_attention_mask" in batch:
-            self.tokens["speech"] += int(batch["speech_attention_mask"].sum()) // self.samples_per_speech_frame
+            speech = int(batch["speech_attention_mask"].cpu().numpy().sum())
+            self.tokens["speech"] += speech // self.samples_per_speech_frame
         if "pixel_values" in batch:
             self.tokens["vision"] += int(batch["pixel_values"].shape[0])  # images
 

@@ -81,7 +81,7 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
     return metrics
 
 
-def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], torch.Tensor, dict[str, float], bool]:
+def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], float, dict[str, float], bool]:
     """One optimizer step: micro-batches, clipping, the (possibly skipped) update, the schedule.
 
     Returns the losses, the gradient norm, the learning rates the step used, and whether to stop after it."""
@@ -93,10 +93,11 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], t
         fill_missing_gradients(run.model)
         drop_gradients(run.model, frozen_now(recipe, counters.step))  # frozen for now: no say in clipping or Adam
     # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
-    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm))
+    norm = accelerator.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm)
+    losses, grad_norm = read_once(losses, norm)
     # every process must take the same decisions: skip the update, and stop after this step
     loss_finite, stopping = agree(accelerator, math.isfinite(losses["loss"]), stop_requested)
-    if apply_update(run.optimizer, accelerator.scaler, bool(torch.isfinite(grad_norm)) and loss_finite):
+    if apply_update(run.optimizer, accelerator.scaler, math.isfinite(grad_norm) and loss_finite):
         counters.bad_steps_in_a_row = 0
     else:
         counters.skipped_steps += 1
@@ -109,6 +110,16 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], t
     counters.samples += samples
     run.window.end_step()
     return losses, grad_norm, rates, stopping
+
+
+def read_once(losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | float) -> tuple[dict[str, float], float]:
+    """The step's losses and gradient norm as numbers, in one read from the device: the one place a training step
+    waits for it (the skip decision needs them)."""
+    names = list(losses)
+    device = losses["loss"].device
+    values = torch.stack([*(losses[n].float() for n in names), torch.as_tensor(grad_norm, device=device).float()])
+    *numbers, norm = values.tolist()
+    return dict(zip(names, numbers, strict=True)), norm
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, sound: bool) -> bool:
@@ -131,11 +142,16 @@ def scale_still_working(scaler: torch.amp.GradScaler | None) -> bool:
     return scaler is not None and scaler.get_scale() >= 1.0
 
 
-def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, float], int]:
-    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them and the samples
-    (gradients are all-reduced on the last micro-batch only, through `accelerator.accumulate`)."""
+def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward/backward over `grad_accum` micro-batches; returns the losses averaged over them (on the device, not
+    yet read) and the samples (gradients are all-reduced on the last micro-batch only, through
+    `accelerator.accumulate`).
+
+    Throughput is counted on the collated batch while it is still on the host, and the presence masks stay there
+    (as arrays, which no wrapper moves): the model decides from them which towers run and which rows a loss reads
+    without waiting for the device."""
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     samples = 0
     for _ in range(accumulation):
         started = time.perf_counter()
@@ -144,14 +160,17 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, fl
         if run.ledger is not None:
             with run.ledger.open("a") as stream:
                 stream.write(json.dumps({"step": run.counters.step + 1, "samples": run.loader.last_refs}) + "\n")
-        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         run.window.count(batch, run.step_flops.of_batch(batch, weights))
         samples += len(batch["text_present"])
+        batch = {
+            key: value.numpy() if key.endswith("_present") else value.to(accelerator.device, non_blocking=True)
+            for key, value in batch.items()
+        }
         with accelerator.accumulate(run.model), accelerator.autocast():
             output = run.model(**batch, **run.task.loss_arguments(weights), lockstep=run.lockstep)
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
+            totals[name] = totals.get(name, 0.0) + value.detach() / accumulation
     return totals, samples
 
 
@@ -169,10 +188,10 @@ def _check_finite_streak(run: Run) -> None:
         )
 
 
-def _log_step(run: Run, losses: dict[str, float], grad_norm: torch.Tensor, rates: dict[str, float]) -> dict:
+def _log_step(run: Run, losses: dict[str, float], grad_norm: float, rates: dict[str, float]) -> dict:
     """Writes one `train` record (losses averaged over processes: collective) and returns it."""
     losses = averaged_over_processes(run.accelerator, losses)
-    numbers = {"grad_norm": float(grad_norm), "skipped_steps": run.counters.skipped_steps}
+    numbers = {"grad_norm": grad_norm, "skipped_steps": run.counters.skipped_steps}
     record = run.window.summary(run.counters.step, losses, {**rates, **numbers})
     run.log.write({"kind": "train", **record})
     return record

@@ -2,13 +2,15 @@
 modality and checked against the presence masks, the text mask under either of its names, the objectives' weights,
 and the output switches they refuse or pass to a tower.
 
-Imports only torch so exported folders load with `trust_remote_code=True`.
+Imports only torch and numpy so exported folders load with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .configuration_zidong import MODALITIES
@@ -86,35 +88,70 @@ def checked_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, 
     return {name: float(weight) for name, weight in loss_weights.items() if weight}
 
 
-def presence_masks(inputs: dict, given: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """Per-modality (B,) bool masks, checked against the number of rows each modality was given."""
+@dataclass
+class Presence:
+    """Which of a batch's B samples have each modality, on the device and on the host.
+
+    Decisions that depend on what a batch holds (does a tower run, which rows does a loss read) are taken from the
+    host copy, and rows are picked with index tensors built there: reading a mask on an accelerator, or indexing
+    with a boolean mask (whose result size depends on its values), would make the host wait for the device. The
+    trainer hands the collated masks over still on the host; masks given on an accelerator are read back once.
+    """
+
+    masks: dict[str, torch.Tensor]  # (B,) bool on the model's device
+    host: dict[str, np.ndarray]  # (B,) bool
+    rows: dict[str, torch.Tensor]  # (count,) long on the model's device: the indices of the present rows
+
+    @classmethod
+    def from_host(cls, host: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str = "cpu") -> Presence:
+        """From (B,) bool masks on the host (arrays or CPU tensors)."""
+        arrays = {m: np.asarray(mask, dtype=bool) for m, mask in host.items()}
+        return cls(
+            masks={m: torch.from_numpy(a).to(device, non_blocking=True) for m, a in arrays.items()},
+            host=arrays,
+            rows={m: torch.from_numpy(np.flatnonzero(a)).to(device, non_blocking=True) for m, a in arrays.items()},
+        )
+
+    def __getitem__(self, modality: str) -> torch.Tensor:
+        return self.masks[modality]
+
+    def has(self, modality: str) -> bool:
+        """Does any sample of this batch have `modality`?"""
+        return bool(self.host[modality].any())
+
+
+def batch_presence(inputs: dict, given: dict, device: torch.device) -> Presence:
+    """Per-modality presence, checked against the number of rows each modality was given."""
     counts = {m: 0 if inputs[m][0] is None else inputs[m][0].shape[0] for m in MODALITIES}
     sizes = {given[m].shape[0] if given[m] is not None else counts[m] for m in MODALITIES}
     sizes -= {0} if len(sizes) > 1 else set()
     if len(sizes) > 1:
         raise ValueError("inputs of different batch sizes need text_present / vision_present / speech_present masks")
     batch = sizes.pop()
-    presence = {}
+    host = {}
     for modality in MODALITIES:
         mask = given[modality]
         if mask is None:
-            mask = torch.full((batch,), counts[modality] > 0, dtype=torch.bool, device=device)
-        mask = mask.to(device=device, dtype=torch.bool)
-        if int(mask.sum()) != counts[modality]:
+            host[modality] = np.full(batch, counts[modality] > 0)
+        elif isinstance(mask, np.ndarray):  # as the trainer passes them
+            host[modality] = mask.astype(bool)
+        else:  # `.numpy()` refuses an accelerator tensor, so only a mask given there is copied back
+            host[modality] = (mask if mask.device.type == "cpu" else mask.cpu()).numpy().astype(bool)
+        if int(host[modality].sum()) != counts[modality]:
             raise ValueError(
-                f"{modality}_present marks {int(mask.sum())} samples but {counts[modality]} {modality} "
+                f"{modality}_present marks {int(host[modality].sum())} samples but {counts[modality]} {modality} "
                 "inputs were given"
             )
-        presence[modality] = mask
-    return presence
+    return Presence.from_host(host, device)
 
 
 __all__ = [
     "OBJECTIVES",
+    "Presence",
+    "batch_presence",
     "checked_loss_weights",
     "given_switches",
     "modality_inputs",
-    "presence_masks",
     "refuse_output_switches",
     "text_mask_argument",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .arguments_zidong import modality_inputs, presence_masks, refuse_output_switches, text_mask_argument
+from .arguments_zidong import batch_presence, modality_inputs, refuse_output_switches, text_mask_argument
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .lockstep_zidong import Lockstep
 from .modeling_zidong import ZidongModel, ZidongPreTrainedModel
@@ -73,21 +73,22 @@ class ZidongForClassification(ZidongPreTrainedModel):
         modality = self.config.classification_modality
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
-        present = presence_masks(inputs, given, self.device)[modality]
+        presence = batch_presence(inputs, given, self.device)
+        present = presence[modality]
         steps = Lockstep(self.zidong, lockstep)
         logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
-        if present.any():
+        if presence.has(modality):
             rows = self.classifier(self.zidong.encode(modality, *inputs[modality]).pooled)
-            logits = scatter_rows(rows, present)
+            logits = scatter_rows(rows, present, presence.rows[modality])
         else:  # in lockstep the tower still runs, on a placeholder row
             steps.idle(lambda: self.classifier(self.zidong.encode(modality, *steps.placeholder(modality)).pooled))
         loss = None
         if labels is not None:
-            scored = present & (labels.to(present.device) >= 0)
-            loss = self.classifier.bias.sum() * 0.0  # a graph even when nothing in the batch can be scored
-            if scored.any():
-                loss = loss + F.cross_entropy(logits[scored].float(), labels.to(present.device)[scored])
-            loss = steps.tie(loss)
+            labels = labels.to(present.device)
+            scored = present & (labels >= 0)
+            # the mean over scored rows, without reading how many there are (0 scored: a loss of 0 with a graph)
+            summed = F.cross_entropy(logits.float(), labels.masked_fill(~scored, -100), reduction="sum")
+            loss = steps.tie(summed / scored.sum().clamp(min=1) + self.classifier.bias.sum() * 0.0)
         return ZidongClassifierOutput(
             loss=loss, losses={"classify": loss} if loss is not None else None, logits=logits, present=present
         )

@@ -6,14 +6,16 @@ rank returns is scaled so that the *mean over ranks* (what DDP's gradient averag
 one process holding the whole global batch, in value and in gradient; ranks may hold different numbers of
 samples, or none at all, for a pair.
 
-Imports only torch so exported folders load with `trust_remote_code=True`.
+Imports only torch and numpy so exported folders load with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -30,7 +32,7 @@ def contrastive_objective(model: ZidongModel, encoded: Encoded) -> dict[str, tor
         model.logit_scale.clamp_(max=model.config.logit_scale_max)
     losses = contrastive_losses(
         encoded.embeds,
-        encoded.presence,
+        encoded.presence.host,
         model.logit_scale[0],
         model.logit_bias[0],
         model.config.contrastive_loss,
@@ -48,19 +50,19 @@ def distributed_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_with_grad(tensor: torch.Tensor, counts: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Concatenate `tensor` from every rank along dim 0, keeping the gradient path to each rank's own rows.
 
-    Ranks may hold different row counts (zero included). Returns the concatenation and the index at which this
-    rank's rows start in it; a single process returns `tensor` itself and 0.
+    Ranks may hold different row counts (zero included): `counts`, every rank's, when the caller knows them
+    (otherwise they are gathered first, which waits for the device). Returns the concatenation and the index at
+    which this rank's rows start in it; a single process returns `tensor` itself and 0.
     """
     if distributed_world_size() == 1:
         return tensor, 0
     import torch.distributed as dist
 
-    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
-    counts = [int(count.item()) for count in counts]
+    if counts is None:
+        counts = gathered_row_counts(tensor.shape[0], tensor.device)
     longest = max(counts)
     # the collective needs equal shapes; pad only when the counts differ (the pad is a copy)
     padded = tensor if tensor.shape[0] == longest else F.pad(tensor, (0, 0, 0, longest - tensor.shape[0]))
@@ -68,6 +70,32 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if longest * len(counts) != sum(counts):
         blocks = torch.cat([blocks[rank * longest : rank * longest + count] for rank, count in enumerate(counts)])
     return blocks, sum(counts[: dist.get_rank()])
+
+
+def gathered_row_counts(rows: int, device: torch.device) -> list[int]:
+    """Every rank's `rows` (one collective, one read)."""
+    import torch.distributed as dist
+
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.long, device=device)
+    dist.all_gather_into_tensor(counts, torch.tensor([rows], device=device))
+    return counts.tolist()
+
+
+def gathered_presence(host: dict[str, np.ndarray], device: torch.device) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Every rank's presence masks, concatenated in rank order, and every rank's row count: two small collectives
+    and two reads per forward, after which every decision of the loss is taken on the host."""
+    import torch.distributed as dist
+
+    local = np.stack([host[m] for m in host], axis=1).astype(np.uint8) if host else np.zeros((0, 0), np.uint8)
+    counts = gathered_row_counts(local.shape[0], device)
+    longest = max(counts)
+    padded = torch.zeros(longest, local.shape[1], dtype=torch.uint8)
+    padded[: local.shape[0]] = torch.from_numpy(local)
+    blocks = torch.zeros(dist.get_world_size() * longest, local.shape[1], dtype=torch.uint8, device=device)
+    dist.all_gather_into_tensor(blocks, padded.to(device))
+    every = blocks.cpu().numpy().reshape(len(counts), longest, -1)
+    rows = np.concatenate([every[rank, :count] for rank, count in enumerate(counts)]).astype(bool)
+    return {m: rows[:, column] for column, m in enumerate(host)}, counts
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -104,7 +132,7 @@ class _GatherBlocks(torch.autograd.Function):
 
 def contrastive_losses(
     embeds: dict[str, torch.Tensor | None],
-    presence: dict[str, torch.Tensor],
+    presence: Mapping[str, np.ndarray | torch.Tensor],
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None,
     kind: str,
@@ -113,35 +141,45 @@ def contrastive_losses(
     """`contrastive_<a>_<b>` for every pair of modalities some sample (on any rank) has both of, in `embeds` order.
 
     `embeds[m]` holds this rank's L2-normalised embeddings over the whole batch (zeros where a sample lacks `m`;
-    None when no sample has it), `presence[m]` which samples have it. Each modality is gathered from every rank
-    once, with its presence as an extra column, and every pair reads those: one collective per modality, whichever
-    pairs the batches hold. Every rank gathers every modality in the same order, so ranks never disagree on the
-    collectives whatever their batches lack.
+    None when no sample has it), `presence[m]` which samples have it, on the host (a bool array, or a CPU tensor).
+    Which pairs exist and which rows each reads is decided on the host, so the loss never waits for the device
+    (with several processes, after one exchange of the presence masks). Each modality is gathered from every rank
+    once and every pair reads those: one collective per modality, whichever pairs the batches hold. Every rank
+    gathers every modality in the same order, so ranks never disagree on the collectives whatever their batches
+    lack.
     """
+    host = {m: np.asarray(presence[m], dtype=bool) for m in embeds}
     distributed = distributed_world_size() > 1
-    gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    rows = slice(0, 0)
+    device = logit_scale.device
+    if distributed:
+        import torch.distributed as dist
+
+        host, counts = gathered_presence(host, device)
+        rank = dist.get_rank()
+    else:
+        counts, rank = [len(next(iter(host.values())))] if host else [0], 0
+    own = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+    gathered: dict[str, torch.Tensor] = {}
     for modality, local in embeds.items():
         if local is None:
             if not distributed:
                 continue
-            local = logit_scale.new_zeros(len(presence[modality]), width)
+            local = logit_scale.new_zeros(counts[rank], width)
         if distributed and torch.is_grad_enabled() and not local.requires_grad:
             # the gather's backward is a collective: every rank must run it, also one whose rows are placeholders
             local = local.detach().requires_grad_()
-        columns, offset = gather_with_grad(torch.cat([local, presence[modality][:, None].to(local.dtype)], dim=1))
-        gathered[modality] = (columns[:, :-1], columns[:, -1] > 0.5)
-        rows = slice(offset, offset + len(local))
+        gathered[modality] = gather_with_grad(local, counts)[0]
     losses = {}
     for first, second in itertools.combinations(gathered, 2):
-        (all_first, has_first), (all_second, has_second) = gathered[first], gathered[second]
-        both = has_first & has_second
+        both = host[first] & host[second]
         if not both.any():
             continue
+        all_first, all_second = gathered[first], gathered[second]
         if not both.all():  # keep the samples that have both (a copy; a batch of full triplets needs none)
-            all_first, all_second = all_first[both], all_second[both]
-        start = int(both[: rows.start].sum())
-        mine = slice(start, start + int(both[rows].sum()))
+            index = torch.from_numpy(np.flatnonzero(both)).to(device, non_blocking=True)
+            all_first, all_second = all_first.index_select(0, index), all_second.index_select(0, index)
+        start = int(both[: own.start].sum())
+        mine = slice(start, start + int(both[own].sum()))
         losses[f"contrastive_{first}_{second}"] = contrastive_pair_loss(
             all_first, all_second, mine, logit_scale, logit_bias, kind
         )
@@ -208,4 +246,6 @@ __all__ = [
     "contrastive_pair_loss",
     "distributed_world_size",
     "gather_with_grad",
+    "gathered_presence",
+    "gathered_row_counts",
 ]

@@ -118,13 +118,24 @@ class BatchedFbank(nn.Module):
             waveforms = waveforms.float()
         frames = waveforms.unfold(1, self.window_size, self.window_shift)
         frame_mask = torch.arange(frames.shape[1], device=frames.device) < self.num_frames(lengths)[:, None]
-        # Only real frames are computed: one gathered copy of them, every later step on that flat batch. Autocast
-        # is off: a bf16 filter product would move the features away from Kaldi's.
+        # Autocast is off: a bf16 filter product would move the features away from Kaldi's.
         with torch.autocast(frames.device.type, enabled=False):
-            log_mel = self.log_mel(frames[frame_mask])
+            return self.padded_log_mel(frames, frame_mask, real_only=frames.device.type == "cpu"), frame_mask
+
+    def padded_log_mel(self, frames: torch.Tensor, frame_mask: torch.Tensor, real_only: bool) -> torch.Tensor:
+        """(batch, frames, window) -> (batch, frames, num_mel_bins) log-mel, zeros on padded frames.
+
+        `real_only` (on CPU) computes the real frames only: one gathered copy of them, every later step on that
+        flat batch; the mask is read on the host, which costs nothing there. On an accelerator that read would make
+        the host wait for the device, so every frame is computed and the padded ones are zeroed (same values)."""
+        if not real_only:
+            log_mel = self.log_mel(frames.reshape(-1, frames.shape[-1]))
+            return log_mel.view(*frame_mask.shape, -1) * frame_mask[..., None]
+        rows, columns = (torch.from_numpy(index) for index in np.nonzero(frame_mask.numpy()))
+        log_mel = self.log_mel(frames[rows, columns])
         features = log_mel.new_zeros((*frame_mask.shape, self.num_mel_bins))
-        features[frame_mask] = log_mel
-        return features, frame_mask
+        features[rows, columns] = log_mel
+        return features
 
     def log_mel(self, frames: torch.Tensor) -> torch.Tensor:
         """(frames, window_size) raw frames -> (frames, num_mel_bins) log-mel energies."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .arguments_zidong import Presence
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .towers_zidong import TowerOutput, scatter_rows
 
@@ -91,13 +92,12 @@ class ZidongFusionEncoder(nn.Module):
         index = torch.tensor(MODALITIES.index(modality), device=token_states.device)
         return self.input_projections[modality](token_states) + self.modality_embeddings(index)
 
-    def stream(
-        self, modality: str, tower_output: TowerOutput, present: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def stream(self, modality: str, tower_output: TowerOutput, presence: Presence) -> tuple[torch.Tensor, torch.Tensor]:
         """A tower's states, embedded, over the whole batch (absent rows fully masked): one entry of `forward`'s
         `streams`."""
         states = self.embed(modality, tower_output.token_states)
-        return scatter_rows(states, present), scatter_rows(tower_output.attention_mask, present)
+        present, index = presence[modality], presence.rows[modality]
+        return scatter_rows(states, present, index), scatter_rows(tower_output.attention_mask, present, index)
 
     def forward(self, streams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FusedStreams:
         """`streams` maps a modality to (embedded states (batch, tokens, width), mask (batch, tokens) bool) with

@@ -11,7 +11,7 @@ Imports only torch so exported folders load with `trust_remote_code=True`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,24 +46,25 @@ def masked_modelling_objective(
     streams, masked = {}, {}
     for modality, tower_output in encoded.towers.items():
         if modality in targets:
-            real = bool(presence[modality].any())
+            real = presence.has(modality)
             if real:
-                rows = whole[modality][presence[modality]]
+                rows = whole[modality].index_select(0, presence.rows[modality])
             else:  # a lockstep placeholder row
                 rows = torch.zeros(tower_output.pooled.shape[0], dtype=torch.bool, device=model.device)
             with lockstep.idle_work(not real):
                 masked[modality] = MASKERS[modality](model, *encoded.inputs[modality], rows)
             tower_output = masked[modality].tower_output
-        streams[modality] = model.fusion.stream(modality, tower_output, presence[modality])
+        streams[modality] = model.fusion.stream(modality, tower_output, presence)
     fused = model.fusion(streams)
     heads = model.prediction_heads()
     losses = {}
     for modality, item in masked.items():
-        chosen = item.chosen if presence[modality].any() else item.chosen[:0]
+        chosen = item.chosen if presence.has(modality) else item.chosen[:0]
+        # which tokens are masked is drawn on the device: skipping and selecting them reads it (see docs/training.md)
         if not chosen.any():
             lockstep.idle(functools.partial(heads[modality], fused.modality(modality)[:1, :1]))
             continue
-        states = fused.modality(modality)[presence[modality]]
+        states = fused.modality(modality).index_select(0, presence.rows[modality])
         states = states[:, states.shape[1] - chosen.shape[1] :][chosen]  # vision: skip CLS/prefix tokens
         predicted = heads[modality](states).float()
         expected = item.target[chosen]
@@ -74,7 +75,7 @@ def masked_modelling_objective(
 
 
 def modality_level_mask(
-    targets: list[str], presence: dict[str, torch.Tensor], probability: float
+    targets: list[str], presence: Mapping[str, torch.Tensor], probability: float
 ) -> dict[str, torch.Tensor]:
     """Per modality, which samples have it masked entirely: at most one modality per multi-modal sample."""
     batch, device = presence["text"].shape[0], presence["text"].device

@@ -24,7 +24,7 @@ MATCHING_CLASSES = ("matched", "text_swapped", "vision_swapped", "speech_swapped
 def matching_objective(model: ZidongModel, encoded: Encoded, lockstep: Lockstep) -> dict[str, torch.Tensor]:
     """`matching`: multi-way matching on each multi-modal sample and one hard negative of it (one modality
     swapped); {} when no sample has two modalities."""
-    streams = {m: model.fusion.stream(m, encoded.towers[m], encoded.presence[m]) for m in encoded.towers}
+    streams = {m: model.fusion.stream(m, encoded.towers[m], encoded.presence) for m in encoded.towers}
     present = encoded.present_matrix(MODALITIES)  # (B, 3)
     eligible = present.sum(dim=1) >= 2
     with torch.no_grad():

@@ -45,10 +45,11 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .arguments_zidong import (
     OBJECTIVES,
+    Presence,
+    batch_presence,
     checked_loss_weights,
     given_switches,
     modality_inputs,
-    presence_masks,
     refuse_output_switches,
     text_mask_argument,
 )
@@ -295,7 +296,7 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         weights = checked_loss_weights(loss_weights) if return_loss else {}
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
-        presence = presence_masks(inputs, given, self.device)
+        presence = batch_presence(inputs, given, self.device)
         steps = Lockstep(self, lockstep)
         encoded = self._encode_batch(inputs, presence, steps)
         losses: dict[str, torch.Tensor] = {}
@@ -324,17 +325,19 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
             logit_scale=self.logit_scale,
         )
 
-    def _encode_batch(self, inputs: dict, presence: dict[str, torch.Tensor], steps: Lockstep) -> Encoded:
+    def _encode_batch(self, inputs: dict, presence: Presence, steps: Lockstep) -> Encoded:
         """Each tower on the rows that have its modality (in lockstep, an absent one on a placeholder row)."""
         ran, towers, embeds = {}, {}, dict.fromkeys(MODALITIES)
         for modality in MODALITIES:
-            real = bool(presence[modality].any())
+            real = presence.has(modality)
             if not (real or steps.enabled):
                 continue
             ran[modality] = inputs[modality] if real else steps.placeholder(modality)
             with steps.idle_work(not real):
                 towers[modality] = self.encode(modality, *ran[modality])
-            embeds[modality] = scatter_rows(self._embed(modality, towers[modality]), presence[modality])
+            embeds[modality] = scatter_rows(
+                self._embed(modality, towers[modality]), presence[modality], presence.rows[modality]
+            )
             steps.keep(embeds[modality])  # a projection that no pair loss reads still takes part
         return Encoded(ran, towers, presence, embeds)
 

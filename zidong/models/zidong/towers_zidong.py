@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from .arguments_zidong import Presence
+
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -44,7 +46,7 @@ class Encoded:
 
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
     towers: dict[str, TowerOutput]
-    presence: dict[str, torch.Tensor]
+    presence: Presence  # `presence[m]`: the (B,) bool mask on the device; `.host`, `.rows`, `.has(m)`
     embeds: dict[str, torch.Tensor | None]
 
     def present_matrix(self, modalities: tuple[str, ...]) -> torch.Tensor:
@@ -57,11 +59,16 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
-def scatter_rows(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Rows of the present samples -> a tensor over the whole batch, zeros (or False) where absent."""
+def scatter_rows(rows: torch.Tensor, present: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the present samples -> a tensor over the whole batch, zeros (or False) where absent.
+
+    `index`: the indices of the present rows (`Presence.rows`), which place the rows without reading the mask on
+    the host; a lockstep placeholder row (nothing present) is then left out."""
     full = rows.new_zeros((present.shape[0], *rows.shape[1:]))
-    full[present] = rows
-    return full
+    if index is None:
+        full[present] = rows
+        return full
+    return full.index_copy(0, index, rows[: index.shape[0]])
 
 
 def build_tower(config: PretrainedConfig, modality: str, folder: str | os.PathLike | None = None) -> PreTrainedModel:
