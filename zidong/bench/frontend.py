@@ -18,7 +18,10 @@ from zidong.models.zidong.feature_extraction_zidong import BatchedFbank
 SpeechBatch = tuple[torch.Tensor, torch.Tensor]  # padded waveforms (n, samples), sample mask (n, samples)
 
 
-def frontend(speech_batches: list[SpeechBatch], sampling_rate: int = 16000) -> Result:
+def frontend(speech_batches: list[SpeechBatch], sampling_rate: int = 16000) -> list[Result]:
+    """Two rows: the speed-up over per-utterance Kaldi (the target), and the fraction of the FFT limit it reaches
+    (our rate / the FFT's alone: what is left to close in our own code, comparable between CPUs whose FFT-to-rest
+    speed differs)."""
     batched = BatchedFbank(sampling_rate=sampling_rate)
     utterances = [utterance for batch in speech_batches for utterance in _utterances(batch)]
     audio_seconds = sum(len(u) for u in utterances) / sampling_rate
@@ -57,9 +60,12 @@ def frontend(speech_batches: list[SpeechBatch], sampling_rate: int = 16000) -> R
             "ratio_if_all_but_the_fft_were_free": fft_only / kaldi,
         }
     details = {"audio_seconds": audio_seconds, "utterances": len(utterances), "frames": frames, **parity, **rates}
-    ratio = rates["1_threads"]["batched_audio_s_per_cpu_s"] / rates["1_threads"]["kaldi_audio_s_per_cpu_s"]
+    one = rates["1_threads"]
+    ratio = one["batched_audio_s_per_cpu_s"] / one["kaldi_audio_s_per_cpu_s"]
     name = "batched fbank / per-utterance kaldi.fbank, audio s per CPU s (CPU, 1 thread)"
-    return Result(5, name, ratio, ">= 5", details)
+    reached = one["batched_audio_s_per_cpu_s"] / one["fft_alone_audio_s_per_cpu_s"]
+    limit = "batched fbank / its FFT alone, audio s per CPU s: the FFT limit's fraction reached (CPU, 1 thread)"
+    return [Result(5, name, ratio, ">= 5", details), Result(5, limit, reached, ">= 0.5", details)]
 
 
 def _utterances(batch: SpeechBatch) -> list[torch.Tensor]:

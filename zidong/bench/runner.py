@@ -27,7 +27,7 @@ def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result
     steps = {
         3: lambda: padding(bench),
         4: lambda: loader_headroom(bench),
-        5: lambda: [frontend(bench.loader_pass(bucketed=True).speech_batches)],
+        5: lambda: frontend(bench.loader_pass(bucketed=True).speech_batches),
         1: lambda: [step_time(bench)],
         2: lambda: [
             base_mfu(settings, torch.device(kind)) for kind in ("cpu", "cuda")[: 1 + torch.cuda.is_available()]

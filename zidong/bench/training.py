@@ -161,7 +161,8 @@ def base_mfu(settings: Settings, device: torch.device) -> Result:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
     generator = torch.Generator().manual_seed(0)
     batch = synthetic_batch(config, size, text_tokens=32, speech_seconds=4.0, generator=generator)
-    batch = {key: value.to(device) for key, value in batch.items()}
+    # as the trainer hands it over: presence stays on the host
+    batch = {key: value.numpy() if key.endswith("_present") else value.to(device) for key, value in batch.items()}
     flops = StepFlops(model).of_batch(batch, BASE_LOSS_WEIGHTS)
     peak = max(measured_peak_flops(device, dtype, side) for side in ((8192,) if gpu else (2048, 4096)))
 

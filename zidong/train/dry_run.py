@@ -49,7 +49,7 @@ def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
     lines = [f"model: preset {recipe.model.preset}, {vocabulary_note}", "", f"{'parameters':<24}{'count':>16}"]
     lines += [f"{name:<24}{count:>16,}" for name, count in sizes.items()]
     lines += [f"{'total':<24}{total:>16,}  ({total / 1e9:.2f} B)", ""]
-    lines.append("tokens per sample at the caps: " + ", ".join(f"{m} {int(n)}" for m, n in tokens.items()))
+    lines.append("tokens per sample at the caps: " + ", ".join(f"{m} {int(n[0])}" for m, n in tokens.items()))
     lines.append(f"training FLOPs per sample: {flops:.3e} (6 x parameters x tokens, objectives included)")
     lines += ["", f"model state per GPU on {gpus} GPU(s), bf16 + fp32 Adam (activations not included):"]
     for stage in range(4):

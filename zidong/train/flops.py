@@ -45,7 +45,7 @@ class StepFlops:
         self.samples_per_speech_step = model.fbank.window_shift * config.speech_frame_stack
         self.patch_size = getattr(config.vision_config, "patch_size", None)
 
-    def of_batch(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> float:
+    def of_batch(self, batch: dict[str, torch.Tensor | np.ndarray], weights: dict[str, float]) -> float:
         """Model FLOPs of one training micro-batch with objective `weights` (its real, unpadded tokens), counted
         on the collated batch while it is on the host."""
         return self.of_tokens(self._tokens_per_sample(batch), weights)
@@ -65,8 +65,9 @@ class StepFlops:
             fusion_tokens += float(per_sample.sum())
         return flops + 6 * self.fusion * fusion_tokens
 
-    def _tokens_per_sample(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        host = {key: value.cpu().numpy() for key, value in batch.items()}  # a no-op for the trainer's host batch
+    def _tokens_per_sample(self, batch: dict[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+        # the trainer's batch is on the host: a no-op there (presence may already be arrays)
+        host = {key: value.cpu().numpy() if torch.is_tensor(value) else value for key, value in batch.items()}
         size = len(host["text_present"])
         tokens = {m: np.zeros(size, dtype=np.int64) for m in MODALITIES}
         if "input_ids" in host:

@@ -33,13 +33,14 @@ class MaskedInput:
     tower_output: TowerOutput  # the tower's states on the masked input
     chosen: torch.Tensor  # (n, tokens) bool: the token positions that are scored
     target: torch.Tensor  # (n, tokens) ids or (n, tokens, features) values to predict there
-    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (predicted, expected) -> loss
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (predicted, expected) -> (n, tokens) losses
 
 
 def masked_modelling_objective(
     model: ZidongModel, encoded: Encoded, weights: dict[str, float], lockstep: Lockstep
 ) -> dict[str, torch.Tensor]:
-    """`masked_<modality>` for every weighted modality that has something masked in this batch."""
+    """`masked_<modality>` for every weighted modality some sample of this batch has (0 when none of its tokens
+    was drawn)."""
     presence = encoded.presence
     targets = [m for m in encoded.towers if weights.get(f"masked_{m}")]
     whole = modality_level_mask(targets, presence, model.config.modality_mask_probability)
@@ -59,18 +60,17 @@ def masked_modelling_objective(
     heads = model.prediction_heads()
     losses = {}
     for modality, item in masked.items():
-        chosen = item.chosen if presence.has(modality) else item.chosen[:0]
-        # which tokens are masked is drawn on the device: skipping and selecting them reads it (see docs/training.md)
-        if not chosen.any():
+        if not presence.has(modality):  # a lockstep placeholder: nothing to score
             lockstep.idle(functools.partial(heads[modality], fused.modality(modality)[:1, :1]))
             continue
         states = fused.modality(modality).index_select(0, presence.rows[modality])
-        states = states[:, states.shape[1] - chosen.shape[1] :][chosen]  # vision: skip CLS/prefix tokens
-        predicted = heads[modality](states).float()
-        expected = item.target[chosen]
-        losses[f"masked_{modality}"] = item.score(
-            predicted, expected.float() if expected.is_floating_point() else expected
-        )
+        states = states[:, states.shape[1] - item.chosen.shape[1] :]  # vision: skip CLS/prefix tokens
+        # Every token is predicted and the loss averages over the chosen ones: selecting them instead would size
+        # a tensor by how many were drawn, which the host must read from the device. The extra head work is
+        # small (for the text head of `base`, under 1 % of a step).
+        per_token = item.score(heads[modality](states).float(), item.target)
+        weights = item.chosen.to(per_token.dtype)
+        losses[f"masked_{modality}"] = (per_token * weights).sum() / weights.sum().clamp(min=1.0)
     return losses
 
 
@@ -111,7 +111,17 @@ def mask_text(
     random_ids = torch.randint_like(input_ids, config.text_config.vocab_size)
     masked = torch.where(chosen & (replace < 0.8), config.mask_token_id, input_ids)
     masked = torch.where(chosen & (replace >= 0.8) & (replace < 0.9), random_ids, masked)
-    return MaskedInput(model.encode_text(masked, mask), chosen, input_ids, F.cross_entropy)
+    return MaskedInput(model.encode_text(masked, mask), chosen, input_ids, token_cross_entropy)
+
+
+def token_cross_entropy(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n, tokens, vocabulary) logits and (n, tokens) ids -> (n, tokens) cross-entropy."""
+    return F.cross_entropy(predicted.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+
+
+def token_squared_error(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n, tokens, features) predictions and targets -> (n, tokens) mean squared error."""
+    return F.mse_loss(predicted, target, reduction="none").mean(dim=-1)
 
 
 def special_token_ids(config: ZidongConfig) -> set[int]:
@@ -155,7 +165,7 @@ def mask_vision(model: ZidongModel, pixel_values: torch.Tensor, _: None, whole: 
         )
     mean, variance = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
     target = (patches - mean) / (variance + 1e-6).sqrt()
-    return MaskedInput(tower_output, chosen, target, F.mse_loss)
+    return MaskedInput(tower_output, chosen, target.float(), token_squared_error)
 
 
 def mask_speech(
@@ -178,7 +188,7 @@ def mask_speech(
     tokens = tower_output.token_states.shape[1]  # the tower may subsample: targets follow its token grid
     chosen = F.adaptive_avg_pool1d(chosen_steps[:, None].float(), tokens)[:, 0] > 0.5
     target = F.adaptive_avg_pool1d(steps.transpose(1, 2), tokens).transpose(1, 2)
-    return MaskedInput(tower_output, chosen & tower_output.attention_mask, target, F.mse_loss)
+    return MaskedInput(tower_output, chosen & tower_output.attention_mask, target.float(), token_squared_error)
 
 
 def span_mask(valid: torch.Tensor, ratio: float, span: int, generator: torch.Generator | None = None) -> torch.Tensor:
