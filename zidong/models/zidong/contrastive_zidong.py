@@ -201,7 +201,10 @@ def contrastive_pair_loss(
     """
     # The (local x global) logits and their softmax are recomputed in backward instead of kept until then: they
     # grow with the global batch, and across three pairs they were most of what the loss held.
-    summed = checkpoint(_summed_pair_loss, all_a, all_b, mine, logit_scale, logit_bias, kind, use_reentrant=False)
+    # In float32 whatever the autocast: bf16 logits would round similarities of 0.99 and 0.995 to the same value.
+    with torch.autocast(all_a.device.type, enabled=False):
+        a, b = all_a.float(), all_b.float()
+        summed = checkpoint(_summed_pair_loss, a, b, mine, logit_scale, logit_bias, kind, use_reentrant=False)
     total = all_a.shape[0]
     return summed * distributed_world_size() / (total if kind == "sigmoid" else 2 * total)
 
@@ -214,20 +217,7 @@ def _summed_pair_loss(
     logit_bias: torch.Tensor | None,
     kind: str,
 ) -> torch.Tensor:
-    """The loss of this rank's rows against every rank's, summed over them (not yet averaged). Computed in
-    float32 whatever the autocast: bf16 logits would round similarities of 0.99 and 0.995 to the same value."""
-    with torch.autocast(all_a.device.type, enabled=False):
-        return _summed_pair_loss_float32(all_a.float(), all_b.float(), mine, logit_scale, logit_bias, kind)
-
-
-def _summed_pair_loss_float32(
-    all_a: torch.Tensor,
-    all_b: torch.Tensor,
-    mine: slice,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    kind: str,
-) -> torch.Tensor:
+    """The loss of this rank's rows against every rank's, summed over them (not yet averaged)."""
     scale = logit_scale.exp()
     logits_ab = scale * all_a[mine] @ all_b.T
     rows = torch.arange(logits_ab.shape[0], device=all_a.device)
