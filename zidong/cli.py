@@ -144,8 +144,11 @@ def _data_build(args: argparse.Namespace) -> int:
         overrides.append(f"shard_size={args.shard_size}")
     settings = config_from_overrides(BuildSettings, overrides, "build settings")
     from zidong.data.build import build
+    from zidong.data.sources import open_source, parse_columns
 
-    result = build(args.manifest, args.out, settings, workers=args.workers or 1, part=args.part or (0, 1))
+    columns = parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+    source = open_source(args.manifest, columns, args.split, args.source_kind)
+    result = build(source, args.out, settings, workers=args.workers or 1, part=args.part or (0, 1))
     index, count = result.part
     scope = f"part {index}/{count}: " if count > 1 else ""
     print(f"{scope}{result.samples} samples in {result.shards} shards, {result.rejected} rejected")
@@ -211,8 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same corpus")
     demo.set_defaults(handler=_data_demo)
 
-    build = data_commands.add_parser("build", help="validate a JSONL manifest and write webdataset-style shards")
-    build.add_argument("manifest", type=_existing_file, metavar="MANIFEST.jsonl")
+    build = data_commands.add_parser(
+        "build", help="validate a JSONL manifest, a CSV/TSV table or a Hugging Face dataset; write shards"
+    )
+    build.add_argument(
+        "manifest",
+        type=_existing_path,
+        metavar="SOURCE",
+        help="a .jsonl manifest, a .csv/.tsv table, a dataset folder"
+        " (save_to_disk, imagefolder, audiofolder, parquet files) or a .parquet/.arrow/.json file (docs/data.md)",
+    )
+    build.add_argument(
+        "--columns",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN,...",
+        help="which column holds id, text, image, audio, lang (default: the usual names, e.g. caption, jpg, flac)",
+    )
+    build.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
+    build.add_argument("--source-kind", choices=("jsonl", "csv", "tsv", "hf"), help="instead of detecting it")
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
     build.add_argument("--shard-size", type=_positive_int, metavar="N", help="samples per shard")
     build.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes")

@@ -35,6 +35,7 @@ from typing import Any
 
 from zidong.data.normalize import BuildSettings, Rejected, Sample, normalize_sample, parse_line
 from zidong.data.shards import write_atomic, write_index
+from zidong.data.sources import Source, open_source
 from zidong.errors import UserError
 from zidong.utils.log import get_logger, progress
 
@@ -74,62 +75,48 @@ class BuildResult:
 
 
 def build(
-    manifest: Path,
+    manifest: Path | Source,
     out: Path,
     settings: BuildSettings,
     workers: int = 1,
     part: tuple[int, int] = (0, 1),
 ) -> BuildResult:
-    """Build (or finish building) part `part` of `manifest` into `out`; merge the index when all parts are done.
+    """Build (or finish building) part `part` of `manifest` (a JSONL manifest's path, or any `Source`) into `out`;
+    merge the index when all parts are done.
 
-    Raises UserError when the manifest cannot be read or `out` holds a build with other settings.
+    Raises UserError when the source cannot be read or `out` holds a build with other settings.
     """
-    manifest = manifest.resolve()
-    lines, digest = _read_manifest(manifest)
+    source = manifest if isinstance(manifest, Source) else open_source(manifest, kind="jsonl")
     index, count = part
     state = out / STATE_DIR
-    _claim_output(out, state, manifest, digest, settings, count)
+    _claim_output(out, state, source, settings, count)
     progress_file = state / f"part-{index:04d}-of-{count:04d}.jsonl"
     records = _completed_records(out, progress_file)
     if records and records[-1].get("done"):
         logger.info("part %d/%d of %s is already built", index, count, out)
     else:
-        records = _build_part(lines, manifest.parent, out, settings, workers, part, progress_file, records)
+        records = _build_part(source, out, settings, workers, part, progress_file, records)
     samples = sum(r.get("samples", 0) for r in records)
     rejected = sum(len(r["rejects"]) for r in records)
     shards = sum(1 for r in records if "shard" in r)
-    return BuildResult(part, samples, rejected, shards, _merge_if_complete(out, state, manifest, settings, count))
+    return BuildResult(part, samples, rejected, shards, _merge_if_complete(out, state, source, settings, count))
 
 
-def _read_manifest(manifest: Path) -> tuple[list[bytes], str]:
-    """The manifest's lines and the sha256 of its content."""
-    try:
-        content = manifest.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read manifest {manifest}: {err.strerror or err}") from None
-    lines = content.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if not any(line.strip() for line in lines):
-        raise UserError(f"manifest {manifest} has no samples (expected one JSON object per line)")
-    return lines, hashlib.sha256(content).hexdigest()
-
-
-def _claim_output(out: Path, state: Path, manifest: Path, digest: str, settings: BuildSettings, parts: int) -> None:
-    """Create `out`, or check that the build already in it used the same manifest, settings and part count."""
-    claim = {
-        "manifest": str(manifest),
-        "manifest_sha256": digest,
-        "settings": dataclasses.asdict(settings),
-        "parts": parts,
-    }
+def _claim_output(out: Path, state: Path, source: Source, settings: BuildSettings, parts: int) -> None:
+    """Create `out`, or check that the build already in it used the same source, settings and part count."""
+    claim = {**source.claim(), "settings": dataclasses.asdict(settings), "parts": parts}
     claim_file = state / "build.json"
     try:
         state.mkdir(parents=True, exist_ok=True)
         if claim_file.exists():
             previous = json.loads(claim_file.read_text())
             if previous != claim:
-                names = {"manifest_sha256": "manifest content", "manifest": "manifest path", "parts": "part count"}
+                names = {
+                    "manifest_sha256": "manifest content",
+                    "manifest": "manifest path",
+                    "parts": "part count",
+                    "columns": "column mapping",
+                }
                 changed = [names.get(key, key) for key in claim if claim[key] != previous.get(key)]
                 raise UserError(
                     f"{out} holds a build with a different {' and '.join(changed)}; re-run the command that started "
@@ -160,13 +147,13 @@ def _completed_records(out: Path, progress_file: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _duplicate_lines(lines: list[bytes]) -> dict[int, int]:
-    """Line -> the earlier line holding the same id (pre-pass over the whole manifest, so parts agree)."""
+def _duplicate_lines(source: Source) -> dict[int, int]:
+    """Record -> the earlier record holding the same id (pre-pass over the whole source, so parts agree)."""
     first_seen: dict[str, int] = {}
     duplicates: dict[int, int] = {}
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in source.ids():
         try:
-            sample_id = parse_line(raw).get("id")
+            sample_id = parse_line(raw).get("id") if isinstance(raw, bytes) else raw
         except Rejected:
             continue
         if isinstance(sample_id, str):
@@ -178,8 +165,7 @@ def _duplicate_lines(lines: list[bytes]) -> dict[int, int]:
 
 
 def _build_part(
-    lines: list[bytes],
-    manifest_dir: Path,
+    source: Source,
     out: Path,
     settings: BuildSettings,
     workers: int,
@@ -188,16 +174,16 @@ def _build_part(
     records: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     index, count = part
-    duplicates = _duplicate_lines(lines)
+    duplicates = _duplicate_lines(source)
     resume_after = records[-1]["last_line"] if records else 0
-    numbers = [n for n in range(1, len(lines) + 1) if (n - 1) % count == index and n > resume_after]
+    numbers = [n for n in range(1, len(source) + 1) if (n - 1) % count == index and n > resume_after]
     for leftover in out.glob(f"{index:04d}-*.tar.tmp*"):
         leftover.unlink()  # a shard an interrupted run did not finish
     pending: list[Sample] = []
     rejects: list[dict[str, Any]] = []
     shard_number = sum(1 for r in records if "shard" in r)
-    jobs = ((n, lines[n - 1], duplicates.get(n)) for n in numbers)
-    with _pool(workers, manifest_dir, settings) as results:
+    jobs = ((n, source.raw(n), duplicates.get(n), source.where(n)) for n in numbers)
+    with _pool(workers, source.base_dir, settings) as results:
         for number, outcome in progress(zip(numbers, results(jobs), strict=True), total=len(numbers), desc="build"):
             if isinstance(outcome, Sample):
                 pending.append(outcome)
@@ -216,18 +202,19 @@ def _build_part(
     return records
 
 
-def _normalize_job(job: tuple[int, bytes, int | None]) -> Sample | dict[str, Any]:
-    number, raw, duplicate_of = job
+def _normalize_job(job: tuple[int, bytes | dict[str, Any], int | None, dict[str, int]]) -> Sample | dict[str, Any]:
+    number, raw, duplicate_of, where = job
     try:
         if duplicate_of is not None:
-            raise Rejected("id", f"duplicate id, first used on manifest line {duplicate_of}")
+            first = f"manifest line {duplicate_of}" if "row" not in where else f"row {duplicate_of - 1}"
+            raise Rejected("id", f"duplicate id, first used on {first}")
         return normalize_sample(number, raw, _WORKER["manifest_dir"], _WORKER["settings"])
     except Rejected as rejected:
         sample_id = None
         with contextlib.suppress(Rejected):
-            sample_id = parse_line(raw).get("id")
+            sample_id = (parse_line(raw) if isinstance(raw, bytes) else raw).get("id")
         return {
-            "line": number,
+            **where,
             "id": sample_id if isinstance(sample_id, str) else None,
             "field": rejected.field,
             "reason": rejected.reason,
@@ -297,7 +284,7 @@ def _append_record(progress_file: Path, record: dict[str, Any]) -> None:
         os.fsync(stream.fileno())
 
 
-def _merge_if_complete(out: Path, state: Path, manifest: Path, settings: BuildSettings, parts: int) -> bool:
+def _merge_if_complete(out: Path, state: Path, source: Source, settings: BuildSettings, parts: int) -> bool:
     """Write index.json and rejects.jsonl from every part's records once every part is done."""
     all_records = []
     for index in range(parts):
@@ -327,7 +314,8 @@ def _merge_if_complete(out: Path, state: Path, manifest: Path, settings: BuildSe
         "rejected": len(rejects),
         "rejected_by_field": dict(sorted(Counter(reject["field"] for reject in rejects).items())),
         "shards": [{k: r[k] for k in ("shard", "samples", "bytes", "sha256")} for r in shards],
-        "manifest": str(manifest),
+        "manifest": source.location,
+        **({"source": source.kind, "columns": source.columns} if source.kind != "jsonl" else {}),
         "settings": dataclasses.asdict(settings),
     }
     write_index(out, index, rejects)

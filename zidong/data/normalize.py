@@ -94,9 +94,12 @@ def parse_line(raw: bytes) -> dict[str, Any]:
     return record
 
 
-def normalize_sample(line_number: int, raw: bytes, manifest_dir: Path, settings: BuildSettings) -> Sample:
-    """Decode and normalise the sample on manifest line `line_number` (1-based); raises `Rejected`."""
-    record = parse_line(raw)
+def normalize_sample(
+    line_number: int, raw: bytes | dict[str, Any], manifest_dir: Path, settings: BuildSettings
+) -> Sample:
+    """Decode and normalise the sample on manifest line `line_number` (1-based; a table's or dataset's record
+    number), given as the line's bytes or as a record (zidong/data/sources.py); raises `Rejected`."""
+    record = parse_line(raw) if isinstance(raw, bytes) else raw
     sample_id = record.get("id")
     if not isinstance(sample_id, str) or not sample_id.strip():
         raise Rejected("id", "missing or empty (every sample needs a string id)")
@@ -140,7 +143,15 @@ def _check_utf8(field_name: str, value: str) -> None:
         raise Rejected(field_name, "not valid UTF-8") from None
 
 
-def _resolve(value: Any, field_name: str, manifest_dir: Path) -> Path:
+def _resolve(value: Any, field_name: str, manifest_dir: Path) -> Path | Embedded:
+    """A file path (relative to the manifest's folder, or absolute), or bytes given in the record itself (a
+    dataset's undecoded `Image()` / `Audio()` value: `{"bytes", "path"}`, bytes when it holds them)."""
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes | bytearray):
+        if not value:
+            raise Rejected(field_name, "empty bytes")
+        return Embedded(bytes(value))
     if not isinstance(value, str) or not value:
         raise Rejected(field_name, "must be a file path (relative to the manifest's folder, or absolute)")
     _check_utf8(field_name, value)
@@ -169,10 +180,24 @@ def normalize_text(value: Any, settings: BuildSettings) -> str:
     return text
 
 
-def normalize_image(path: Path, settings: BuildSettings) -> tuple[str, bytes, tuple[int, int]]:
+class Embedded(bytes):
+    """A file's content given in the record instead of its path; error messages name it so."""
+
+    def opened(self) -> io.BytesIO:
+        return io.BytesIO(self)
+
+    def __str__(self) -> str:
+        return f"(the {len(self)} bytes in the record)"
+
+
+def _opened(source: Path | Embedded) -> Path | io.BytesIO:
+    return source.opened() if isinstance(source, Embedded) else source
+
+
+def normalize_image(path: Path | Embedded, settings: BuildSettings) -> tuple[str, bytes, tuple[int, int]]:
     """Decode fully, convert to RGB, cap the longest side; PNG stays PNG, everything else becomes JPEG."""
     try:
-        with Image.open(path) as image:
+        with Image.open(_opened(path)) as image:
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 raise Rejected(
@@ -199,10 +224,10 @@ def normalize_image(path: Path, settings: BuildSettings) -> tuple[str, bytes, tu
     return "jpg", buffer.getvalue(), rgb.size
 
 
-def normalize_audio(path: Path, settings: BuildSettings) -> tuple[bytes, float]:
+def normalize_audio(path: Path | Embedded, settings: BuildSettings) -> tuple[bytes, float]:
     """Decode with soundfile, average channels to mono, resample to 16 kHz, check duration, encode FLAC."""
     try:
-        with soundfile.SoundFile(path) as audio:
+        with soundfile.SoundFile(_opened(path)) as audio:
             header = audio.extra_info
             rate = audio.samplerate
             data = audio.read(dtype="float32", always_2d=True)

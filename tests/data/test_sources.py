@@ -1,0 +1,240 @@
+"""`zidong data build` from other sources: the same 48 samples as a JSONL manifest, a TSV table, a `save_to_disk`
+folder and a parquet file (the dataset ones written by `datasets` itself, images and audio embedded as bytes) give
+shard folders with identical samples; and each kind of bad source or row is reported as it should be."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from tests.data.fixtures import write_audio, write_image, write_manifest
+from tests.helpers import run_cli
+
+SAMPLES = 48
+
+
+def write_samples(folder: Path) -> list[dict]:
+    """48 samples cycling through every combination: PNG and JPEG images, WAV and FLAC audio, Chinese and English."""
+    rng = np.random.default_rng(0)
+    combinations = (("text", "image", "audio"), ("text", "image"), ("text", "audio"), ("image", "audio"))
+    samples = []
+    for number in range(SAMPLES):
+        combination = combinations[number % 4]
+        sample: dict = {"id": f"s{number}", "lang": "zh" if number % 3 == 0 else "en", "source": f"batch-{number % 2}"}
+        if "text" in combination:
+            sample["text"] = f"sample {number} " + ("一个红色的圆" if number % 3 == 0 else "a blue square")
+        if "image" in combination:
+            size = (int(rng.integers(20, 50)), int(rng.integers(20, 50)))
+            sample["image"] = str(write_image(folder / f"{number}.{'png' if number % 2 else 'jpg'}", size, seed=number))
+        if "audio" in combination:
+            path = folder / f"{number}.{'wav' if number % 2 else 'flac'}"
+            sample["audio"] = str(write_audio(path, seconds=float(rng.uniform(0.3, 1.0))))
+        samples.append(sample)
+    return samples
+
+
+def as_dataset(samples: list[dict]) -> datasets.Dataset:
+    """The samples as `datasets` holds such a corpus: Image() and Audio() columns with the files' bytes inside."""
+
+    def embedded(path: str | None) -> dict | None:
+        return None if path is None else {"bytes": Path(path).read_bytes(), "path": Path(path).name}
+
+    stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "caption": datasets.Value("string"),
+            "jpg": stored,
+            "flac": stored,
+            "lang": datasets.Value("string"),
+            "source": datasets.Value("string"),
+        }
+    )
+    columns = {
+        "id": [s["id"] for s in samples],
+        "caption": [s.get("text") for s in samples],
+        "jpg": [embedded(s.get("image")) for s in samples],
+        "flac": [embedded(s.get("audio")) for s in samples],
+        "lang": [s["lang"] for s in samples],
+        "source": [s["source"] for s in samples],
+    }
+    # cast, not encoded: `datasets` encodes Audio() values only through torchcodec, which zidong does without
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    return dataset.cast_column("jpg", datasets.Image()).cast_column("flac", datasets.Audio())
+
+
+def read_shards(folder: Path) -> dict[str, dict]:
+    """Every sample of a shard folder, decoded: text, pixels, audio, and the id, language and extra fields."""
+    found: dict[str, dict] = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                key, _, extension = member.name.partition(".")
+                content = archive.extractfile(member).read()
+                sample = found.setdefault(key, {})
+                if extension == "txt":
+                    sample["text"] = content.decode()
+                elif extension in ("jpg", "png"):
+                    sample["image"] = (extension, np.asarray(Image.open(io.BytesIO(content))))
+                elif extension == "flac":
+                    sample["audio"] = soundfile.read(io.BytesIO(content))[0]
+                else:
+                    meta = json.loads(content)
+                    sample["meta"] = {k: meta.get(k) for k in ("id", "lang", "modalities", "extra", "image_size")}
+    return found
+
+
+def assert_same_samples(expected: dict[str, dict], got: dict[str, dict]) -> None:
+    assert expected.keys() == got.keys()
+    for key in expected:
+        want, have = expected[key], got[key]
+        assert want.keys() == have.keys(), key
+        assert want["meta"] == have["meta"], key
+        assert want.get("text") == have.get("text"), key
+        if "image" in want:
+            assert want["image"][0] == have["image"][0], key
+            assert np.array_equal(want["image"][1], have["image"][1]), key
+        if "audio" in want:
+            assert np.array_equal(want["audio"], have["audio"]), key
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    folder = tmp_path_factory.mktemp("sources")
+    return folder, write_samples(folder / "media")
+
+
+@pytest.fixture(scope="module")
+def from_jsonl(corpus: tuple[Path, list[dict]]) -> dict[str, dict]:
+    folder, samples = corpus
+    manifest = write_manifest(folder / "manifest.jsonl", samples)
+    result = run_cli("data", "build", str(manifest), "--out", str(folder / "jsonl"), "shard_size=16")
+    assert result.returncode == 0, result.stderr
+    return read_shards(folder / "jsonl")
+
+
+def test_a_tsv_with_open_clip_columns_gives_the_same_samples(corpus, from_jsonl, tmp_path: Path) -> None:
+    _, samples = corpus
+    rows = ["id\ttitle\tfilepath\twav\tlang\tsource"]
+    for s in samples:
+        rows.append(
+            "\t".join([s["id"], s.get("text", ""), s.get("image", ""), s.get("audio", ""), s["lang"], s["source"]])
+        )
+    table = tmp_path / "pairs.tsv"
+    table.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "tsv"
+    result = run_cli(
+        "data", "build", str(table), "--out", str(out), "--columns", "text=title,image=filepath", "shard_size=16"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{SAMPLES} samples in 3 shards, 0 rejected" in result.stdout
+    assert_same_samples(from_jsonl, read_shards(out))
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"] == "tsv"
+    assert index["columns"] == {"id": "id", "text": "title", "image": "filepath", "audio": "wav", "lang": "lang"}
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_a_hugging_face_dataset_gives_the_same_samples(corpus, from_jsonl, tmp_path: Path, layout: str) -> None:
+    _, samples = corpus
+    dataset = as_dataset(samples)
+    if layout == "save_to_disk":
+        source = tmp_path / "dataset"
+        datasets.DatasetDict({"train": dataset, "test": dataset.select(range(4))}).save_to_disk(str(source))
+        extra = ["--split", "train"]
+    else:
+        source = tmp_path / "train.parquet"
+        dataset.to_parquet(str(source))
+        extra = []
+    out = tmp_path / "shards"
+    result = run_cli("data", "build", str(source), "--out", str(out), *extra, "shard_size=16")
+    assert result.returncode == 0, result.stderr
+    assert_same_samples(from_jsonl, read_shards(out))  # default columns: caption, jpg, flac, id, lang
+
+
+def test_a_dataset_with_splits_needs_split(corpus, tmp_path: Path) -> None:
+    _, samples = corpus
+    dataset = as_dataset(samples[:4])
+    datasets.DatasetDict({"train": dataset, "validation": dataset}).save_to_disk(str(tmp_path / "dataset"))
+    result = run_cli("data", "build", str(tmp_path / "dataset"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "holds the splits train, validation; choose one with --split" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_mapped_column_that_does_not_exist_lists_the_columns(corpus, tmp_path: Path) -> None:
+    _, samples = corpus
+    as_dataset(samples[:4]).to_parquet(str(tmp_path / "train.parquet"))
+    result = run_cli(
+        "data", "build", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "out"), "--columns", "text=captoin"
+    )
+    assert result.returncode == 2
+    assert "--columns text=captoin: no column 'captoin'; it has id, caption, jpg, flac, lang, source" in result.stderr
+    assert "did you mean caption?" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_column_of_the_wrong_kind_is_refused(corpus, tmp_path: Path) -> None:
+    _, samples = corpus
+    as_dataset(samples[:4]).to_parquet(str(tmp_path / "train.parquet"))
+    result = run_cli(
+        "data",
+        "build",
+        str(tmp_path / "train.parquet"),
+        "--out",
+        str(tmp_path / "out"),
+        "--columns",
+        "text=jpg,image=caption",
+    )
+    assert result.returncode == 2
+    assert "column 'jpg' (Image(mode=None, decode=True)) is mapped to text, which needs strings" in result.stderr
+
+
+def test_rows_that_fail_to_decode_are_rejected_by_row_and_the_build_goes_on(corpus, tmp_path: Path) -> None:
+    _, samples = corpus
+    broken = [dict(s) for s in samples[:8]]
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    broken[1]["image"] = str(tmp_path / "broken.jpg")  # row 1 has text and an image
+    as_dataset(broken).to_parquet(str(tmp_path / "train.parquet"))
+    out = tmp_path / "out"
+    result = run_cli("data", "build", str(tmp_path / "train.parquet"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "7 samples in 1 shards, 1 rejected" in result.stdout
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1
+    assert rejects[0]["row"] == 1
+    assert rejects[0]["id"] == "s1"
+    assert rejects[0]["field"] == "image"
+    assert "not a decodable image" in rejects[0]["reason"]
+    assert "(the 19 bytes in the record)" in rejects[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p.mkdir(), "`datasets` cannot load this"),
+        (lambda p: (p.with_suffix(".tsv")).write_bytes(b"id\ttext\n1\t\xff\xfe\n"), "is not UTF-8 text"),
+        (lambda p: (p.with_suffix(".csv")).write_text("id,text,image\n"), "has no rows under its header"),
+        (lambda p: (p.with_suffix(".csv")).write_text("id,notes\n1,x\n"), "found columns for nothing of text, image"),
+        (lambda p: (p.with_suffix(".txt")).write_text("x"), "cannot tell what kind of source this is"),
+    ],
+    ids=["empty-folder", "not-utf8", "no-rows", "no-modality-columns", "unknown-kind"],
+)
+def test_unusable_sources_exit_2_naming_the_source(tmp_path: Path, make, expected: str) -> None:
+    target = tmp_path / "source"
+    make(target)
+    path = next(p for p in tmp_path.iterdir() if p.name.startswith("source"))
+    result = run_cli("data", "build", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
