@@ -24,6 +24,7 @@ EXIT_USAGE = 2
 DOCS_HINT = "Recipes live in recipes/, guides in docs/ (start with docs/cli.md and docs/recipes.md)."
 FINETUNE_TASKS = ("retrieval", "classify")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # zidong.export.folders.DTYPES
+SOURCE_KINDS = ("jsonl", "csv", "tsv", "hf", "webdataset")  # zidong.data.sources.KINDS
 
 
 # ------------------------------------------------------------------------------------ argument types
@@ -66,6 +67,11 @@ def _existing(kind: str) -> Callable[[str], Path]:
 _existing_file = _existing("file")
 _existing_dir = _existing("folder")
 _existing_path = _existing("file or folder")
+
+
+def _source_path(text: str) -> Path | str:
+    """An existing path, or a brace pattern of tar files (`shards/{00000..00099}.tar`, checked when opened)."""
+    return text if "{" in text else _existing_path(text)
 
 
 # ----------------------------------------------------------------------------------------- handlers
@@ -219,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "manifest",
-        type=_existing_path,
+        type=_source_path,
         metavar="SOURCE",
-        help="a .jsonl manifest, a .csv/.tsv table, a dataset folder"
-        " (save_to_disk, imagefolder, audiofolder, parquet files) or a .parquet/.arrow/.json file (docs/data.md)",
+        help="a .jsonl manifest, a .csv/.tsv table, a dataset folder (save_to_disk, imagefolder, audiofolder, parquet "
+        "files), a .parquet/.arrow/.json file, or WebDataset tars: a folder, a .tar, a brace pattern (docs/data.md)",
     )
     build.add_argument(
         "--columns",
@@ -232,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which column holds id, text, image, audio, lang (default: the usual names, e.g. caption, jpg, flac)",
     )
     build.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
-    build.add_argument("--source-kind", choices=("jsonl", "csv", "tsv", "hf"), help="instead of detecting it")
+    build.add_argument("--source-kind", choices=SOURCE_KINDS, help="instead of detecting it")
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
     build.add_argument("--shard-size", type=_positive_int, metavar="N", help="samples per shard")
     build.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes")

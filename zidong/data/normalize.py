@@ -180,6 +180,9 @@ def normalize_text(value: Any, settings: BuildSettings) -> str:
     return text
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 class Embedded(bytes):
     """A file's content given in the record instead of its path; error messages name it so."""
 
@@ -195,7 +198,9 @@ def _opened(source: Path | Embedded) -> Path | io.BytesIO:
 
 
 def normalize_image(path: Path | Embedded, settings: BuildSettings) -> tuple[str, bytes, tuple[int, int]]:
-    """Decode fully, convert to RGB, cap the longest side; PNG stays PNG, everything else becomes JPEG."""
+    """Decode fully, convert to RGB, cap the longest side; PNG stays PNG, everything else becomes JPEG. A JPEG that
+    is already RGB, within the size cap and upright is kept byte for byte (re-encoding would lose quality again:
+    a shard folder built again from its own shards keeps its pixels)."""
     try:
         with Image.open(_opened(path)) as image:
             width, height = image.size
@@ -205,12 +210,15 @@ def normalize_image(path: Path | Embedded, settings: BuildSettings) -> tuple[str
                 )
             source_format = image.format
             image.load()  # a truncated or corrupt file fails here, not at header parsing
+            upright_rgb = image.mode == "RGB" and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
             rgb = image.convert("RGB")
     except Rejected:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise Rejected("image", f"not a decodable image ({_short(err)}): {path}") from None
     longest = max(rgb.size)
+    if source_format == "JPEG" and upright_rgb and longest <= settings.max_image_side:
+        return "jpg", bytes(path) if isinstance(path, Embedded) else path.read_bytes(), rgb.size
     if longest > settings.max_image_side:
         scale = settings.max_image_side / longest
         rgb = rgb.resize(

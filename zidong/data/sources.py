@@ -3,7 +3,8 @@
     zidong data build manifest.jsonl --out shards/                        one JSON object per line (the native form)
     zidong data build pairs.tsv --out shards/ --columns image=filepath text=title     open_clip's layout
     zidong data build my_dataset/ --out shards/ --split train             a `save_to_disk` folder
-    zidong data build data/*.parquet --out shards/                        files `datasets.load_dataset` reads
+    zidong data build train-00000.parquet --out shards/                   a file `datasets.load_dataset` reads
+    zidong data build 'tars/{00000..00099}.tar' --out shards/             WebDataset tars other tools wrote
 
 Every source yields, for record n (1-based), either the raw manifest line (JSONL: parsed and checked by the build's
 workers, so a malformed line is a reject like any other) or a record in the manifest's form: `id`, `text`,
@@ -24,6 +25,8 @@ import difflib
 import hashlib
 import io
 import json
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,8 @@ DEFAULT_COLUMNS = {
 }
 FIELDS = tuple(DEFAULT_COLUMNS)
 HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+KINDS = ("jsonl", "csv", "tsv", "hf", "webdataset")
+_BRACES = re.compile(r"\{([^{}]*)\}")
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Source:
     """Records to build, by 1-based number. `raw(n)`: bytes of a manifest line or a record dict."""
 
     location: str  # as given
-    kind: str  # "jsonl", "csv", "tsv", "hf"
+    kind: str  # one of KINDS
     base_dir: Path  # relative file paths resolve here
     digest: str  # identifies the content (and the column mapping): a resumed build must see the same
     count: int
@@ -61,12 +66,18 @@ class Source:
         row = self._records[number - 1]
         if self.kind == "jsonl":
             return row
+        if self.kind == "webdataset":
+            row = row.read()
         return self._to_record(row, number)
 
     def ids(self) -> Iterator[tuple[int, Any]]:
         """(number, id) of every record, for the duplicate pre-pass (JSONL: the raw line, parsed by the caller)."""
         if self.kind == "jsonl":
             yield from enumerate(self._records, start=1)
+            return
+        if self.kind == "webdataset":
+            for number, sample in enumerate(self._records, start=1):
+                yield number, sample.key
             return
         column = self.columns.get("id")
         if column is None:
@@ -75,9 +86,14 @@ class Source:
         for number, value in enumerate(values, start=1):
             yield number, _id_text(value)
 
-    def where(self, number: int) -> dict[str, int]:
-        """How a reject names its record: the manifest line, or the table's 0-based row."""
-        return {"line": number} if self.kind == "jsonl" else {"line": number, "row": number - 1}
+    def where(self, number: int) -> dict[str, Any]:
+        """How a reject names its record: the manifest line, the table's 0-based row, or the tar and key."""
+        if self.kind == "jsonl":
+            return {"line": number}
+        if self.kind == "webdataset":
+            sample = self._records[number - 1]
+            return {"line": number, "shard": sample.tar.name, "key": sample.key}
+        return {"line": number, "row": number - 1}
 
     def claim(self) -> dict[str, Any]:
         """What a resumed build must find unchanged (JSONL keeps the keys of builds written before other sources)."""
@@ -88,14 +104,23 @@ class Source:
 
     def _to_record(self, row: dict[str, Any], number: int) -> dict[str, Any]:
         record: dict[str, Any] = {}
-        for name, column in self.columns.items():
-            value = row.get(column)
+        columns = dict(self.columns)
+        if self.kind == "webdataset":  # members differ from sample to sample: each field takes what this one has
+            for name, defaults in DEFAULT_COLUMNS.items():
+                if name not in columns:
+                    found = next((c for c in defaults if c in row), None)
+                    if found:
+                        columns[name] = found
+        for name, column in columns.items():
+            value = _member_value(row, column) if self.kind == "webdataset" else row.get(column)
             record[name] = None if value == "" and self.kind in ("csv", "tsv") else value
         if "id" in record:
             record["id"] = _id_text(record["id"])
         else:
             record["id"] = f"row-{number - 1:09d}"
-        mapped = set(self.columns.values())
+        mapped = set(columns.values())
+        if self.kind == "webdataset":
+            return _with_json_member(record, row.get("json"), mapped)
         for column, value in row.items():
             if column not in mapped and _json_value(value):
                 record[column] = value
@@ -108,6 +133,8 @@ def open_source(
     """The source at `location`, its kind detected from it (or given: jsonl, csv, tsv, hf)."""
     path = Path(location)
     kind = kind or _detect(path)
+    if kind == "webdataset":
+        return _webdataset(str(location), columns or {})
     if kind == "jsonl":
         if columns:
             raise UserError(f"{location}: --columns applies to tables and datasets; a JSONL manifest names its fields")
@@ -134,8 +161,10 @@ def parse_columns(pairs: list[str]) -> dict[str, str]:
 
 
 def _detect(path: Path) -> str:
+    if _BRACES.search(str(path)) or path.suffix.lower() == ".tar":
+        return "webdataset"
     if path.is_dir():
-        return "hf"
+        return "webdataset" if any(path.glob("*.tar")) else "hf"
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return "jsonl"
@@ -222,7 +251,141 @@ def _load_dataset(path: Path, split: str | None):
     return loaded
 
 
-def _map_columns(where: str, available: list[str], given: dict[str, str]) -> dict[str, str]:
+@dataclass
+class _TarSample:
+    """One sample of a WebDataset tar: its key and the members that hold it."""
+
+    tar: Path
+    key: str
+    members: dict[str, tarfile.TarInfo]  # extension -> member
+
+    def read(self) -> dict[str, Any]:
+        """{"__key__": key, extension: content}; `txt` as text, `json` parsed (left as text when it is not JSON)."""
+        row: dict[str, Any] = {"__key__": self.key}
+        with tarfile.open(self.tar) as archive:
+            for extension, member in self.members.items():
+                content = archive.extractfile(member).read()
+                if extension in ("txt", "text"):
+                    content = content.decode("utf-8", errors="surrogateescape")
+                elif extension == "json":
+                    try:
+                        content = json.loads(content)
+                    except ValueError:
+                        content = content.decode("utf-8", errors="surrogateescape")
+                row[extension] = content
+        return row
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`shards/{00000..00002}.tar` -> three paths (zero padding kept); `{a,b}` lists; several groups multiply."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        items = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [expanded for item in items for expanded in expand_braces(head + item + tail)]
+
+
+def _webdataset(location: str, columns: dict[str, str]) -> Source:
+    """WebDataset tars (`{key}.{extension}` members, a sample's members consecutive and in one tar): a folder of
+    them, one tar, or a brace pattern. Scanned once for the members of every sample (headers only)."""
+    path = Path(location)
+    tars = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in expand_braces(location)]
+    missing = [str(t) for t in tars if not t.is_file()]
+    if missing:
+        raise UserError(
+            f"{location}: no such tar file {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    if not tars:
+        raise UserError(f"{location}: no .tar files there")
+    samples: list[_TarSample] = []
+    found_in: dict[str, Path] = {}
+    extensions: set[str] = set()
+    digest = hashlib.sha256(json.dumps(columns, sort_keys=True).encode())
+    for tar in tars:
+        digest.update(f"{tar.resolve()}:{tar.stat().st_size}:{tar.stat().st_mtime_ns}".encode())
+        try:
+            with tarfile.open(tar) as archive:
+                members = [m for m in archive.getmembers() if m.isfile()]
+        except (tarfile.TarError, OSError) as err:
+            raise UserError(f"{tar}: not a readable tar file ({err})") from None
+        for member in members:
+            key, dot, extension = _split_member(member.name)
+            if not dot:
+                continue  # no extension: not part of a sample
+            if samples and samples[-1].tar == tar and samples[-1].key == key:
+                samples[-1].members[extension] = member
+                continue
+            if key in found_in:
+                place = "earlier in the same tar" if found_in[key] == tar else f"in {found_in[key]}"
+                raise UserError(
+                    f"{tar}: members of sample {key!r} are also {place}; WebDataset keeps a sample's members "
+                    "together in one tar (re-shard so that each key's files are consecutive in one tar)"
+                )
+            found_in[key] = tar
+            samples.append(_TarSample(tar, key, {extension: member}))
+            extensions.add(extension)
+    if not samples:
+        raise UserError(f"{location}: the tars hold no {{key}}.{{extension}} members")
+    available = ["__key__", *sorted(extensions)]
+    _map_columns(
+        location,
+        available,
+        {n: c.partition(".")[0] if c.startswith("json.") else c for n, c in columns.items()},
+        need_two=False,
+    )
+    mapping = {"id": "__key__", **columns}
+    return Source(
+        location,
+        "webdataset",
+        (path if path.is_dir() else tars[0].parent).resolve(),
+        digest.hexdigest(),
+        len(samples),
+        mapping,
+        samples,
+    )
+
+
+def _split_member(name: str) -> tuple[str, str, str]:
+    """`dir/000123.seg.jpg` -> ("dir/000123", ".", "seg.jpg"): the key is the name up to the basename's first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), dot, extension
+
+
+def _with_json_member(record: dict[str, Any], fields: Any, mapped: set[str]) -> dict[str, Any]:
+    """A sample's json member: zidong's own (a shard we wrote) gives back its id, language and extra fields; another
+    tool's fields (url, width, ...) travel as extra, a `lang` among them as the language."""
+    if not isinstance(fields, dict):
+        return record
+    if "modalities" in fields and "line" in fields:  # zidong's sample metadata
+        record["id"] = fields.get("id", record.get("id"))
+        record.setdefault("lang", fields.get("lang"))
+        fields = fields.get("extra") or {}
+    taken = {c.removeprefix("json.") for c in mapped if c.startswith("json.")}
+    if record.get("lang") is None and isinstance(fields.get("lang"), str):
+        record["lang"] = fields["lang"]
+        taken.add("lang")
+    extra = {k: v for k, v in fields.items() if k not in taken and k not in record and _json_value(v)}
+    return {**record, **extra}
+
+
+def _member_value(row: dict[str, Any], column: str) -> Any:
+    if column.startswith("json."):
+        fields = row.get("json")
+        return fields.get(column.removeprefix("json.")) if isinstance(fields, dict) else None
+    return row.get(column)
+
+
+def _map_columns(where: str, available: list[str], given: dict[str, str], need_two: bool = True) -> dict[str, str]:
     """Field -> column: the given ones (checked), then each field's first default column present."""
     for name, column in given.items():
         if column not in available:
@@ -237,7 +400,7 @@ def _map_columns(where: str, available: list[str], given: dict[str, str]) -> dic
             found = next((c for c in defaults if c in available and c not in mapping.values()), None)
             if found is not None:
                 mapping[name] = found
-    if sum(name in mapping for name in ("text", "image", "audio")) < 2:
+    if need_two and sum(name in mapping for name in ("text", "image", "audio")) < 2:
         raise UserError(
             f"{where}: found columns for {', '.join(n for n in ('text', 'image', 'audio') if n in mapping) or 'nothing'}"
             f" of text, image and audio (columns: {', '.join(available)}); a sample needs two: map them with "
