@@ -130,7 +130,7 @@ class Source:
 def open_source(
     location: str | Path, columns: dict[str, str] | None = None, split: str | None = None, kind: str | None = None
 ) -> Source:
-    """The source at `location`, its kind detected from it (or given: jsonl, csv, tsv, hf)."""
+    """The source at `location`, its kind (one of `KINDS`) detected from it or given."""
     path = Path(location)
     kind = kind or _detect(path)
     if kind == "webdataset":
