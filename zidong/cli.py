@@ -178,9 +178,13 @@ def _data_demo(args: argparse.Namespace) -> int:
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from zidong.data.sources import parse_columns
     from zidong.data.tokenizer import train_tokenizer
 
-    out = train_tokenizer(args.input, args.vocab_size, args.out, exact_size=args.exact_vocab_size)
+    columns = parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+    out = train_tokenizer(
+        args.input, args.vocab_size, args.out, exact_size=args.exact_vocab_size, columns=columns, split=args.split
+    )
     pieces = len(AutoTokenizer.from_pretrained(out))
     print(f"wrote {out}/spm.model and {out}/tokenizer.json: {pieces} pieces (load with AutoTokenizer.from_pretrained)")
     if pieces < args.vocab_size:
@@ -257,8 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)
     train_tokenizer = tokenizer_commands.add_parser("train", help="train a unigram tokenizer on text files")
     train_tokenizer.add_argument(
-        "--input", required=True, nargs="+", type=_existing_path, metavar="PATH", help="text files or shard folders"
+        "--input",
+        required=True,
+        nargs="+",
+        type=_source_path,
+        metavar="PATH",
+        help="text files, shard folders, or any `data build` source (JSONL, CSV/TSV, Hugging Face dataset, tars)",
     )
+    train_tokenizer.add_argument(
+        "--columns", action="append", default=[], metavar="text=COLUMN", help="the text column of table/dataset inputs"
+    )
+    train_tokenizer.add_argument("--split", metavar="NAME", help="the split of a dataset input that has several")
     train_tokenizer.add_argument(
         "--vocab-size",
         required=True,

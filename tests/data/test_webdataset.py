@@ -16,9 +16,19 @@ import pytest
 import soundfile
 import webdataset
 from PIL import Image
+from transformers import AutoTokenizer
 
-from tests.data.test_sources import SAMPLES, assert_same_samples, corpus, from_jsonl, read_shards  # noqa: F401
+from tests.data.fixtures import write_manifest
+from tests.data.test_sources import (  # noqa: F401  (corpus and from_jsonl are fixtures)
+    SAMPLES,
+    as_dataset,
+    assert_same_samples,
+    corpus,
+    from_jsonl,
+    read_shards,
+)
 from tests.helpers import run_cli
+from zidong.data.tokenizer import train_tokenizer
 
 
 def write_tars(folder: Path, samples: list[dict], per_tar: int = 16) -> list[Path]:
@@ -141,3 +151,28 @@ def test_missing_tars_exit_2(corpus, tmp_path: Path, pattern: str, expected: str
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_trains_alike_from_every_source(corpus, from_jsonl, tmp_path: Path) -> None:  # noqa: F811
+    folder, samples = corpus
+    captions = [s["text"] for s in samples if "text" in s]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+    manifest = write_manifest(tmp_path / "manifest.jsonl", samples)
+    rows = ["id\ttitle"] + [f"{s['id']}\t{s.get('text', '')}" for s in samples]  # a text-only table
+    (tmp_path / "titles.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    as_dataset(samples).to_parquet(str(tmp_path / "train.parquet"))
+    inputs = {
+        "text file": ([tmp_path / "captions.txt"], None),
+        "manifest": ([manifest], None),
+        "table": ([tmp_path / "titles.tsv"], {"text": "title"}),
+        "parquet": ([tmp_path / "train.parquet"], None),
+        "shards": ([folder / "jsonl"], None),
+        "tars": ([str(write_tars(tmp_path / "tars", samples)[0].parent / "{00000..00002}.tar")], None),
+    }
+    pieces = {}
+    for name, (paths, columns) in inputs.items():
+        out = train_tokenizer(paths, 8000, tmp_path / name.replace(" ", "-"), columns=columns)
+        pieces[name] = AutoTokenizer.from_pretrained(out).get_vocab()
+    assert len(pieces["text file"]) > 265  # learned pieces beyond the 8 specials and 256 bytes
+    for name, vocabulary in pieces.items():
+        assert vocabulary == pieces["text file"], name

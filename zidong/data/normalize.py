@@ -165,12 +165,17 @@ def _resolve(value: Any, field_name: str, manifest_dir: Path) -> Path | Embedded
     return path
 
 
+def clean_text(text: str) -> str:
+    """NFC, runs of whitespace to one space, stripped (what every caption in a shard has been through)."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
 def normalize_text(value: Any, settings: BuildSettings) -> str:
     """NFC, whitespace runs to one space, stripped; rejects empty, non-UTF-8 and (by default) over-long text."""
     if not isinstance(value, str):
         raise Rejected("text", f"must be a string, got {type(value).__name__}")
     _check_utf8("text", value)
-    text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", value)).strip()
+    text = clean_text(value)
     if not text:
         raise Rejected("text", "empty or whitespace only")
     if len(text) > settings.max_text_chars:

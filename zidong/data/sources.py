@@ -86,6 +86,30 @@ class Source:
         for number, value in enumerate(values, start=1):
             yield number, _id_text(value)
 
+    def texts(self) -> Iterator[Any]:
+        """Every record's text value (None where it has none), reading nothing else where the source allows."""
+        if self.kind == "jsonl":
+            for line in self._records:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a malformed line has no text to give; `data build` reports it
+                yield record.get("text") if isinstance(record, dict) else None
+            return
+        column = self.columns.get("text")
+        if self.kind == "webdataset":
+            for sample in self._records:
+                wanted = (column,) if column else DEFAULT_COLUMNS["text"]
+                found = next((c for c in wanted if c.partition(".")[0] in sample.members), None)
+                yield _member_value(sample.read(only=(found.partition(".")[0],)), found) if found else None
+            return
+        if column is None:
+            raise UserError(f"{self.location}: no text column (map one with --columns text=COLUMN)")
+        if self.kind == "hf":
+            yield from self._records[column]
+        else:
+            yield from (row.get(column) for row in self._records)
+
     def where(self, number: int) -> dict[str, Any]:
         """How a reject names its record: the manifest line, the table's 0-based row, or the tar and key."""
         if self.kind == "jsonl":
@@ -128,9 +152,14 @@ class Source:
 
 
 def open_source(
-    location: str | Path, columns: dict[str, str] | None = None, split: str | None = None, kind: str | None = None
+    location: str | Path,
+    columns: dict[str, str] | None = None,
+    split: str | None = None,
+    kind: str | None = None,
+    text_only: bool = False,
 ) -> Source:
-    """The source at `location`, its kind (one of `KINDS`) detected from it or given."""
+    """The source at `location`, its kind (one of `KINDS`) detected from it or given. `text_only`: only its text
+    is wanted (a tokenizer), so a table or dataset need not have two modalities."""
     path = Path(location)
     kind = kind or _detect(path)
     if kind == "webdataset":
@@ -140,8 +169,8 @@ def open_source(
             raise UserError(f"{location}: --columns applies to tables and datasets; a JSONL manifest names its fields")
         return _jsonl(path)
     if kind in ("csv", "tsv"):
-        return _table(path, kind, columns or {})
-    return _dataset(path, columns or {}, split)
+        return _table(path, kind, columns or {}, text_only)
+    return _dataset(path, columns or {}, split, text_only)
 
 
 def parse_columns(pairs: list[str]) -> dict[str, str]:
@@ -192,7 +221,7 @@ def _jsonl(path: Path) -> Source:
     return Source(str(path.resolve()), "jsonl", path.resolve().parent, digest, len(lines), {}, lines)
 
 
-def _table(path: Path, kind: str, columns: dict[str, str]) -> Source:
+def _table(path: Path, kind: str, columns: dict[str, str], text_only: bool = False) -> Source:
     try:
         content = path.read_bytes()
         text = content.decode("utf-8-sig")
@@ -205,16 +234,16 @@ def _table(path: Path, kind: str, columns: dict[str, str]) -> Source:
     header = reader.fieldnames or []
     if not rows:
         raise UserError(f"{path} has no rows under its header (expected a header line, then one sample per row)")
-    mapping = _map_columns(str(path), header, columns)
+    mapping = _map_columns(str(path), header, columns, need_two=not text_only)
     digest = hashlib.sha256(content + json.dumps(mapping, sort_keys=True).encode()).hexdigest()
     return Source(str(path.resolve()), kind, path.resolve().parent, digest, len(rows), mapping, rows)
 
 
-def _dataset(path: Path, columns: dict[str, str], split: str | None) -> Source:
+def _dataset(path: Path, columns: dict[str, str], split: str | None, text_only: bool = False) -> Source:
     import datasets
 
     dataset = _load_dataset(path, split)
-    mapping = _map_columns(str(path), list(dataset.column_names), columns)
+    mapping = _map_columns(str(path), list(dataset.column_names), columns, need_two=not text_only)
     _check_kinds(str(path), dataset.features, mapping)
     for name in ("image", "audio"):  # decoded by zidong from their bytes or paths (no torchcodec, no FFmpeg)
         column = mapping.get(name)
@@ -238,6 +267,9 @@ def _load_dataset(path: Path, split: str | None):
             loaded = datasets.load_dataset(HF_FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise UserError(f"{path}: `datasets` cannot load this ({str(err).splitlines()[0][:200]})") from None
+    except datasets.exceptions.DatasetGenerationError as err:  # the reason is the error it wraps
+        reason = str(err.__cause__ or err).splitlines()[0][:200]
+        raise UserError(f"{path}: `datasets` cannot load this ({reason})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split is None and len(loaded) == 1:
             split = next(iter(loaded))
@@ -259,11 +291,14 @@ class _TarSample:
     key: str
     members: dict[str, tarfile.TarInfo]  # extension -> member
 
-    def read(self) -> dict[str, Any]:
-        """{"__key__": key, extension: content}; `txt` as text, `json` parsed (left as text when it is not JSON)."""
+    def read(self, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """{"__key__": key, extension: content} (`only`: those extensions); `txt` as text, `json` parsed (left as
+        text when it is not JSON)."""
         row: dict[str, Any] = {"__key__": self.key}
         with tarfile.open(self.tar) as archive:
             for extension, member in self.members.items():
+                if only is not None and extension not in only:
+                    continue
                 content = archive.extractfile(member).read()
                 if extension in ("txt", "text"):
                     content = content.decode("utf-8", errors="surrogateescape")

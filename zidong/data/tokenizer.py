@@ -2,7 +2,9 @@
 
     zidong tokenizer train --input data/demo/train more_text.txt --vocab-size 8000 --out tokenizers/zh-en
 
-Inputs are text files (one sentence per line) or shard folders (their `.txt` members). The output folder holds
+Inputs are text files (one sentence per line), shard folders (their `.txt` members), or any source `zidong data
+build` reads (the text field of a JSONL manifest, a CSV/TSV column, a Hugging Face dataset's text column,
+WebDataset `.txt` members; `--columns text=COLUMN`, `--split`). The output folder holds
 `spm.model` (SentencePiece itself) and `tokenizer.json` + `tokenizer_config.json`, which
 `AutoTokenizer.from_pretrained(DIR)` loads. The fast tokenizer is assembled by hand from the trained pieces with
 `tokenizers` (Unigram with byte fallback, the dummy-prefix normaliser, matching decoder) rather than with the
@@ -21,23 +23,36 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from zidong.data.build import STATE_DIR
+from zidong.data.normalize import clean_text
 from zidong.data.shards import SampleError, ShardFolder
+from zidong.data.sources import open_source
 from zidong.errors import UserError
 from zidong.utils.log import get_logger
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 EXTRA_SPECIAL_TOKENS = ["<mask>", "<text>", "<vision>", "<speech>"]
 MAX_SENTENCES = 2_000_000
+# inputs read as sources (everything else is a text file, one sentence per line)
+SOURCE_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".json", ".tar")
 logger = get_logger(__name__)
 
 
-def read_sentences(inputs: list[Path]) -> Iterator[str]:
-    """Non-empty lines of text files, and the `.txt` members of every shard in shard folders."""
-    for path in inputs:
-        if path.is_dir():
-            if not any(path.glob("*.tar")):
-                raise UserError(f"{path} is a folder without .tar shards; give text files or shard folders")
+def read_sentences(
+    inputs: list[Path | str], columns: dict[str, str] | None = None, split: str | None = None
+) -> Iterator[str]:
+    """Non-empty lines of text files, the captions of zidong shard folders, and the text field of every other
+    source `zidong data build` reads (zidong/data/sources.py: JSONL manifests, CSV/TSV tables, Hugging Face
+    datasets, WebDataset tars; `columns` and `split` as there), NFC-normalised with whitespace collapsed as the
+    shard builder does."""
+    for path in map(Path, inputs):
+        if path.is_dir() and ((path / "index.json").is_file() or (path / STATE_DIR).is_dir()):
             yield from _captions(ShardFolder(path))
+            continue
+        if path.is_dir() or path.suffix.lower() in SOURCE_SUFFIXES or "{" in str(path):
+            for text in open_source(str(path), columns, split, text_only=True).texts():
+                if isinstance(text, str) and clean_text(text):
+                    yield clean_text(text)
             continue
         try:
             with path.open(encoding="utf-8") as stream:
@@ -66,7 +81,13 @@ def _captions(folder: ShardFolder) -> Iterator[str]:
 
 
 def train_tokenizer(
-    inputs: list[Path], vocab_size: int, out: Path, model_max_length: int = 512, exact_size: bool = False
+    inputs: list[Path | str],
+    vocab_size: int,
+    out: Path,
+    model_max_length: int = 512,
+    exact_size: bool = False,
+    columns: dict[str, str] | None = None,
+    split: str | None = None,
 ) -> Path:
     """Train on `inputs` and write the SentencePiece model and its HF fast twin into `out` (returned).
 
@@ -77,7 +98,7 @@ def train_tokenizer(
     """
     import sentencepiece
 
-    sentences = list(read_sentences(inputs))
+    sentences = list(read_sentences(inputs, columns, split))
     if not sentences:
         raise UserError(f"no text found in {', '.join(map(str, inputs))}")
     minimum = len(SPECIAL_TOKENS) + len(EXTRA_SPECIAL_TOKENS) + 256 + 1  # specials, the 256 byte pieces, one more
