@@ -119,9 +119,16 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     _quiet_deepspeed_on_cpu()
-    from zidong.evaluation.zero_shot import evaluate
+    from zidong.data.sources import parse_columns
+    from zidong.evaluation.zero_shot import DataSpec, evaluate
 
-    evaluate(args.model, args.data, args.labels, args.out, args.batch_size)
+    if args.labels and args.label_column:
+        raise UserError("give --labels FILE or --label-column COLUMN, not both")
+    if args.prompt and not args.label_column:
+        raise UserError("--prompt goes with --label-column (a label file names its own prompts)")
+    columns = parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+    spec = DataSpec(args.data, columns, args.split, args.label_column, tuple(args.prompt or ("{}",)))
+    evaluate(args.model, spec, args.labels, args.out, args.batch_size)
     return 0
 
 
@@ -302,10 +309,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.set_defaults(handler=_pretrain, takes_overrides=True)
 
-    evaluate = commands.add_parser("eval", help="zero-shot retrieval and classification on held-out shards")
+    evaluate = commands.add_parser(
+        "eval", help="zero-shot retrieval and classification on held-out shards or a dataset in another format"
+    )
     evaluate.add_argument("model", type=_existing_path, metavar="MODEL_OR_CHECKPOINT")
-    evaluate.add_argument("--data", required=True, type=_existing_dir, metavar="DIR")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        type=_source_path,
+        metavar="SOURCE",
+        help="a shard folder, or any `data build` source (Hugging Face dataset, CSV/TSV, JSONL, WebDataset tars)",
+    )
     evaluate.add_argument("--labels", type=_existing_file, metavar="FILE", help="label prompts for classification")
+    evaluate.add_argument(
+        "--label-column", metavar="COLUMN", help="classify by this column's values (instead of --labels)"
+    )
+    evaluate.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEMPLATE",
+        help="with --label-column: a prompt with {} for the class name, e.g. 'a photo of a {}' (repeatable; "
+        "default '{}')",
+    )
+    evaluate.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN,...", help="as in data build")
+    evaluate.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
     evaluate.add_argument("--out", type=Path, metavar="metrics.json", help="also write the metrics as JSON")
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="samples per forward")
     evaluate.set_defaults(handler=_eval)

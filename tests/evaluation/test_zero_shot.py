@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.data.fixtures import write_audio, write_image
 from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
 from tests.helpers import run_cli
 from tests.train.test_pretrain import corpus  # noqa: F401  (a fixture)
@@ -146,3 +148,46 @@ def test_a_folder_that_is_not_shards_or_a_model_exits_2(run_dir: Path, tmp_path:
     result = run_cli("eval", str(tmp_path), "--data", str(tmp_path))
     assert result.returncode == 2
     assert "is neither a run folder with checkpoints" in result.stderr
+
+
+def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    # 8 audio clips with a ClassLabel (an audio classification set) and 8 captioned images, in one parquet file
+    stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features(
+        {"jpg": stored, "caption": datasets.Value("string"), "audio": stored, "label": datasets.Value("int64")}
+    )
+    rows = {"jpg": [], "caption": [], "audio": [], "label": []}
+    for n in range(16):
+        if n < 8:
+            path = write_audio(tmp_path / "media" / f"{n}.wav", seconds=0.3 + 0.1 * n)
+            rows["audio"].append({"bytes": path.read_bytes(), "path": path.name})
+            rows["jpg"].append(None)
+            rows["caption"].append(None)
+            rows["label"].append(n % 2)
+        else:
+            path = write_image(tmp_path / "media" / f"{n}.png", size=(32 + n, 40), seed=n)
+            rows["jpg"].append({"bytes": path.read_bytes(), "path": path.name})
+            rows["caption"].append(f"picture number {n}")
+            rows["audio"].append(None)
+            rows["label"].append(None)
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    dataset = dataset.cast_column("jpg", datasets.Image()).cast_column("audio", datasets.Audio())
+    dataset = dataset.cast_column("label", datasets.ClassLabel(names=["quiet", "loud"]))
+    source = tmp_path / "bench.parquet"
+    dataset.to_parquet(str(source))
+    labelled = ["--label-column", "label", "--prompt", "a {} sound", "--prompt", "something {}"]
+    direct = run_cli("eval", str(run_dir), "--data", str(source), *labelled, "--out", str(tmp_path / "direct.json"))
+    assert direct.returncode == 0, direct.stderr
+    assert "zero-shot classification of label (2 classes)" in direct.stdout
+    assert "vision->text" in direct.stdout
+    metrics = json.loads((tmp_path / "direct.json").read_text())
+    assert metrics["classify/speech/count"] == 8
+    assert metrics["vision->text/count"] == 8
+    built = run_cli("data", "build", str(source), "--out", str(tmp_path / "shards"), "min_modalities=1")
+    assert built.returncode == 0, built.stderr
+    assert "16 samples in 1 shards, 0 rejected" in built.stdout
+    result = run_cli(
+        "eval", str(run_dir), "--data", str(tmp_path / "shards"), *labelled, "--out", str(tmp_path / "shards.json")
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "shards.json").read_text()) == metrics

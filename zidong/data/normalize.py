@@ -45,6 +45,7 @@ class BuildSettings:
     max_text_chars: int = 2000
     text_overflow: Literal["reject", "truncate"] = "reject"
     jpeg_quality: int = 92
+    min_modalities: int = 2  # 1 for evaluation sets (an audio classification set has audio and a label only)
 
     def __post_init__(self) -> None:
         for name in ("shard_size", "max_image_side", "max_image_pixels", "max_text_chars"):
@@ -55,6 +56,8 @@ class BuildSettings:
                 "max_audio_seconds",
                 f"must be above min_audio_seconds ({self.min_audio_seconds}), got {self.max_audio_seconds}",
             )
+        if not 1 <= self.min_modalities <= 3:
+            raise InvalidValue("min_modalities", f"must be 1, 2 or 3, got {self.min_modalities}")
         if not 1 <= self.jpeg_quality <= 100:
             raise InvalidValue("jpeg_quality", f"must lie in 1..100, got {self.jpeg_quality}")
 
@@ -105,9 +108,10 @@ def normalize_sample(
         raise Rejected("id", "missing or empty (every sample needs a string id)")
     _check_utf8("id", sample_id)
     given = [key for key in MANIFEST_MODALITIES if record.get(key) is not None]
-    if len(given) < 2:
+    if len(given) < settings.min_modalities:
+        needed = {1: "at least one", 2: "at least two", 3: "all three"}[settings.min_modalities]
         raise Rejected(
-            "line", f"has {', '.join(given) or 'no modality'}; a sample needs at least two of text, image, audio"
+            "line", f"has {', '.join(given) or 'no modality'}; a sample needs {needed} of text, image, audio"
         )
     files: dict[str, bytes] = {}
     meta: dict[str, Any] = {"id": sample_id, "line": line_number, "modalities": []}

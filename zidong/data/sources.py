@@ -57,6 +57,7 @@ class Source:
     digest: str  # identifies the content (and the column mapping): a resumed build must see the same
     count: int
     columns: dict[str, str] = field(default_factory=dict)  # manifest field -> column (tables and datasets)
+    class_names: dict[str, list[str]] = field(default_factory=dict)  # a dataset's ClassLabel columns: id -> name
     _records: Any = None  # the rows (list of lines, list of dicts, or a datasets.Dataset)
 
     def __len__(self) -> int:
@@ -135,6 +136,10 @@ class Source:
                     found = next((c for c in defaults if c in row), None)
                     if found:
                         columns[name] = found
+        if self.class_names:  # a ClassLabel's integer as its class name
+            row = {
+                c: self.class_names[c][v] if c in self.class_names and isinstance(v, int) else v for c, v in row.items()
+            }
         for name, column in columns.items():
             value = _member_value(row, column) if self.kind == "webdataset" else row.get(column)
             record[name] = None if value == "" and self.kind in ("csv", "tsv") else value
@@ -156,10 +161,10 @@ def open_source(
     columns: dict[str, str] | None = None,
     split: str | None = None,
     kind: str | None = None,
-    text_only: bool = False,
+    single: bool = False,
 ) -> Source:
-    """The source at `location`, its kind (one of `KINDS`) detected from it or given. `text_only`: only its text
-    is wanted (a tokenizer), so a table or dataset need not have two modalities."""
+    """The source at `location`, its kind (one of `KINDS`) detected from it or given. `single`: one modality is
+    enough (a tokenizer reads only text; an audio classification set for `zidong eval` has only audio)."""
     path = Path(location)
     kind = kind or _detect(path)
     if kind == "webdataset":
@@ -169,8 +174,8 @@ def open_source(
             raise UserError(f"{location}: --columns applies to tables and datasets; a JSONL manifest names its fields")
         return _jsonl(path)
     if kind in ("csv", "tsv"):
-        return _table(path, kind, columns or {}, text_only)
-    return _dataset(path, columns or {}, split, text_only)
+        return _table(path, kind, columns or {}, single)
+    return _dataset(path, columns or {}, split, single)
 
 
 def parse_columns(pairs: list[str]) -> dict[str, str]:
@@ -218,10 +223,10 @@ def _jsonl(path: Path) -> Source:
     if not any(line.strip() for line in lines):
         raise UserError(f"manifest {path} has no samples (expected one JSON object per line)")
     digest = hashlib.sha256(content).hexdigest()
-    return Source(str(path.resolve()), "jsonl", path.resolve().parent, digest, len(lines), {}, lines)
+    return Source(str(path.resolve()), "jsonl", path.resolve().parent, digest, len(lines), _records=lines)
 
 
-def _table(path: Path, kind: str, columns: dict[str, str], text_only: bool = False) -> Source:
+def _table(path: Path, kind: str, columns: dict[str, str], single: bool = False) -> Source:
     try:
         content = path.read_bytes()
         text = content.decode("utf-8-sig")
@@ -234,16 +239,16 @@ def _table(path: Path, kind: str, columns: dict[str, str], text_only: bool = Fal
     header = reader.fieldnames or []
     if not rows:
         raise UserError(f"{path} has no rows under its header (expected a header line, then one sample per row)")
-    mapping = _map_columns(str(path), header, columns, need_two=not text_only)
+    mapping = _map_columns(str(path), header, columns, need_two=not single)
     digest = hashlib.sha256(content + json.dumps(mapping, sort_keys=True).encode()).hexdigest()
-    return Source(str(path.resolve()), kind, path.resolve().parent, digest, len(rows), mapping, rows)
+    return Source(str(path.resolve()), kind, path.resolve().parent, digest, len(rows), mapping, _records=rows)
 
 
-def _dataset(path: Path, columns: dict[str, str], split: str | None, text_only: bool = False) -> Source:
+def _dataset(path: Path, columns: dict[str, str], split: str | None, single: bool = False) -> Source:
     import datasets
 
     dataset = _load_dataset(path, split)
-    mapping = _map_columns(str(path), list(dataset.column_names), columns, need_two=not text_only)
+    mapping = _map_columns(str(path), list(dataset.column_names), columns, need_two=not single)
     _check_kinds(str(path), dataset.features, mapping)
     for name in ("image", "audio"):  # decoded by zidong from their bytes or paths (no torchcodec, no FFmpeg)
         column = mapping.get(name)
@@ -252,7 +257,8 @@ def _dataset(path: Path, columns: dict[str, str], split: str | None, text_only: 
             dataset = dataset.cast_column(column, type(feature)(decode=False))
     base = path.resolve() if path.is_dir() else path.resolve().parent
     digest = hashlib.sha256(f"{dataset._fingerprint}:{split}:{json.dumps(mapping, sort_keys=True)}".encode())
-    return Source(str(path.resolve()), "hf", base, digest.hexdigest(), len(dataset), mapping, dataset)
+    names = {c: list(f.names) for c, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)}
+    return Source(str(path.resolve()), "hf", base, digest.hexdigest(), len(dataset), mapping, names, _records=dataset)
 
 
 def _load_dataset(path: Path, split: str | None):
@@ -385,7 +391,7 @@ def _webdataset(location: str, columns: dict[str, str]) -> Source:
         digest.hexdigest(),
         len(samples),
         mapping,
-        samples,
+        _records=samples,
     )
 
 

@@ -14,14 +14,19 @@ Runs as one process, or under `accelerate launch` (each process embeds a block; 
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from zidong.data.build import STATE_DIR, build
 from zidong.data.labels import LabelSet, load_labels
+from zidong.data.normalize import BuildSettings
 from zidong.data.shards import SampleError, ShardFolder
+from zidong.data.sources import open_source
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.evaluation.retrieval import (
@@ -32,7 +37,7 @@ from zidong.evaluation.retrieval import (
     retrieval_table,
     sample_refs,
 )
-from zidong.export.trained import load_trained
+from zidong.export.trained import find_checkpoint, load_trained
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.utils.log import get_logger
 
@@ -40,15 +45,80 @@ logger = get_logger(__name__)
 CLASSIFIED = ("vision", "speech")  # modalities classified against text prompts
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What to evaluate on, when it is not a shard folder: a `data build` source, read as one (`columns`, `split`),
+    and its classes from `label_column` with `prompts` (templates with {} for the class name)."""
+
+    location: str | Path
+    columns: dict[str, str] = field(default_factory=dict)
+    split: str | None = None
+    label_column: str | None = None
+    prompts: tuple[str, ...] = ("{}",)
+
+
 def evaluate(
     source: str | Path,
-    data: str | Path,
+    data: str | Path | DataSpec,
     labels: str | Path | None = None,
     out: str | Path | None = None,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Run the evaluation, print the tables (rank 0), write `out` as JSON when given; returns the metrics."""
-    label_set = load_labels(labels) if labels else None
+    """Run the evaluation, print the tables (rank 0), write `out` as JSON when given; returns the metrics.
+
+    `data` is a shard folder, or any source `zidong data build` reads: that is built first into a temporary shard
+    folder (one modality per sample is enough there), with the same validation; its rejects are reported."""
+    spec = data if isinstance(data, DataSpec) else DataSpec(data)
+    find_checkpoint(source)  # a bad model or label file fails before any work
+    file_labels = load_labels(labels) if labels else None
+    location = Path(spec.location)
+    if (location / "index.json").is_file() or (location / STATE_DIR).is_dir():  # shards (or an unfinished build)
+        label_set = _column_labels(location, spec) if spec.label_column else file_labels
+        return _evaluate_folder(source, location, label_set, out, batch_size)
+    with tempfile.TemporaryDirectory(prefix="zidong-eval-") as scratch:
+        folder = Path(scratch) / "shards"
+        built = open_source(spec.location, spec.columns, spec.split, single=True)
+        result = build(built, folder, BuildSettings(min_modalities=1))
+        logger.info(
+            "read %s: %d samples, %d rejected (as `zidong data build` would)",
+            spec.location,
+            result.samples,
+            result.rejected,
+        )
+        if spec.label_column is not None:
+            label_set = _column_labels(folder, spec, built.class_names.get(spec.label_column))
+        else:
+            label_set = file_labels
+        return _evaluate_folder(source, folder, label_set, out, batch_size, shown=str(spec.location))
+
+
+def _column_labels(folder: Path, spec: DataSpec, names: list[str] | None = None) -> LabelSet:
+    """Classes from a label column: a ClassLabel's names in their order, else the values found, sorted."""
+    if names is None:
+        shards = ShardFolder(folder)
+        found = set()
+        for shard, position in sample_refs(shards):
+            value = shards.read(shard, position, only=()).meta.get("extra", {}).get(spec.label_column)
+            if value is not None:
+                found.add(str(value))
+        shards.close()
+        names = sorted(found)
+    if len(names) < 2:
+        raise UserError(
+            f"--label-column {spec.label_column}: {len(names)} class(es) found in {spec.location}; "
+            "classification needs at least two (is it the right column?)"
+        )
+    return LabelSet(spec.label_column, {name: [p.format(name) for p in spec.prompts] for name in names})
+
+
+def _evaluate_folder(
+    source: str | Path,
+    data: Path,
+    label_set: LabelSet | None,
+    out: str | Path | None,
+    batch_size: int,
+    shown: str | None = None,
+) -> dict[str, float]:
     accelerator = Accelerator()
     model, processor, _, folder = load_trained(source)
     model.to(accelerator.device)
@@ -63,7 +133,7 @@ def evaluate(
         labels_by_row = _labels_of(data, label_set)
         metrics.update(classify(embeds, presence, labels_by_row, prototypes, list(label_set.classes)))
     if accelerator.is_main_process:
-        print(f"model: {folder}\ndata: {data} ({int(metrics['samples'])} samples)\n")
+        print(f"model: {folder}\ndata: {shown or data} ({int(metrics['samples'])} samples)\n")
         print(retrieval_table(metrics))
         if label_set is not None:
             print("\n" + classification_table(metrics, label_set))
