@@ -50,7 +50,8 @@ def read_sentences(
             yield from _captions(ShardFolder(path))
             continue
         if path.is_dir() or path.suffix.lower() in SOURCE_SUFFIXES or "{" in str(path):
-            for text in open_source(str(path), columns, split, single=True).texts():
+            mapping = None if path.suffix.lower() == ".jsonl" else columns  # a manifest names its own fields
+            for text in open_source(str(path), mapping, split, single=True).texts():
                 if isinstance(text, str) and clean_text(text):
                     yield clean_text(text)
             continue
