@@ -206,7 +206,13 @@ def _normalize_job(job: tuple[int, bytes | dict[str, Any], int | None, dict[str,
     number, raw, duplicate_of, where = job
     try:
         if duplicate_of is not None:
-            first = f"manifest line {duplicate_of}" if "row" not in where else f"row {duplicate_of - 1}"
+            first = (
+                f"row {duplicate_of - 1}"
+                if "row" in where
+                else f"sample {duplicate_of} of the tars"
+                if "key" in where
+                else f"manifest line {duplicate_of}"
+            )
             raise Rejected("id", f"duplicate id, first used on {first}")
         return normalize_sample(number, raw, _WORKER["manifest_dir"], _WORKER["settings"])
     except Rejected as rejected:

@@ -202,6 +202,14 @@ class Embedded(bytes):
         return f"(the {len(self)} bytes in the record)"
 
 
+def _upright(image: Image.Image) -> bool:
+    """No EXIF rotation to apply (an unreadable EXIF block counts as one: the image is then re-encoded)."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception:  # Pillow raises several kinds on a malformed EXIF block
+        return False
+
+
 def _opened(source: Path | Embedded) -> Path | io.BytesIO:
     return source.opened() if isinstance(source, Embedded) else source
 
@@ -219,7 +227,7 @@ def normalize_image(path: Path | Embedded, settings: BuildSettings) -> tuple[str
                 )
             source_format = image.format
             image.load()  # a truncated or corrupt file fails here, not at header parsing
-            upright_rgb = image.mode == "RGB" and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            upright_rgb = image.mode == "RGB" and _upright(image)
             rgb = image.convert("RGB")
     except Rejected:
         raise
