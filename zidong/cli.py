@@ -69,6 +69,13 @@ _existing_dir = _existing("folder")
 _existing_path = _existing("file or folder")
 
 
+def _columns(args: argparse.Namespace) -> dict[str, str]:
+    """`--columns text=caption,image=jpg` (repeatable) as a field -> column mapping."""
+    from zidong.data.sources import parse_columns
+
+    return parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+
+
 def _source_path(text: str) -> Path | str:
     """An existing path, or a brace pattern of tar files (`shards/{00000..00099}.tar`, checked when opened)."""
     return text if "{" in text else _existing_path(text)
@@ -119,14 +126,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     _quiet_deepspeed_on_cpu()
-    from zidong.data.sources import parse_columns
     from zidong.evaluation.zero_shot import DataSpec, evaluate
 
     if args.labels and args.label_column:
         raise UserError("give --labels FILE or --label-column COLUMN, not both")
     if args.prompt and not args.label_column:
         raise UserError("--prompt goes with --label-column (a label file names its own prompts)")
-    columns = parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+    columns = _columns(args)
     spec = DataSpec(args.data, columns, args.split, args.label_column, tuple(args.prompt or ("{}",)))
     evaluate(args.model, spec, args.labels, args.out, args.batch_size)
     return 0
@@ -157,9 +163,9 @@ def _data_build(args: argparse.Namespace) -> int:
         overrides.append(f"shard_size={args.shard_size}")
     settings = config_from_overrides(BuildSettings, overrides, "build settings")
     from zidong.data.build import build
-    from zidong.data.sources import open_source, parse_columns
+    from zidong.data.sources import open_source
 
-    columns = parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+    columns = _columns(args)
     source = open_source(args.manifest, columns, args.split, args.source_kind)
     result = build(source, args.out, settings, workers=args.workers or 1, part=args.part or (0, 1))
     index, count = result.part
@@ -185,10 +191,9 @@ def _data_demo(args: argparse.Namespace) -> int:
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from zidong.data.sources import parse_columns
     from zidong.data.tokenizer import train_tokenizer
 
-    columns = parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
+    columns = _columns(args)
     out = train_tokenizer(
         args.input, args.vocab_size, args.out, exact_size=args.exact_vocab_size, columns=columns, split=args.split
     )

@@ -191,3 +191,31 @@ def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: P
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "shards.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--labels", "{labels}", "--label-column", "label"], "give --labels FILE or --label-column COLUMN, not both"),
+        (["--prompt", "a {}"], "--prompt goes with --label-column"),
+        (["--columns", "txt"], "--columns txt: expected FIELD=COLUMN"),
+        (["--columns", "caption=title"], "'caption' is not a field; choose from id, text, image, audio, lang"),
+    ],
+    ids=["labels-and-column", "prompt-alone", "columns-no-equals", "columns-unknown-field"],
+)
+def test_contradictory_eval_flags_exit_2(tmp_path: Path, flags: list[str], message: str) -> None:
+    labels = _label_file(tmp_path, PARITY)
+    flags = [flag.replace("{labels}", str(labels)) for flag in flags]
+    result = run_cli("eval", str(tmp_path), "--data", str(tmp_path), *flags)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_label_column_with_one_class_exits_2(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    rows = ["id\ttext\tlabel"] + [f"s{n}\tcaption {n}\tsame" for n in range(4)]
+    (tmp_path / "set.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = run_cli("eval", str(run_dir), "--data", str(tmp_path / "set.tsv"), "--label-column", "label")
+    assert result.returncode == 2
+    assert "--label-column label: 1 class(es) found" in result.stderr
+    assert "Traceback" not in result.stderr
