@@ -113,9 +113,11 @@ def run_launch(command: list[str], log: Path) -> tuple[int, str]:
     return result.returncode, result.stderr
 
 
-def train_losses(run: Path) -> list[float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "train"]
+def train_records(run: Path) -> list[dict]:
+    """The run's `train` records (none when it wrote no metrics)."""
+    metrics = run / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return [r for r in records if r["kind"] == "train"]
 
 
 def trainer_paths(work: Path, corpus: Path) -> list[dict]:
@@ -126,7 +128,8 @@ def trainer_paths(work: Path, corpus: Path) -> list[dict]:
         first, _ = run_launch(launch_command(config, recipe_overrides(corpus, run, 2)), work / f"{run.name}-1.log")
         second, log = run_launch(launch_command(config, recipe_overrides(corpus, run, 4)), work / f"{run.name}-2.log")
         resumed = re.search(r"resumed from \S+ \(step (\d+)\)", log)
-        losses = train_losses(run) if (run / "metrics.jsonl").is_file() else []
+        records = train_records(run)
+        losses = [r["loss"] for r in records]
         outcome |= {"exit_codes": [first, second], "resumed_at": resumed and int(resumed.group(1)), "losses": losses}
         passed = first == second == 0 and resumed is not None and len(losses) >= 4
         passed = passed and all(math.isfinite(loss) for loss in losses)
@@ -135,7 +138,6 @@ def trainer_paths(work: Path, corpus: Path) -> list[dict]:
         )
         number += 1
         if name == "DeepSpeed ZeRO-2" and passed:
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             peak = max(r.get("peak_memory_gb", 0.0) for r in records)
             estimate = dry_run_state_gib(recipe_overrides(corpus, run, 4), 2)
             details = {"peak_memory_gib": peak, "dry_run_model_state_gib": estimate, "batch_size": 2}
@@ -155,8 +157,8 @@ def fp16_run(work: Path, corpus: Path) -> list[dict]:
     run = work / "fp16"
     overrides = recipe_overrides(corpus, run, 6, **{"train.mixed_precision": "fp16"})
     code, log = run_launch(launch_command(None, overrides), work / "fp16.log")
-    losses = train_losses(run) if (run / "metrics.jsonl").is_file() else []
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if losses else []
+    records = train_records(run)
+    losses = [r["loss"] for r in records]
     skipped = max((r.get("skipped_steps", 0) for r in records), default=0)
     passed = code == 0 and len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
     details = {

@@ -55,13 +55,12 @@ class Source:
     kind: str  # one of KINDS
     base_dir: Path  # relative file paths resolve here
     digest: str  # identifies the content (and the column mapping): a resumed build must see the same
-    count: int
     columns: dict[str, str] = field(default_factory=dict)  # manifest field -> column (tables and datasets)
     class_names: dict[str, list[str]] = field(default_factory=dict)  # a dataset's ClassLabel columns: id -> name
     _records: Any = None  # the rows (list of lines, list of dicts, or a datasets.Dataset)
 
     def __len__(self) -> int:
-        return self.count
+        return len(self._records)
 
     def raw(self, number: int) -> bytes | dict[str, Any]:
         row = self._records[number - 1]
@@ -223,7 +222,7 @@ def _jsonl(path: Path) -> Source:
     if not any(line.strip() for line in lines):
         raise UserError(f"manifest {path} has no samples (expected one JSON object per line)")
     digest = hashlib.sha256(content).hexdigest()
-    return Source(str(path.resolve()), "jsonl", path.resolve().parent, digest, len(lines), _records=lines)
+    return Source(str(path.resolve()), "jsonl", path.resolve().parent, digest, _records=lines)
 
 
 def _table(path: Path, kind: str, columns: dict[str, str], single: bool = False) -> Source:
@@ -241,7 +240,7 @@ def _table(path: Path, kind: str, columns: dict[str, str], single: bool = False)
         raise UserError(f"{path} has no rows under its header (expected a header line, then one sample per row)")
     mapping = _map_columns(str(path), header, columns, need_two=not single)
     digest = hashlib.sha256(content + json.dumps(mapping, sort_keys=True).encode()).hexdigest()
-    return Source(str(path.resolve()), kind, path.resolve().parent, digest, len(rows), mapping, _records=rows)
+    return Source(str(path.resolve()), kind, path.resolve().parent, digest, mapping, _records=rows)
 
 
 def _dataset(path: Path, columns: dict[str, str], split: str | None, single: bool = False) -> Source:
@@ -258,7 +257,7 @@ def _dataset(path: Path, columns: dict[str, str], split: str | None, single: boo
     base = path.resolve() if path.is_dir() else path.resolve().parent
     digest = hashlib.sha256(f"{dataset._fingerprint}:{split}:{json.dumps(mapping, sort_keys=True)}".encode())
     names = {c: list(f.names) for c, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)}
-    return Source(str(path.resolve()), "hf", base, digest.hexdigest(), len(dataset), mapping, names, _records=dataset)
+    return Source(str(path.resolve()), "hf", base, digest.hexdigest(), mapping, names, _records=dataset)
 
 
 def _load_dataset(path: Path, split: str | None):
@@ -389,7 +388,6 @@ def _webdataset(location: str, columns: dict[str, str]) -> Source:
         "webdataset",
         (path if path.is_dir() else tars[0].parent).resolve(),
         digest.hexdigest(),
-        len(samples),
         mapping,
         _records=samples,
     )
