@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +81,29 @@ def resumed_step(output: str) -> int:
     match = re.search(r"resumed from \S+ \(step (\d+)\)", output)
     assert match, f"the run did not resume:\n{output[-3000:]}"
     return int(match.group(1))
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """Serve `root` over HTTP on the loopback interface; yields its URL and the list of paths requested so far."""
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,16 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
-from tests.helpers import REPO_ROOT, accelerate_launch, kill_tree, resumed_step, run_cli, torchrun
+from tests.helpers import (
+    REPO_ROOT,
+    accelerate_launch,
+    free_port,
+    kill_tree,
+    resumed_step,
+    run_cli,
+    serve_folder,
+    torchrun,
+)
 from zidong.data.tokenizer import train_tokenizer
 
 STEPS = 6
@@ -152,6 +163,18 @@ def test_resume_never_refuses_a_run_with_checkpoints(corpus: dict[str, Path], un
     assert "not a checkpoint folder" in result.stderr
 
 
+def test_training_data_at_an_unreachable_url_exits_2_before_any_checkpoint(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/train"
+    recipe = write_recipe(tmp_path, corpus, data={"train": [{"path": url}]})
+    result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 2, result.stderr
+    assert f"cannot read {url}/index.json: not found, or the server cannot be reached" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_missing_tokenizer_folder_exits_2(corpus: dict[str, Path], tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, corpus)
     result = run_cli("pretrain", str(recipe), f"model.tokenizer={tmp_path / 'nowhere'}")
@@ -248,6 +271,31 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path],
     assert [m["skipped_steps"] for m in metrics if m["kind"] == "train"] == [0, 0, 1, 2]
 
 
+class CachePeak:
+    """The largest number of bytes a shard cache folder held (finished shards and downloads in progress), sampled
+    every few milliseconds while the `with` block runs."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.bytes, self._stop = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> CachePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            held = 0
+            for path in self.folder.glob("*") if self.folder.is_dir() else []:
+                with contextlib.suppress(FileNotFoundError):
+                    held += path.stat().st_size if path.suffix in (".tar", ".part") else 0
+            self.bytes = max(self.bytes, held)
+
+
 def ddp_pretrain(recipe: Path, processes: int = 2) -> list[str]:
     return [*torchrun(processes), "-m", "zidong", "pretrain", str(recipe)]
 
@@ -282,8 +330,12 @@ def test_another_process_count_continues_the_epoch_exactly(
     assert len(seen) == len(set(seen)) == 48  # nothing seen twice, nothing lost
 
 
-def test_two_process_ddp_kill_9_then_relaunch_matches_the_straight_run(corpus: dict[str, Path], tmp_path: Path) -> None:
-    # 2 ranks x 8 samples: one epoch of 48 samples is 3 steps; 6 steps cross an epoch boundary
+def test_two_process_ddp_kill_9_then_relaunch_over_http_matches_the_local_straight_run(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    # 2 ranks x 8 samples: one epoch of 48 samples is 3 steps; 6 steps cross an epoch boundary.
+    # The straight run reads the local folder; the killed one reads the same shards over loopback HTTP, through a
+    # cache too small for all three shards at once (so shards are evicted and fetched again mid-run).
     changes = {"train": {"max_steps": 6}, "data": {"num_workers": 1, "eval": None}}
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
@@ -292,20 +344,33 @@ def test_two_process_ddp_kill_9_then_relaunch_matches_the_straight_run(corpus: d
         ddp_pretrain(straight), cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    recipe = write_recipe(tmp_path / "killed", corpus, **changes)
-    run = tmp_path / "killed" / "run"
-    job = subprocess.Popen(
-        ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    wait_for(run / "checkpoints" / "step-00000002", job)
-    kill_tree(job.pid)  # the launcher and both ranks at once, as a lost node would
-    job.wait()
-    relaunched = subprocess.run(
-        ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
-    )
+    sizes = sorted(entry["bytes"] for entry in json.loads((corpus["train"] / "index.json").read_text())["shards"])
+    bound = sizes[-1] + sizes[-2] + 1
+    cache = tmp_path / "cache"
+    with serve_folder(corpus["train"].parent) as (url, requested), CachePeak(cache) as peak:
+        remote = {
+            "train": [{"path": f"{url}/{corpus['train'].name}"}],
+            "cache_dir": str(cache),
+            "cache_gb": bound / 1e9,
+        }
+        recipe = write_recipe(tmp_path / "killed", corpus, **{**changes, "data": {**changes["data"], **remote}})
+        run = tmp_path / "killed" / "run"
+        job = subprocess.Popen(
+            ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        wait_for(run / "checkpoints" / "step-00000002", job)
+        kill_tree(job.pid)  # the launcher and both ranks at once, as a lost node would
+        job.wait()
+        relaunched = subprocess.run(
+            ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600
+        )
     assert relaunched.returncode == 0, relaunched.stderr[-3000:]
     assert resumed_step(relaunched.stderr) < 6  # killed mid-run, not after the end
+    assert 0 < peak.bytes <= bound, f"the cache held {peak.bytes} bytes, data.cache_gb allows {bound}"
+    fetched = [path for path in requested if path.endswith(".tar")]
+    assert len(set(fetched)) == 3
+    assert len(fetched) > 3  # the relaunch needs every shard again, and the cache kept only two: evicted, fetched
     expected, got = final_weights(tmp_path / "straight" / "run"), final_weights(run)
     # stated tolerance 1e-6; measured: bitwise equal (gloo sums the two ranks' gradients in a fixed order)
     for name in expected:

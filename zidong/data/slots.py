@@ -234,6 +234,7 @@ class SlotStream:
                 self._skipped = []
 
     def _fill_pool(self) -> None:
+        self._prefetch_next_pool()
         pool = []
         drawn = set()
         carried, self.state["deferred"] = self.state["deferred"], []
@@ -255,6 +256,15 @@ class SlotStream:
         rng = np.random.default_rng([self.settings.seed, _POOL, self.slot, self.state["pools"]])
         self.state["pending"] = cut_into_batches(pool, self.settings.batch_size, self.settings.bucket_pool > 0, rng)
         self.state["pools"] += 1
+
+    def _prefetch_next_pool(self) -> None:
+        """Have remote sources start fetching the shards the next pool draws from them (local ones ignore it)."""
+        for source, folder in enumerate(self.folders):
+            cursor = self.state["sources"][source]
+            if folder.remote and not cursor.get("leftover"):
+                plan = self._plan(source, cursor["epoch"])
+                ahead = plan[cursor["position"] : cursor["position"] + self.pool_size, 0]
+                folder.prefetch(dict.fromkeys(ahead.tolist()))
 
     def _next_ref(self) -> list[int]:
         draw = self.state["draws"]

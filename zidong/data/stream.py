@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from zidong.data.remote import ShardCache
 from zidong.data.shards import ShardFolder
-from zidong.data.slots import DataError, SlotStream, StreamSettings, fresh_state, piece_length, resplit
+from zidong.data.slots import SlotStream, StreamSettings, fresh_state, piece_length, resplit
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.utils.log import EVERY_RANK, get_logger
@@ -59,9 +60,9 @@ class _StreamDataset(IterableDataset):
         try:
             for samples, after, skipped, refs in stream:
                 yield {"batch": self.pipeline.collate(samples), "state": after, "skipped": skipped, "refs": refs}
-        except DataError as err:
+        except UserError as err:  # too many bad samples, or a remote shard that cannot be fetched
             # travels as data: an exception raised in a worker would reach the user wrapped in a traceback
-            yield {"error": str(err), "skipped": stream._skipped}
+            yield {"error": err, "skipped": stream._skipped}
 
 
 def _unchanged(item: Any) -> Any:
@@ -140,8 +141,9 @@ class StreamLoader:
         world_size: int = 1,
         saved: list[dict[str, Any]] | None = None,
         pin_memory: bool = False,
+        cache: ShardCache | None = None,
     ):
-        self.folders = [ShardFolder(path) for path, _ in sources]
+        self.folders = [ShardFolder(path, cache) for path, _ in sources]
         self.weights = [float(weight) for _, weight in sources]
         self.settings = settings
         self.num_workers = num_workers
@@ -156,7 +158,7 @@ class StreamLoader:
                 )
         self.signature = {
             "sources": [
-                {"path": str(Path(path).resolve()), "weight": weight, "shards": folder.fingerprint}
+                {"path": folder.name, "weight": weight, "shards": folder.fingerprint}
                 for (path, weight), folder in zip(sources, self.folders, strict=True)
             ],
             "settings": {
@@ -240,7 +242,7 @@ class StreamLoader:
         for report in item["skipped"]:
             logger.warning("skipped an unreadable sample: %s", report, extra=EVERY_RANK)
         if "error" in item:
-            raise DataError(item["error"])
+            raise item["error"]
         self.worker_states[self.consumed % self.workers] = item["state"]
         self.consumed += 1
         self.last_refs = item["refs"]

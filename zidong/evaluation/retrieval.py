@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from zidong.data.remote import ShardCache
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.transforms import SamplePipeline
 from zidong.models.zidong.configuration_zidong import MODALITIES
@@ -45,12 +46,13 @@ class HeldOut:
     batch_size: int
     accelerator: Accelerator
     lockstep: bool = False
+    cache: ShardCache | None = None  # where a folder at a URL is fetched to (None: the user's default cache)
 
 
 def retrieval(model: torch.nn.Module, held_out: HeldOut) -> dict[str, float]:
     """`{"text->vision/R@1": 0.42, ..., "samples": n}` for the held-out shard folder (collective)."""
     embeds, presence = embed_folder(model, held_out)
-    return recall_at_k(embeds, presence, folder_captions(held_out.folder))
+    return recall_at_k(embeds, presence, folder_captions(held_out.folder, held_out.cache))
 
 
 @torch.no_grad()
@@ -58,7 +60,7 @@ def embed_folder(model: torch.nn.Module, held_out: HeldOut) -> tuple[dict[str, t
     """Embeddings (n, d) and presence (n,) of every sample of a shard folder, in shard order, on every process
     (collective). Each process embeds a contiguous block; an unreadable sample is skipped (absent everywhere)."""
     accelerator = held_out.accelerator
-    total = len(ShardFolder(held_out.folder))
+    total = len(ShardFolder(held_out.folder, held_out.cache))
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = (rank + 1) * total // world - rank * total // world
     width = accelerator.unwrap_model(model).config.projection_dim
@@ -87,7 +89,7 @@ def forward_folder(
         held_out.accelerator,
         held_out.lockstep,
     )
-    shards = ShardFolder(held_out.folder)
+    shards = ShardFolder(held_out.folder, held_out.cache)
     refs = sample_refs(shards)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = refs[rank * len(refs) // world : (rank + 1) * len(refs) // world]
@@ -114,10 +116,10 @@ def forward_folder(
     shards.close()
 
 
-def folder_captions(folder: str | Path) -> list[str | None]:
+def folder_captions(folder: str | Path, cache: ShardCache | None = None) -> list[str | None]:
     """Every sample's caption (its text member) in `embed_folder` order; None where a sample has none or it
     cannot be read."""
-    shards = ShardFolder(folder)
+    shards = ShardFolder(folder, cache)
     captions: list[str | None] = []
     for shard, position in sample_refs(shards):
         try:

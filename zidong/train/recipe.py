@@ -48,7 +48,8 @@ class ModelSection:
 
 @dataclass
 class DataSource:
-    """A folder of shards written by `zidong data build` / `zidong data demo`, and its share of the mix."""
+    """A folder of shards written by `zidong data build` / `zidong data demo` (a path, or a URL such as
+    `https://host/shards/train` or `s3://bucket/train`), and its share of the mix."""
 
     path: str
     weight: float = 1.0
@@ -72,6 +73,8 @@ class DataSection:
     shuffle_window: int = 10_000
     bucket_pool: int = 128
     max_bad_fraction: float = 0.01
+    cache_dir: str = "~/.cache/zidong/shards"  # where shard folders at URLs are fetched to (per machine)
+    cache_gb: float = 20.0  # the most that cache folder holds
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "train", "must list at least one {path, weight} source")
@@ -86,6 +89,7 @@ class DataSection:
             "max_bad_fraction",
             f"must be in [0, 1), got {self.max_bad_fraction}",
         )
+        _require(self.cache_gb > 0, "cache_gb", f"must be greater than 0, got {self.cache_gb}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from zidong.config import to_dict, to_yaml
+from zidong.data.remote import ShardCache
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
@@ -37,7 +38,7 @@ from zidong.train.distributed import (
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
 from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
-from zidong.train.recipe import PretrainRecipe
+from zidong.train.recipe import DataSection, PretrainRecipe
 from zidong.utils.log import get_logger
 
 if TYPE_CHECKING:
@@ -263,6 +264,7 @@ def train_loader(
         world_size=world_size,
         saved=saved,
         pin_memory=pin_memory,
+        cache=shard_cache(data),
     )
 
 
@@ -277,7 +279,13 @@ def held_out(recipe: PretrainRecipe, processor, accelerator: Accelerator, option
         max_speech_seconds=recipe.data.max_speech_seconds,
         **options,
     )
-    return HeldOut(recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, lockstep_enabled(accelerator))
+    lockstep = lockstep_enabled(accelerator)
+    return HeldOut(recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, lockstep, shard_cache(recipe.data))
+
+
+def shard_cache(data: DataSection) -> ShardCache:
+    """The cache that shard folders at URLs are fetched to (created on first use of a remote folder)."""
+    return ShardCache(data.cache_dir, int(data.cache_gb * 1e9))
 
 
 def peak_flops(recipe: PretrainRecipe, accelerator: Accelerator) -> float:

@@ -1,0 +1,168 @@
+"""Shard folders at URLs: read over loopback HTTP into a bounded cache, checked against the local folder."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from filelock import FileLock
+
+from tests.data.corpus import make_corpus
+from tests.helpers import free_port, serve_folder
+from zidong import ZidongProcessor
+from zidong.data.remote import RemoteError, ShardCache
+from zidong.data.shards import ShardFolder, load_index
+from zidong.data.stream import StreamLoader, StreamSettings
+from zidong.data.transforms import SamplePipeline
+from zidong.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 samples in 3 shards of 16."""
+    return make_corpus(tmp_path_factory.mktemp("remote"), 48)
+
+
+def shard_bytes(folder: Path) -> list[int]:
+    return [entry["bytes"] for entry in load_index(folder)["shards"]]
+
+
+def every_sample(folder: ShardFolder) -> list:
+    return [folder.read(shard, position) for shard, count in enumerate(folder.counts) for position in range(count)]
+
+
+def shard_requests(requested: list[str]) -> list[str]:
+    return [path.rsplit("/", 1)[1] for path in requested if path.endswith(".tar")]
+
+
+def test_a_folder_at_a_url_reads_the_samples_of_the_local_folder(corpus: Path, tmp_path: Path) -> None:
+    with serve_folder(corpus.parent) as (url, requested):
+        remote = ShardFolder(f"{url}/{corpus.name}", ShardCache(tmp_path / "cache", 10**9))
+        samples = every_sample(remote)
+        remote.close()
+    local = every_sample(ShardFolder(corpus))
+    assert len(samples) == 48
+    assert samples == local  # keys, metadata and every member's bytes
+    index = load_index(corpus)
+    # each shard fetched once, kept under its sha256, and its bytes are the local shard's
+    assert sorted(shard_requests(requested)) == sorted(entry["shard"] for entry in index["shards"])
+    cached = {path.name for path in (tmp_path / "cache").glob("*.tar")}
+    assert cached == {f"{entry['sha256']}.tar" for entry in index["shards"]}
+    for entry in index["shards"]:
+        assert (tmp_path / "cache" / f"{entry['sha256']}.tar").read_bytes() == (corpus / entry["shard"]).read_bytes()
+
+
+def test_the_cache_evicts_the_least_recently_opened_shard_to_stay_within_its_bound(
+    corpus: Path, tmp_path: Path
+) -> None:
+    sizes = shard_bytes(corpus)
+    bound = sizes[0] + sizes[1] + sizes[2] // 2  # two shards fit, three do not
+    cache = ShardCache(tmp_path / "cache", bound)
+    index = load_index(corpus)
+    with serve_folder(corpus.parent) as (url, requested):
+        folder = ShardFolder(f"{url}/{corpus.name}", cache)
+        folder.MAX_OPEN = 1  # close each shard when the next opens, so an evicted one must be fetched again
+        held = []
+        for shard in (0, 1, 0, 2, 1, 0):
+            folder.read(shard, 0)
+            held.append(sorted(p.name for p in (tmp_path / "cache").glob("*.tar")))
+            assert cache.used_bytes() <= bound
+        folder.close()
+    sha = [entry["sha256"] + ".tar" for entry in index["shards"]]
+    # opening 0 again made 1 the least recently used: 2 evicted 1, then 1 evicted 0, and 0 evicted 2
+    assert held == [
+        [sha[0]],
+        sorted([sha[0], sha[1]]),
+        sorted([sha[0], sha[1]]),
+        sorted([sha[0], sha[2]]),
+        sorted([sha[2], sha[1]]),
+        sorted([sha[1], sha[0]]),
+    ]
+    names = [entry["shard"] for entry in index["shards"]]
+    assert shard_requests(requested) == [names[0], names[1], names[2], names[1], names[0]]
+
+
+def test_a_shard_whose_bytes_differ_from_the_index_is_refused_and_not_kept(corpus: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(corpus, tmp_path / "served" / "shards")
+    victim = copy / load_index(copy)["shards"][1]["shard"]
+    content = bytearray(victim.read_bytes())
+    content[600] ^= 0xFF  # same size, one byte changed: only the checksum can tell
+    victim.write_bytes(bytes(content))
+    with serve_folder(tmp_path / "served") as (url, _):
+        folder = ShardFolder(f"{url}/shards", ShardCache(tmp_path / "cache", 10**9))
+        folder.read(0, 0)
+        with pytest.raises(RemoteError, match=rf"{victim.name} does not match its index.json .*upload the whole"):
+            folder.read(1, 0)
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [".tar"]
+
+
+def test_a_download_cut_off_midway_is_never_read(corpus: Path, tmp_path: Path) -> None:
+    entry = load_index(corpus)["shards"][0]
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    # what a process killed during the download leaves: the first half, under the name of a download in progress
+    partial = cache_dir / f"{entry['sha256']}.{entry['bytes']}.part"
+    partial.write_bytes((corpus / entry["shard"]).read_bytes()[: entry["bytes"] // 2])
+    with serve_folder(corpus.parent) as (url, requested):
+        folder = ShardFolder(f"{url}/{corpus.name}", ShardCache(cache_dir, 10**9))
+        assert [folder.read(0, p) for p in range(16)] == [ShardFolder(corpus).read(0, p) for p in range(16)]
+    assert shard_requests(requested) == [entry["shard"]]
+    assert not partial.exists()
+
+
+def test_a_download_in_progress_holds_its_room(corpus: Path, tmp_path: Path) -> None:
+    sizes = shard_bytes(corpus)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    other = cache_dir / f"{'0' * 64}.{sizes[1]}.part"  # another process's download of a shard not in this folder
+    other.write_bytes(b"")
+    cache = ShardCache(cache_dir, sizes[0] + sizes[1])
+    with FileLock(cache_dir / f"{'0' * 64}.lock"):  # ... which is alive
+        assert cache.used_bytes() == sizes[1]
+    assert cache.used_bytes() == 0  # and once it died, its leftover is cleared
+    assert not other.exists()
+
+
+def test_a_cache_smaller_than_a_shard_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    with serve_folder(corpus.parent) as (url, _):
+        folder = ShardFolder(f"{url}/{corpus.name}", ShardCache(tmp_path / "cache", 1000))
+        with pytest.raises(UserError, match=r"does not fit in the shard cache \(0\.000 GB\): raise data.cache_gb"):
+            folder.read(0, 0)
+
+
+@pytest.mark.parametrize("where", ["no server", "no index"])
+def test_an_unreachable_folder_names_the_url(corpus: Path, tmp_path: Path, where: str) -> None:
+    with serve_folder(tmp_path) as (url, _):
+        if where == "no server":
+            url = f"http://127.0.0.1:{free_port()}"
+        with pytest.raises(RemoteError, match=rf"cannot read {re.escape(url)}/shards/index.json: not found"):
+            ShardFolder(f"{url}/shards", ShardCache(tmp_path / "cache", 10**9))
+
+
+def test_the_stream_over_http_hands_out_the_local_streams_batches(
+    corpus: Path, tmp_path: Path, processor: ZidongProcessor
+) -> None:
+    settings = StreamSettings(batch_size=4, seed=1, bucket_pool=2, shuffle_window=8)
+    pipeline = SamplePipeline(processor, train=True)
+
+    def batches(path: str, count: int, saved=None) -> tuple[list, dict]:
+        cache = ShardCache(tmp_path / "cache", 10**9)
+        loader = StreamLoader([(path, 1.0)], settings, pipeline, num_workers=2, saved=saved, cache=cache)
+        out = [next(loader) for _ in range(count)]
+        state = loader.state_dict()
+        loader.close()
+        return out, state
+
+    local, _ = batches(str(corpus), 10)
+    with serve_folder(corpus.parent) as (url, requested):
+        first, state = batches(f"{url}/{corpus.name}", 4)
+        rest, _ = batches(f"{url}/{corpus.name}", 6, saved=[state])
+    assert len(set(shard_requests(requested))) == 3
+    assert len(shard_requests(requested)) == 3  # both workers, both launches: each shard downloaded once
+    for expected, got in zip(local, first + rest, strict=True):
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), key

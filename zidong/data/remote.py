@@ -1,0 +1,259 @@
+"""Shard folders at URLs: each shard fetched whole into a size-bounded local cache, verified, evicted LRU.
+
+A shard folder may live anywhere fsspec reaches (`https://`, `s3://`, `gs://`, `hf://`, ...; the protocol's
+package, e.g. s3fs, must be installed). Its `index.json` is read at open; a shard is fetched the first time a
+reader needs it (or earlier, when the stream prefetches the shards its plan reads next), checked against the
+size and sha256 in the index, and only then renamed into the cache under its sha256. A download cut off midway
+leaves a `.part` file that no reader ever opens. Everything after the fetch is the local reader.
+
+The cache folder (`data.cache_dir`) is shared by every process of a machine: a shard is downloaded once (a lock
+per shard), and the files in the folder, finished or downloading, never add up to more than `data.cache_gb`:
+before a download, the least recently opened shards are deleted to make room. A shard deleted while a reader
+still has it open stays readable to it; its space is freed when that reader closes it (a reader keeps at most
+`ShardFolder.MAX_OPEN` shards open).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from filelock import FileLock, Timeout
+
+from zidong.errors import UserError
+
+CHUNK = 1 << 20
+ATTEMPTS = 3  # a fetch that fails this many times in a row is an error
+WAIT_FOR_ROOM_S = 600.0  # how long a download waits for other processes' downloads to leave room
+DEFAULT_CACHE_GB = 20.0
+
+
+class RemoteError(UserError):
+    """A remote shard folder that cannot be read, or whose shards do not match their index."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Is `location` a URL (`scheme://...`) rather than a local path?"""
+    return "://" in str(location)
+
+
+def join_url(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def remote_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failed remote read raises: fsspec maps most to OSError; an HTTP status error, a
+    missing protocol package (ImportError) and a malformed URL (ValueError) come as themselves."""
+    import aiohttp
+
+    return OSError, ValueError, ImportError, aiohttp.ClientError
+
+
+def read_url(url: str) -> bytes:
+    """The whole content of `url`. Raises RemoteError naming the URL when it cannot be read."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as stream:
+            return stream.read()
+    except remote_errors() as err:
+        raise RemoteError(f"cannot read {url}: {_reason(err)}") from None
+
+
+def read_remote_index(url: str) -> dict[str, Any]:
+    """The `index.json` of the shard folder at `url` (not yet checked; see shards.load_index)."""
+    index_url = join_url(url, "index.json")
+    try:
+        content = read_url(index_url)
+    except RemoteError as err:
+        raise RemoteError(
+            f"{err}; is {url} a zidong shard folder (one that holds index.json), and can this machine reach it?"
+        ) from None
+    try:
+        return json.loads(content)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RemoteError(f"cannot read {index_url}: {err}") from None
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "not found, or the server cannot be reached"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+class ShardCache:
+    """Verified copies of remote shards in `directory`, named by sha256, at most `limit_bytes` in all.
+
+    Safe to share between the processes of a machine (file locks); not meant for a network file system.
+    """
+
+    def __init__(self, directory: str | Path, limit_bytes: int):
+        self.directory = Path(directory).expanduser()
+        self.limit_bytes = int(limit_bytes)
+
+    @classmethod
+    def default(cls) -> ShardCache:
+        """`$XDG_CACHE_HOME/zidong/shards` (`~/.cache/zidong/shards`), DEFAULT_CACHE_GB: what `zidong eval` and
+        `zidong tokenizer train` use; a training run takes `data.cache_dir` and `data.cache_gb`."""
+        return cls(default_cache_dir(), int(DEFAULT_CACHE_GB * 1e9))
+
+    def open(self, url: str, sha256: str, size: int) -> BinaryIO:
+        """An open handle on the verified local copy of the shard at `url`, fetched first if needed.
+
+        Raises RemoteError when the shard cannot be fetched (after ATTEMPTS tries) or its bytes do not match
+        `sha256`, and UserError when the cache is too small to hold it.
+        """
+        path = self.directory / f"{sha256}.tar"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the shard cache {self.directory} (data.cache_dir): {err}") from None
+        for _ in range(ATTEMPTS):
+            with self._cache_lock():
+                handle = _open_touched(path)
+            if handle is not None:
+                return handle
+            # (again when another process short of room evicted it between the fetch and the open)
+            self.fetch(url, sha256, size)
+        raise UserError(
+            f"the shard cache {self.directory} ({self.limit_bytes / 1e9:.3f} GB) is too small for the readers "
+            f"sharing it: {url} was evicted {ATTEMPTS} times before it could be opened; raise data.cache_gb"
+        )
+
+    def fetch(self, url: str, sha256: str, size: int) -> None:
+        """Make sure the cache holds the shard (download, verify, rename into place); one download per shard
+        across the processes sharing the cache."""
+        path = self.directory / f"{sha256}.tar"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.directory / f"{sha256}.lock"):
+            if path.is_file():
+                return
+            part = self.directory / f"{sha256}.{size}.part"
+            self._reserve(part, size, url)
+            try:
+                self._download(url, part, sha256, size)
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
+
+    def _cache_lock(self) -> FileLock:
+        """Held while the folder's content is counted or changed. A fresh lock each time: it may be taken by
+        several threads of one process (a prefetch and a read), and the object must pickle to data workers."""
+        return FileLock(self.directory / ".cache.lock")
+
+    def used_bytes(self) -> int:
+        """Bytes held by finished shards plus those reserved by downloads in progress."""
+        return sum(size for _, size, _ in self._entries())
+
+    def _reserve(self, part: Path, size: int, url: str) -> None:
+        """Delete least recently opened shards until `size` more bytes fit, then claim them with `part`."""
+        if size > self.limit_bytes:
+            raise UserError(
+                f"the shard {url} ({size / 1e9:.3f} GB) does not fit in the shard cache "
+                f"({self.limit_bytes / 1e9:.3f} GB): raise data.cache_gb"
+            )
+        deadline = time.monotonic() + WAIT_FOR_ROOM_S
+        while True:
+            with self._cache_lock():
+                entries = self._entries()
+                used = sum(entry_size for _, entry_size, _ in entries)
+                for entry, entry_size, finished in sorted(entries, key=lambda e: e[2] or float("inf")):
+                    if used + size <= self.limit_bytes or not finished:
+                        break
+                    entry.unlink(missing_ok=True)
+                    used -= entry_size
+                if used + size <= self.limit_bytes:
+                    part.write_bytes(b"")
+                    return
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"the shard cache {self.directory} ({self.limit_bytes / 1e9:.3f} GB) stayed full of downloads "
+                    f"in progress for {WAIT_FOR_ROOM_S:.0f} s: raise data.cache_gb (each reader needs about two "
+                    "shards at a time)"
+                )
+            time.sleep(0.2)
+
+    def _entries(self) -> list[tuple[Path, int, int | None]]:
+        """(path, bytes, last opened) of each finished shard, and (path, reserved bytes, None) of each download in
+        progress; a `.part` file whose download died with its process is deleted on the way."""
+        entries = []
+        for path in self.directory.iterdir():
+            with suppress(FileNotFoundError):  # deleted meanwhile by a process not holding the lock (a fetch)
+                if path.suffix == ".tar":
+                    stat = path.stat()
+                    entries.append((path, stat.st_size, stat.st_mtime_ns))
+                elif path.suffix == ".part":
+                    sha256, size = path.name.split(".")[:2]
+                    if _download_alive(self.directory / f"{sha256}.lock"):
+                        entries.append((path, int(size), None))
+                    else:
+                        path.unlink()
+        return entries
+
+    def _download(self, url: str, part: Path, sha256: str, size: int) -> None:
+        """Copy `url` to `part` (streamed, so servers without range requests do too), then check size and sha256."""
+        import fsspec
+
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                filesystem, path = fsspec.core.url_to_fs(url)
+                filesystem.get_file(path, str(part))
+                break
+            except remote_errors() as err:
+                if attempt == ATTEMPTS:
+                    raise RemoteError(f"cannot fetch the shard {url}: {_reason(err)}") from None
+                time.sleep(0.5 * attempt)
+        written = part.stat().st_size
+        digest = hashlib.sha256()
+        with part.open("rb") as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+        if written != size or digest.hexdigest() != sha256:
+            raise RemoteError(
+                f"the shard {url} does not match its index.json ({written} bytes, sha256 "
+                f"{digest.hexdigest()[:16]}...; the index says {size} bytes, sha256 {sha256[:16]}...): the remote "
+                "folder changed after its index was written; upload the whole folder again"
+            )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zidong" / "shards"
+
+
+def _open_touched(path: Path) -> BinaryIO | None:
+    """Open a finished shard and mark it as recently used (its mtime), or None when it is not in the cache."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return None
+    now = time.time_ns()  # explicit: a file's own timestamps come from a clock that ticks only every few ms
+    os.utime(path, ns=(now, now))
+    return handle
+
+
+def _download_alive(lock_path: Path) -> bool:
+    """Does some process hold the lock of this download (a dead one releases it)?"""
+    probe = FileLock(lock_path, timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    probe.release()
+    return False
+
+
+__all__ = [
+    "DEFAULT_CACHE_GB",
+    "RemoteError",
+    "ShardCache",
+    "default_cache_dir",
+    "is_url",
+    "join_url",
+    "read_remote_index",
+    "read_url",
+]
