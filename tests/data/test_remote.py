@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -166,3 +167,19 @@ def test_the_stream_over_http_hands_out_the_local_streams_batches(
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(expected[key], got[key]), key
+
+
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_a_reader_keeps_few_shards_open_however_many_it_reads(tmp_path: Path, where: str) -> None:
+    corpus = make_corpus(tmp_path / "many", 24, shard_size=2)  # 12 shards
+
+    def open_shards() -> int:
+        return sum(os.readlink(fd).endswith(".tar") for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
+
+    with serve_folder(corpus.parent) as (url, _):
+        location = corpus if where == "local" else f"{url}/{corpus.name}"
+        folder = ShardFolder(location, ShardCache(tmp_path / "cache", 10**9))
+        assert len(every_sample(folder)) == 24
+        assert open_shards() == ShardFolder.MAX_OPEN
+        folder.close()
+        assert open_shards() == 0
