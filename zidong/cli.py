@@ -77,8 +77,11 @@ def _columns(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _source_path(text: str) -> Path | str:
-    """An existing path, or a brace pattern of tar files (`shards/{00000..00099}.tar`, checked when opened)."""
-    return text if "{" in text else _existing_path(text)
+    """An existing path, or a brace pattern of tar files (`shards/{00000..00099}.tar`) or a URL (checked when
+    opened)."""
+    from zidong.data.remote import is_url
+
+    return text if "{" in text or is_url(text) else _existing_path(text)
 
 
 # ----------------------------------------------------------------------------------------- handlers
@@ -244,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_source_path,
         metavar="SOURCE",
         help="a .jsonl manifest, a .csv/.tsv table, a dataset folder (save_to_disk, imagefolder, audiofolder, parquet "
-        "files), a .parquet/.arrow/.json file, or WebDataset tars: a folder, a .tar, a brace pattern (docs/data.md)",
+        "files), a .parquet/.arrow/.json file, or WebDataset tars: a folder, a .tar, a brace pattern; each also at a "
+        "URL (https://, s3://, ...; docs/data.md)",
     )
     build.add_argument(
         "--columns",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import soundfile
 from PIL import Image
 
 from tests.data.fixtures import write_audio, write_image, write_manifest
-from tests.helpers import run_cli
+from tests.helpers import run_cli, serve_folder
 
 SAMPLES = 48
 
@@ -158,6 +159,59 @@ def test_a_hugging_face_dataset_gives_the_same_samples(corpus, from_jsonl, tmp_p
     result = run_cli("data", "build", str(source), "--out", str(out), *extra, "shard_size=16")
     assert result.returncode == 0, result.stderr
     assert_same_samples(from_jsonl, read_shards(out))  # default columns: caption, jpg, flac, id, lang
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "tsv", "parquet"])
+def test_the_same_sources_at_a_url_give_the_same_samples(corpus, from_jsonl, tmp_path: Path, kind: str) -> None:
+    folder, samples = corpus
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copytree(folder / "media", served / "media")
+
+    def relative(path: str | None) -> str:  # media paths relative to the manifest: they resolve against its URL
+        return "" if path is None else f"media/{Path(path).name}"
+
+    if kind == "jsonl":
+        rows = [{**s, **{f: relative(s[f]) for f in ("image", "audio") if f in s}} for s in samples]
+        write_manifest(served / "manifest.jsonl", rows)
+        name, extra = "manifest.jsonl", []
+    elif kind == "tsv":
+        lines = ["id\ttext\timage\taudio\tlang\tsource"]
+        for s in samples:
+            fields = [s["id"], s.get("text", ""), relative(s.get("image")), relative(s.get("audio")), s["lang"]]
+            lines.append("\t".join([*fields, s["source"]]))
+        (served / "pairs.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        name, extra = "pairs.tsv", []
+    else:
+        as_dataset(samples).to_parquet(str(served / "train.parquet"))
+        name, extra = "train.parquet", []
+    out = tmp_path / "shards"
+    with serve_folder(served) as (url, requested):
+        result = run_cli(
+            "data", "build", f"{url}/{name}", "--out", str(out), *extra, "shard_size=16",
+            env={"HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"},  # loopback only
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{SAMPLES} samples in 3 shards, 0 rejected" in result.stdout
+    assert_same_samples(from_jsonl, read_shards(out))
+    assert json.loads((out / "index.json").read_text())["manifest"] == f"{url}/{name}"
+    if kind != "parquet":  # every media file fetched from the server, none read from the local copy
+        media = {p.removeprefix("/media/") for p in requested if p.startswith("/media/")}
+        assert media == {p.name for p in (served / "media").iterdir()}
+
+
+def test_a_missing_media_file_at_a_url_is_a_reject_naming_it(corpus, tmp_path: Path) -> None:
+    folder, samples = corpus
+    served = tmp_path / "served"
+    shutil.copytree(folder / "media", served / "media")
+    first = next(s for s in samples if "image" in s and "text" in s)
+    write_manifest(served / "manifest.jsonl", [{"id": "a", "text": first["text"], "image": "media/gone.png"}])
+    with serve_folder(served) as (url, _):
+        result = run_cli("data", "build", f"{url}/manifest.jsonl", "--out", str(tmp_path / "out"), "min_modalities=1")
+    assert result.returncode == 0, result.stderr
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert reject["field"] == "image"
+    assert f"cannot read {url}/media/gone.png: not found" in reject["reason"]
 
 
 def test_a_dataset_with_splits_needs_split(corpus, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from tests.data.test_sources import (  # noqa: F401  (corpus and from_jsonl are 
     from_jsonl,
     read_shards,
 )
-from tests.helpers import run_cli
+from tests.helpers import free_port, run_cli, serve_folder
 from zidong.data.tokenizer import train_tokenizer
 
 
@@ -60,6 +60,30 @@ def test_tars_from_the_webdataset_writer_give_the_same_samples(corpus, from_json
     assert result.returncode == 0, result.stderr
     assert f"{SAMPLES} samples in 3 shards, 0 rejected" in result.stdout
     assert_same_samples(from_jsonl, read_shards(out))
+
+
+@pytest.mark.parametrize("form", ["brace pattern", "folder"])
+def test_tars_at_a_url_give_the_same_samples(corpus, from_jsonl, tmp_path: Path, form: str) -> None:  # noqa: F811
+    _, samples = corpus
+    write_tars(tmp_path / "served" / "tars", samples)
+    cache = tmp_path / "cache"
+    with serve_folder(tmp_path / "served") as (url, requested):
+        location = f"{url}/tars/{{00000..00002}}.tar" if form == "brace pattern" else f"{url}/tars/"
+        kind = [] if form == "brace pattern" else ["--source-kind", "webdataset"]
+        command = ["data", "build", location, *kind, "--out", str(tmp_path / "shards"), "shard_size=16"]
+        result = run_cli(*command, env={"XDG_CACHE_HOME": str(cache)})
+        assert result.returncode == 0, result.stderr
+        assert f"{SAMPLES} samples in 3 shards, 0 rejected" in result.stdout
+        assert_same_samples(from_jsonl, read_shards(tmp_path / "shards"))
+        # the same command again finds the build done, and downloads nothing again
+        fetched = [path for path in requested if path.endswith(".tar")]
+        again = run_cli(*command, env={"XDG_CACHE_HOME": str(cache)})
+        assert again.returncode == 0, again.stderr
+        assert [path for path in requested if path.endswith(".tar")] == fetched
+    assert sorted(path.rsplit("/", 1)[1] for path in fetched) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert sorted(p.name for p in (cache / "zidong" / "sources").glob("*/*")) == sorted(
+        p.name for p in (tmp_path / "served" / "tars").glob("*.tar")
+    )
 
 
 def test_our_shards_build_again_into_the_same_samples(corpus, from_jsonl, tmp_path: Path) -> None:  # noqa: F811
@@ -138,18 +162,30 @@ def test_a_member_that_fails_to_decode_is_rejected_by_shard_and_key(corpus, tmp_
 
 @pytest.mark.parametrize(
     ("pattern", "expected"),
-    [("{00000..00003}.tar", "no such tar file"), ("none/", "no .tar files there")],
-    ids=["brace-past-the-end", "empty-folder"],
+    [
+        ("{00000..00003}.tar", "no such tar file"),
+        ("none/", "no .tar files there"),
+        ("http://{server}/tars/{00000..00003}.tar", "cannot fetch http://{server}/tars/00002.tar: not found"),
+        ("http://{nothing}/tars/{00000..00001}.tar", "cannot fetch http://{nothing}/tars/00000.tar: not found"),
+    ],
+    ids=["brace-past-the-end", "empty-folder", "url-past-the-end", "no-server"],
 )
 def test_missing_tars_exit_2(corpus, tmp_path: Path, pattern: str, expected: str) -> None:  # noqa: F811
     _, samples = corpus
     write_tars(tmp_path / "tars", samples[:8], per_tar=4)
     (tmp_path / "tars" / "none").mkdir()
-    result = run_cli(
-        "data", "build", str(tmp_path / "tars" / pattern), "--out", str(tmp_path / "out"), "--source-kind", "webdataset"
-    )
+    with serve_folder(tmp_path) as (url, _):
+        hosts = {"server": url.removeprefix("http://"), "nothing": f"127.0.0.1:{free_port()}"}
+        location = pattern.replace("{server}", hosts["server"]).replace("{nothing}", hosts["nothing"])
+        if not location.startswith("http"):
+            location = str(tmp_path / "tars" / pattern)
+        result = run_cli(
+            "data", "build", location, "--out", str(tmp_path / "out"), "--source-kind", "webdataset",
+            env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert expected in result.stderr
+    assert expected.replace("{server}", hosts["server"]).replace("{nothing}", hosts["nothing"]) in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 

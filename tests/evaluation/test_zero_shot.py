@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tests.data.fixtures import write_audio, write_image
 from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
-from tests.helpers import run_cli
+from tests.helpers import run_cli, serve_folder
 from tests.train.test_pretrain import corpus  # noqa: F401  (a fixture)
 from zidong.evaluation.retrieval import recall_at_k
 from zidong.evaluation.zero_shot import classify
@@ -109,6 +109,15 @@ def test_eval_cli_prints_tables_and_writes_json(
     assert metrics["classify/vision/count"] == 12
     assert metrics["classify/speech/count"] == 12
     assert f"{metrics['classify/vision/accuracy']:.3f}" in result.stdout
+    # the same folder at a URL: the same numbers
+    with serve_folder(corpus["eval"].parent) as (url, requested):
+        remote = run_cli(
+            "eval", str(run_dir), "--data", f"{url}/{corpus['eval'].name}", "--labels", str(labels),
+            "--out", str(tmp_path / "remote.json"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads((tmp_path / "remote.json").read_text()) == metrics
+    assert any(path.endswith(".tar") for path in requested)
 
 
 @pytest.mark.parametrize(

@@ -230,12 +230,12 @@ def _normalize_job(job: tuple[int, bytes | dict[str, Any], int | None, dict[str,
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(manifest_dir: Path, settings: BuildSettings) -> None:
+def _init_worker(manifest_dir: Path | str, settings: BuildSettings) -> None:
     _WORKER.update(manifest_dir=manifest_dir, settings=settings)
 
 
 @contextlib.contextmanager
-def _pool(workers: int, manifest_dir: Path, settings: BuildSettings) -> Iterator:
+def _pool(workers: int, manifest_dir: Path | str, settings: BuildSettings) -> Iterator:
     """Yield `map(jobs) -> outcomes in job order`, in this process or in `workers` spawned ones."""
     if workers <= 1:
         _init_worker(manifest_dir, settings)

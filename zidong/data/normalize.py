@@ -25,6 +25,7 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from zidong.config import InvalidValue
+from zidong.data.remote import RemoteError, is_url, join_url, read_url
 from zidong.modalities import MODALITIES
 
 SAMPLING_RATE = 16000
@@ -98,7 +99,7 @@ def parse_line(raw: bytes) -> dict[str, Any]:
 
 
 def normalize_sample(
-    line_number: int, raw: bytes | dict[str, Any], manifest_dir: Path, settings: BuildSettings
+    line_number: int, raw: bytes | dict[str, Any], manifest_dir: Path | str, settings: BuildSettings
 ) -> Sample:
     """Decode and normalise the sample on manifest line `line_number` (1-based; a table's or dataset's record
     number), given as the line's bytes or as a record (zidong/data/sources.py); raises `Rejected`."""
@@ -147,9 +148,10 @@ def _check_utf8(field_name: str, value: str) -> None:
         raise Rejected(field_name, "not valid UTF-8") from None
 
 
-def _resolve(value: Any, field_name: str, manifest_dir: Path) -> Path | Embedded:
-    """A file path (relative to the manifest's folder, or absolute), or bytes given in the record itself (a
-    dataset's undecoded `Image()` / `Audio()` value: `{"bytes", "path"}`, bytes when it holds them)."""
+def _resolve(value: Any, field_name: str, manifest_dir: Path | str) -> Path | Embedded:
+    """A file path (relative to the manifest's folder, or absolute), a URL (fetched; a relative path is one when
+    the manifest is at a URL), or bytes given in the record itself (a dataset's undecoded `Image()` / `Audio()`
+    value: `{"bytes", "path"}`, bytes when it holds them)."""
     if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
         value = value.get("bytes") or value.get("path")
     if isinstance(value, bytes | bytearray):
@@ -159,7 +161,9 @@ def _resolve(value: Any, field_name: str, manifest_dir: Path) -> Path | Embedded
     if not isinstance(value, str) or not value:
         raise Rejected(field_name, "must be a file path (relative to the manifest's folder, or absolute)")
     _check_utf8(field_name, value)
-    path = Path(value) if Path(value).is_absolute() else manifest_dir / value
+    if is_url(value) or (is_url(manifest_dir) and not Path(value).is_absolute()):
+        return _fetched(value if is_url(value) else join_url(str(manifest_dir), value), field_name)
+    path = Path(value) if Path(value).is_absolute() else Path(manifest_dir) / value
     if not path.exists():
         raise Rejected(field_name, f"file not found: {path}")
     if path.is_dir():
@@ -167,6 +171,16 @@ def _resolve(value: Any, field_name: str, manifest_dir: Path) -> Path | Embedded
     if path.stat().st_size == 0:
         raise Rejected(field_name, f"empty file (0 bytes): {path}")
     return path
+
+
+def _fetched(url: str, field_name: str) -> Embedded:
+    try:
+        content = read_url(url)
+    except RemoteError as err:
+        raise Rejected(field_name, str(err)) from None
+    if not content:
+        raise Rejected(field_name, f"empty file (0 bytes): {url}")
+    return Embedded(content, url)
 
 
 def clean_text(text: str) -> str:
@@ -193,13 +207,19 @@ _EXIF_ORIENTATION = 0x0112
 
 
 class Embedded(bytes):
-    """A file's content given in the record instead of its path; error messages name it so."""
+    """A file's content given in the record (or fetched from the URL `origin`) instead of a local path; error
+    messages name it so."""
+
+    def __new__(cls, content: bytes, origin: str | None = None) -> Embedded:
+        embedded = super().__new__(cls, content)
+        embedded.origin = origin
+        return embedded
 
     def opened(self) -> io.BytesIO:
         return io.BytesIO(self)
 
     def __str__(self) -> str:
-        return f"(the {len(self)} bytes in the record)"
+        return self.origin or f"(the {len(self)} bytes in the record)"
 
 
 def _upright(image: Image.Image) -> bool:

@@ -221,6 +221,41 @@ class ShardCache:
             )
 
 
+def list_url(folder: str, pattern: str) -> list[str]:
+    """The URLs of the files in the folder at `folder` whose names match `pattern` (e.g. `*.tar`), sorted; a web
+    server must serve the folder as a page of links."""
+    import fsspec
+
+    try:
+        filesystem, path = fsspec.core.url_to_fs(folder)
+        return sorted(filesystem.unstrip_protocol(found) for found in filesystem.glob(f"{path.rstrip('/')}/{pattern}"))
+    except remote_errors() as err:
+        raise RemoteError(f"cannot list {folder}: {_reason(err)}") from None
+
+
+def fetch_files(urls: list[str], folder: Path) -> list[Path]:
+    """Local copies of the files at `urls` under `folder` (each keeps its name, in a folder of its own). A copy whose
+    size is the remote file's is reused, so a resumed build does not download again; a cut-off download leaves
+    only a `.part` file."""
+    import fsspec
+
+    copies = []
+    for url in urls:
+        target = folder / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            filesystem, path = fsspec.core.url_to_fs(url)
+            size = filesystem.size(path)
+            if not (target.is_file() and target.stat().st_size == size):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                part = target.with_name(target.name + ".part")
+                filesystem.get_file(path, str(part))
+                os.replace(part, target)
+        except remote_errors() as err:
+            raise RemoteError(f"cannot fetch {url}: {_reason(err)}") from None
+        copies.append(target)
+    return copies
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zidong" / "shards"
 
@@ -252,8 +287,10 @@ __all__ = [
     "RemoteError",
     "ShardCache",
     "default_cache_dir",
+    "fetch_files",
     "is_url",
     "join_url",
+    "list_url",
     "read_remote_index",
     "read_url",
 ]

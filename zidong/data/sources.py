@@ -5,17 +5,23 @@
     zidong data build my_dataset/ --out shards/ --split train             a `save_to_disk` folder
     zidong data build train-00000.parquet --out shards/                   a file `datasets.load_dataset` reads
     zidong data build 'tars/{00000..00099}.tar' --out shards/             WebDataset tars other tools wrote
+    zidong data build 's3://bucket/tars/{00000..00099}.tar' --out shards/  any of these at an fsspec URL
 
 Every source yields, for record n (1-based), either the raw manifest line (JSONL: parsed and checked by the build's
 workers, so a malformed line is a reject like any other) or a record in the manifest's form: `id`, `text`,
 `image`, `audio`, `lang` and any other fields (they travel into the sample's `extra`). Image and audio values are a
-file path (relative to the source's folder), raw bytes, or a `{"bytes", "path"}` mapping (how `datasets` stores
+file path (relative to the source's folder) or URL, raw bytes, or a `{"bytes", "path"}` mapping (how `datasets` stores
 `Image()` and `Audio()` values undecoded: zidong decodes them itself, without FFmpeg). All records then go
 through the same validation, reject report and shard writer.
 
 Columns map to modalities by name (`--columns text=caption image=jpg audio=audio id=key`); unmapped modalities
 take the first column present among the defaults (`DEFAULT_COLUMNS`). A table without an id column gets
 `row-N` ids.
+
+A source at a URL (`https://`, `s3://`, `gs://`, `hf://`, ...: whatever fsspec reaches) is read the same way: a
+manifest or table is read into memory (relative paths in it then resolve against its URL), dataset files go to
+`datasets` as URLs, and WebDataset tars are downloaded first, each into `~/.cache/zidong/sources` (reused by a
+resumed build; delete the folder after the build).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zidong.data.remote import default_cache_dir, fetch_files, is_url, list_url, read_url
 from zidong.errors import UserError
 
 DEFAULT_COLUMNS = {
@@ -53,7 +60,7 @@ class Source:
 
     location: str  # as given
     kind: str  # one of KINDS
-    base_dir: Path  # relative file paths resolve here
+    base_dir: Path | str  # relative file paths resolve here (a URL for a source at a URL)
     digest: str  # identifies the content (and the column mapping): a resumed build must see the same
     columns: dict[str, str] = field(default_factory=dict)  # manifest field -> column (tables and datasets)
     class_names: dict[str, list[str]] = field(default_factory=dict)  # a dataset's ClassLabel columns: id -> name
@@ -116,7 +123,7 @@ class Source:
             return {"line": number}
         if self.kind == "webdataset":
             sample = self._records[number - 1]
-            return {"line": number, "shard": sample.tar.name, "key": sample.key}
+            return {"line": number, "shard": sample.origin.rsplit("/", 1)[-1], "key": sample.key}
         return {"line": number, "row": number - 1}
 
     def claim(self) -> dict[str, Any]:
@@ -164,17 +171,17 @@ def open_source(
 ) -> Source:
     """The source at `location`, its kind (one of `KINDS`) detected from it or given. `single`: one modality is
     enough (a tokenizer reads only text; an audio classification set for `zidong eval` has only audio)."""
-    path = Path(location)
-    kind = kind or _detect(path)
+    location = str(location)
+    kind = kind or _detect(location)
     if kind == "webdataset":
-        return _webdataset(str(location), columns or {})
+        return _webdataset(location, columns or {})
     if kind == "jsonl":
         if columns:
             raise UserError(f"{location}: --columns applies to tables and datasets; a JSONL manifest names its fields")
-        return _jsonl(path)
+        return _jsonl(location)
     if kind in ("csv", "tsv"):
-        return _table(path, kind, columns or {}, single)
-    return _dataset(path, columns or {}, split, single)
+        return _table(location, kind, columns or {}, single)
+    return _dataset(location, columns or {}, split, single)
 
 
 def parse_columns(pairs: list[str]) -> dict[str, str]:
@@ -193,11 +200,19 @@ def parse_columns(pairs: list[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ kinds
 
 
-def _detect(path: Path) -> str:
-    if _BRACES.search(str(path)) or path.suffix.lower() == ".tar":
+def _detect(location: str) -> str:
+    remote = is_url(location)
+    path = Path(location.split("?")[0]) if remote else Path(location)
+    if _BRACES.search(location) or path.suffix.lower() == ".tar":
         return "webdataset"
-    if path.is_dir():
+    if not remote and path.is_dir():
         return "webdataset" if any(path.glob("*.tar")) else "hf"
+    if remote and not path.suffix:
+        raise UserError(
+            f"{location}: a folder at a URL is read as WebDataset tars with --source-kind webdataset, as a "
+            "`save_to_disk` dataset with --source-kind hf; or give its files (a brace pattern such as "
+            "URL/{00000..00099}.tar)"
+        )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return "jsonl"
@@ -206,31 +221,45 @@ def _detect(path: Path) -> str:
     if suffix in HF_FILE_BUILDERS:
         return "hf"
     raise UserError(
-        f"{path}: cannot tell what kind of source this is from its name; a JSONL manifest ends in .jsonl, a table in "
+        f"{location}: cannot tell what kind of source this is from its name; a JSONL manifest ends in .jsonl, a table in "
         ".csv or .tsv, dataset files in .parquet, .arrow or .json, a dataset folder is a folder"
     )
 
 
-def _jsonl(path: Path) -> Source:
+def _read_file(location: str, what: str = "") -> bytes:
+    """The content of a local file or of a URL; raises UserError naming it when it cannot be read."""
+    if is_url(location):
+        return read_url(location)
     try:
-        content = path.read_bytes()
+        return Path(location).read_bytes()
     except OSError as err:
-        raise UserError(f"cannot read manifest {path}: {err.strerror or err}") from None
+        raise UserError(f"cannot read {what}{location}: {err.strerror or err}") from None
+
+
+def _where(location: str) -> tuple[str, Path | str]:
+    """How a source records its location (absolute for a path), and the folder its relative paths resolve in."""
+    if is_url(location):
+        return location, location.rsplit("/", 1)[0]
+    path = Path(location).resolve()
+    return str(path), path if path.is_dir() else path.parent
+
+
+def _jsonl(path: str) -> Source:
+    content = _read_file(path, "manifest ")
     lines = content.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     if not any(line.strip() for line in lines):
         raise UserError(f"manifest {path} has no samples (expected one JSON object per line)")
     digest = hashlib.sha256(content).hexdigest()
-    return Source(str(path.resolve()), "jsonl", path.resolve().parent, digest, _records=lines)
+    location, base = _where(path)
+    return Source(location, "jsonl", base, digest, _records=lines)
 
 
-def _table(path: Path, kind: str, columns: dict[str, str], single: bool = False) -> Source:
+def _table(path: str, kind: str, columns: dict[str, str], single: bool = False) -> Source:
+    content = _read_file(path)
     try:
-        content = path.read_bytes()
         text = content.decode("utf-8-sig")
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save the table as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
@@ -238,52 +267,57 @@ def _table(path: Path, kind: str, columns: dict[str, str], single: bool = False)
     header = reader.fieldnames or []
     if not rows:
         raise UserError(f"{path} has no rows under its header (expected a header line, then one sample per row)")
-    mapping = _map_columns(str(path), header, columns, need_two=not single)
+    mapping = _map_columns(path, header, columns, need_two=not single)
     digest = hashlib.sha256(content + json.dumps(mapping, sort_keys=True).encode()).hexdigest()
-    return Source(str(path.resolve()), kind, path.resolve().parent, digest, mapping, _records=rows)
+    location, base = _where(path)
+    return Source(location, kind, base, digest, mapping, _records=rows)
 
 
-def _dataset(path: Path, columns: dict[str, str], split: str | None, single: bool = False) -> Source:
+def _dataset(path: str, columns: dict[str, str], split: str | None, single: bool = False) -> Source:
     import datasets
 
     dataset = _load_dataset(path, split)
-    mapping = _map_columns(str(path), list(dataset.column_names), columns, need_two=not single)
-    _check_kinds(str(path), dataset.features, mapping)
+    mapping = _map_columns(path, list(dataset.column_names), columns, need_two=not single)
+    _check_kinds(path, dataset.features, mapping)
     for name in ("image", "audio"):  # decoded by zidong from their bytes or paths (no torchcodec, no FFmpeg)
         column = mapping.get(name)
         feature = dataset.features.get(column) if column else None
         if isinstance(feature, datasets.Image | datasets.Audio):
             dataset = dataset.cast_column(column, type(feature)(decode=False))
-    base = path.resolve() if path.is_dir() else path.resolve().parent
     digest = hashlib.sha256(f"{dataset._fingerprint}:{split}:{json.dumps(mapping, sort_keys=True)}".encode())
     names = {c: list(f.names) for c, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)}
-    return Source(str(path.resolve()), "hf", base, digest.hexdigest(), mapping, names, _records=dataset)
+    location, base = _where(path)
+    return Source(location, "hf", base, digest.hexdigest(), mapping, names, _records=dataset)
 
 
-def _load_dataset(path: Path, split: str | None):
+def _load_dataset(location: str, split: str | None):
     import datasets
 
+    remote = is_url(location)
+    path = Path(location.split("?")[0] if remote else location)
+    builder = HF_FILE_BUILDERS.get(path.suffix.lower())
+    saved = remote or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            loaded = datasets.load_from_disk(str(path))
-        elif path.is_dir():
-            loaded = datasets.load_dataset(str(path))
+        if builder is not None:
+            loaded = datasets.load_dataset(builder, data_files=location)
+        elif saved:  # a `save_to_disk` folder (the only folder kind a URL can name)
+            loaded = datasets.load_from_disk(location)
         else:
-            loaded = datasets.load_dataset(HF_FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
+            loaded = datasets.load_dataset(location)
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise UserError(f"{path}: `datasets` cannot load this ({str(err).splitlines()[0][:200]})") from None
+        raise UserError(f"{location}: `datasets` cannot load this ({str(err).splitlines()[0][:200]})") from None
     except datasets.exceptions.DatasetGenerationError as err:  # the reason is the error it wraps
         reason = str(err.__cause__ or err).splitlines()[0][:200]
-        raise UserError(f"{path}: `datasets` cannot load this ({reason})") from None
+        raise UserError(f"{location}: `datasets` cannot load this ({reason})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split is None and len(loaded) == 1:
             split = next(iter(loaded))
         if split not in loaded:
-            raise UserError(f"{path} holds the splits {', '.join(loaded)}; choose one with --split")
+            raise UserError(f"{location} holds the splits {', '.join(loaded)}; choose one with --split")
         return loaded[split]
     if split is not None and split != str(loaded.split):
         raise UserError(
-            f"{path} is one dataset (split {loaded.split}), not a dict of splits; leave out --split {split}"
+            f"{location} is one dataset (split {loaded.split}), not a dict of splits; leave out --split {split}"
         )
     return loaded
 
@@ -295,6 +329,7 @@ class _TarSample:
     tar: Path
     key: str
     members: dict[str, tarfile.TarInfo]  # extension -> member
+    origin: str  # the tar as the user named it (a path or a URL; `tar` is then its downloaded copy)
 
     def read(self, only: tuple[str, ...] | None = None) -> dict[str, Any]:
         """{"__key__": key, extension: content} (`only`: those extensions); `txt` as text, `json` parsed (left as
@@ -335,9 +370,16 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _webdataset(location: str, columns: dict[str, str]) -> Source:
     """WebDataset tars (`{key}.{extension}` members, a sample's members consecutive and in one tar): a folder of
-    them, one tar, or a brace pattern. Scanned once for the members of every sample (headers only)."""
+    them, one tar, or a brace pattern; local or at URLs. Scanned once for the members of every sample (headers
+    only)."""
     path = Path(location)
-    tars = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in expand_braces(location)]
+    if is_url(location):
+        bare = not _BRACES.search(location) and not location.split("?")[0].endswith(".tar")
+        origins = list_url(location, "*.tar") if bare else expand_braces(location)
+        tars = fetch_files(origins, default_cache_dir().parent / "sources")
+    else:
+        tars = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in expand_braces(location)]
+        origins = [str(tar) for tar in tars]
     missing = [str(t) for t in tars if not t.is_file()]
     if missing:
         raise UserError(
@@ -347,16 +389,18 @@ def _webdataset(location: str, columns: dict[str, str]) -> Source:
     if not tars:
         raise UserError(f"{location}: no .tar files there")
     samples: list[_TarSample] = []
-    found_in: dict[str, Path] = {}
+    found_in: dict[str, str] = {}
     extensions: set[str] = set()
     digest = hashlib.sha256(json.dumps(columns, sort_keys=True).encode())
-    for tar in tars:
-        digest.update(f"{tar.resolve()}:{tar.stat().st_size}:{tar.stat().st_mtime_ns}".encode())
+    for tar, origin in zip(tars, origins, strict=True):
+        stat = tar.stat()
+        # a downloaded copy's own time changes when it is downloaded again: only the URL and size identify it
+        digest.update(f"{origin}:{stat.st_size}{'' if is_url(origin) else f':{stat.st_mtime_ns}'}".encode())
         try:
             with tarfile.open(tar) as archive:
                 members = [m for m in archive.getmembers() if m.isfile()]
         except (tarfile.TarError, OSError) as err:
-            raise UserError(f"{tar}: not a readable tar file ({err})") from None
+            raise UserError(f"{origin}: not a readable tar file ({err})") from None
         for member in members:
             key, dot, extension = _split_member(member.name)
             if not dot:
@@ -365,13 +409,13 @@ def _webdataset(location: str, columns: dict[str, str]) -> Source:
                 samples[-1].members[extension] = member
                 continue
             if key in found_in:
-                place = "earlier in the same tar" if found_in[key] == tar else f"in {found_in[key]}"
+                place = "earlier in the same tar" if found_in[key] == origin else f"in {found_in[key]}"
                 raise UserError(
-                    f"{tar}: members of sample {key!r} are also {place}; WebDataset keeps a sample's members "
+                    f"{origin}: members of sample {key!r} are also {place}; WebDataset keeps a sample's members "
                     "together in one tar (re-shard so that each key's files are consecutive in one tar)"
                 )
-            found_in[key] = tar
-            samples.append(_TarSample(tar, key, {extension: member}))
+            found_in[key] = origin
+            samples.append(_TarSample(tar, key, {extension: member}, origin))
             extensions.add(extension)
     if not samples:
         raise UserError(f"{location}: the tars hold no {{key}}.{{extension}} members")
@@ -386,7 +430,7 @@ def _webdataset(location: str, columns: dict[str, str]) -> Source:
     return Source(
         location,
         "webdataset",
-        (path if path.is_dir() else tars[0].parent).resolve(),
+        tars[0].parent.resolve() if is_url(location) or not path.is_dir() else path.resolve(),
         digest.hexdigest(),
         mapping,
         _records=samples,

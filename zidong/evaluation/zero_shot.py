@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from zidong.data.build import STATE_DIR, build
 from zidong.data.labels import LabelSet, load_labels
 from zidong.data.normalize import BuildSettings
+from zidong.data.remote import is_url
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.sources import open_source
 from zidong.data.transforms import SamplePipeline
@@ -66,15 +67,15 @@ def evaluate(
 ) -> dict[str, float]:
     """Run the evaluation, print the tables (rank 0), write `out` as JSON when given; returns the metrics.
 
-    `data` is a shard folder, or any source `zidong data build` reads: that is built first into a temporary shard
-    folder (one modality per sample is enough there), with the same validation; its rejects are reported."""
+    `data` is a shard folder (local or at a URL), or any source `zidong data build` reads: that is built first
+    into a temporary shard folder (one modality per sample is enough there), with the same validation; its rejects
+    are reported."""
     spec = data if isinstance(data, DataSpec) else DataSpec(data)
     find_checkpoint(source)  # a bad model or label file fails before any work
     file_labels = load_labels(labels) if labels else None
-    location = Path(spec.location)
-    if (location / "index.json").is_file() or (location / STATE_DIR).is_dir():  # shards (or an unfinished build)
-        label_set = _column_labels(location, spec) if spec.label_column else file_labels
-        return _evaluate_folder(source, location, label_set, out, batch_size)
+    if _names_shards(spec.location):
+        label_set = _column_labels(spec.location, spec) if spec.label_column else file_labels
+        return _evaluate_folder(source, spec.location, label_set, out, batch_size)
     with tempfile.TemporaryDirectory(prefix="zidong-eval-") as scratch:
         folder = Path(scratch) / "shards"
         built = open_source(spec.location, spec.columns, spec.split, single=True)
@@ -92,7 +93,15 @@ def evaluate(
         return _evaluate_folder(source, folder, label_set, out, batch_size, shown=str(spec.location))
 
 
-def _column_labels(folder: Path, spec: DataSpec, names: list[str] | None = None) -> LabelSet:
+def _names_shards(location: str | Path) -> bool:
+    """Does `location` name a shard folder (or an unfinished build of one)? At a URL: one that names no file."""
+    if is_url(location):
+        return "{" not in str(location) and not Path(str(location).split("?")[0]).suffix
+    path = Path(location)
+    return (path / "index.json").is_file() or (path / STATE_DIR).is_dir()
+
+
+def _column_labels(folder: str | Path, spec: DataSpec, names: list[str] | None = None) -> LabelSet:
     """Classes from a label column: a ClassLabel's names in their order, else the values found, sorted."""
     if names is None:
         shards = ShardFolder(folder)
@@ -113,7 +122,7 @@ def _column_labels(folder: Path, spec: DataSpec, names: list[str] | None = None)
 
 def _evaluate_folder(
     source: str | Path,
-    data: Path,
+    data: str | Path,
     label_set: LabelSet | None,
     out: str | Path | None,
     batch_size: int,
