@@ -12,7 +12,9 @@ import sentencepiece
 from transformers import AutoTokenizer
 
 from tests.data.corpus import make_corpus
+from tests.helpers import serve_folder
 from zidong.cli import EXIT_USAGE, main
+from zidong.data.tokenizer import read_sentences
 
 ENGLISH = [
     "the",
@@ -108,6 +110,16 @@ def test_reads_shard_folders(tmp_path: Path) -> None:
                  "--out", str(out)]) == 0  # fmt: skip
     fast = AutoTokenizer.from_pretrained(out)
     assert fast.decode(fast.encode("两个小的红色圆形", add_special_tokens=False)) == "两个小的红色圆形"
+
+
+def test_reads_a_shard_folder_at_a_url_like_the_local_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = make_corpus(tmp_path / "corpus", 24)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with serve_folder(shards.parent) as (url, requested):
+        remote = list(read_sentences([f"{url}/{shards.name}"]))
+    assert remote == list(read_sentences([shards]))
+    assert len(remote) == sum(1 for line in (tmp_path / "corpus" / "manifest.jsonl").open() if '"text"' in line)
+    assert any(path.endswith(".tar") for path in requested)
 
 
 def _captions(path: Path, count: int) -> Path:

@@ -23,8 +23,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from zidong.data.build import STATE_DIR
+from zidong.data.build import names_shard_folder
 from zidong.data.normalize import clean_text
+from zidong.data.remote import is_url
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.sources import open_source
 from zidong.errors import UserError
@@ -45,13 +46,14 @@ def read_sentences(
     source `zidong data build` reads (zidong/data/sources.py: JSONL manifests, CSV/TSV tables, Hugging Face
     datasets, WebDataset tars; `columns` and `split` as there), NFC-normalised with whitespace collapsed as the
     shard builder does."""
-    for path in map(Path, inputs):
-        if path.is_dir() and ((path / "index.json").is_file() or (path / STATE_DIR).is_dir()):
-            yield from _captions(ShardFolder(path))
+    for location in map(str, inputs):
+        if names_shard_folder(location):
+            yield from _captions(ShardFolder(location))
             continue
-        if path.is_dir() or path.suffix.lower() in SOURCE_SUFFIXES or "{" in str(path):
+        path = Path(location.split("?")[0] if is_url(location) else location)
+        if is_url(location) or path.is_dir() or path.suffix.lower() in SOURCE_SUFFIXES or "{" in location:
             mapping = None if path.suffix.lower() == ".jsonl" else columns  # a manifest names its own fields
-            for text in open_source(str(path), mapping, split, single=True).texts():
+            for text in open_source(location, mapping, split, single=True).texts():
                 if isinstance(text, str) and clean_text(text):
                     yield clean_text(text)
             continue

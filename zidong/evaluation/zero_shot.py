@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from zidong.data.build import STATE_DIR, build
+from zidong.data.build import build, names_shard_folder
 from zidong.data.labels import LabelSet, load_labels
 from zidong.data.normalize import BuildSettings
-from zidong.data.remote import is_url
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.sources import open_source
 from zidong.data.transforms import SamplePipeline
@@ -73,7 +72,7 @@ def evaluate(
     spec = data if isinstance(data, DataSpec) else DataSpec(data)
     find_checkpoint(source)  # a bad model or label file fails before any work
     file_labels = load_labels(labels) if labels else None
-    if _names_shards(spec.location):
+    if names_shard_folder(spec.location):
         label_set = _column_labels(spec.location, spec) if spec.label_column else file_labels
         return _evaluate_folder(source, spec.location, label_set, out, batch_size)
     with tempfile.TemporaryDirectory(prefix="zidong-eval-") as scratch:
@@ -91,14 +90,6 @@ def evaluate(
         else:
             label_set = file_labels
         return _evaluate_folder(source, folder, label_set, out, batch_size, shown=str(spec.location))
-
-
-def _names_shards(location: str | Path) -> bool:
-    """Does `location` name a shard folder (or an unfinished build of one)? At a URL: one that names no file."""
-    if is_url(location):
-        return "{" not in str(location) and not Path(str(location).split("?")[0]).suffix
-    path = Path(location)
-    return (path / "index.json").is_file() or (path / STATE_DIR).is_dir()
 
 
 def _column_labels(folder: str | Path, spec: DataSpec, names: list[str] | None = None) -> LabelSet:
