@@ -169,7 +169,7 @@ def _data_build(args: argparse.Namespace) -> int:
     from zidong.data.sources import open_source
 
     columns = _columns(args)
-    source = open_source(args.manifest, columns, args.split, args.source_kind)
+    source = open_source(args.manifest, columns, args.split, args.source_kind, streaming=args.streaming)
     result = build(source, args.out, settings, workers=args.workers or 1, part=args.part or (0, 1))
     index, count = result.part
     scope = f"part {index}/{count}: " if count > 1 else ""
@@ -259,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
     build.add_argument("--source-kind", choices=SOURCE_KINDS, help="instead of detecting it")
+    build.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read a Hugging Face dataset as a stream, storing none of it (hf://datasets/ORG/NAME always is)",
+    )
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
     build.add_argument("--shard-size", type=_positive_int, metavar="N", help="samples per shard")
     build.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes")

@@ -214,6 +214,51 @@ def test_a_missing_media_file_at_a_url_is_a_reject_naming_it(corpus, tmp_path: P
     assert f"cannot read {url}/media/gone.png: not found" in reject["reason"]
 
 
+def test_a_streamed_dataset_gives_the_same_samples_in_parts_and_after_an_interruption(
+    corpus, from_jsonl, tmp_path: Path
+) -> None:
+    _, samples = corpus
+    source = tmp_path / "train.parquet"
+    as_dataset(samples).to_parquet(str(source))
+    parts = tmp_path / "parts"
+    for part in ("0/2", "1/2"):  # each part streams the whole file and keeps its own rows
+        result = run_cli(
+            "data", "build", str(source), "--streaming", "--out", str(parts), "--part", part, "shard_size=8"
+        )
+        assert result.returncode == 0, result.stderr
+    assert_same_samples(from_jsonl, read_shards(parts))
+    out = tmp_path / "resumed"
+    result = run_cli("data", "build", str(source), "--streaming", "--out", str(out), "shard_size=16")
+    assert result.returncode == 0, result.stderr
+    # cut the build back to its first two shards, as if it had been killed while writing the third
+    progress = out / ".build" / "part-0000-of-0001.jsonl"
+    records = progress.read_text().splitlines()
+    progress.write_text("\n".join(records[:2]) + "\n")
+    (out / json.loads(records[2])["shard"]).unlink()
+    (out / "index.json").unlink()
+    again = run_cli("data", "build", str(source), "--streaming", "--out", str(out), "shard_size=16")
+    assert again.returncode == 0, again.stderr
+    assert "16 samples in 1 shards" not in again.stdout  # the summary counts the whole build
+    assert f"{SAMPLES} samples in 3 shards, 0 rejected" in again.stdout
+    assert_same_samples(from_jsonl, read_shards(out))
+
+
+def test_streaming_refuses_a_source_that_is_not_a_dataset(corpus, from_jsonl, tmp_path: Path) -> None:
+    folder, _ = corpus
+    result = run_cli("data", "build", str(folder / "manifest.jsonl"), "--streaming", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "--streaming reads Hugging Face datasets; this is a jsonl source" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_dataset_that_cannot_be_reached_exits_2_naming_it(tmp_path: Path) -> None:
+    # the suite runs with HF_HUB_OFFLINE=1: the hub is out of reach, as on a machine without network
+    result = run_cli("data", "build", "hf://datasets/zidong-tests/absent", "--split", "train", "--out", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "hf://datasets/zidong-tests/absent: `datasets` cannot load this" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_dataset_with_splits_needs_split(corpus, tmp_path: Path) -> None:
     _, samples = corpus
     dataset = as_dataset(samples[:4])

@@ -15,18 +15,20 @@ import torch
 from zidong.bench.common import Result, Settings, ensure_demo_corpus
 from zidong.bench.distributed import distributed
 from zidong.bench.frontend import frontend
+from zidong.bench.sources import sources
 from zidong.bench.training import TrainingBench, base_mfu, loader_headroom, padding, step_time
 
-MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7)
+MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8)
 logger = logging.getLogger("zidong.bench")
 
 
 def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result]:
-    """The selected measurements (numbers 1-7 of docs/PERFORMANCE.md), cheapest shared work first."""
+    """The selected measurements (numbers 1-8 of docs/PERFORMANCE.md), cheapest shared work first."""
     bench = TrainingBench(settings)
     steps = {
         3: lambda: padding(bench),
         4: lambda: loader_headroom(bench),
+        8: lambda: sources(bench),
         5: lambda: frontend(bench.loader_pass(bucketed=True).speech_batches),
         1: lambda: [step_time(bench)],
         2: lambda: [

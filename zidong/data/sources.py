@@ -52,6 +52,7 @@ FIELDS = tuple(DEFAULT_COLUMNS)
 HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 KINDS = ("jsonl", "csv", "tsv", "hf", "webdataset")
 _BRACES = re.compile(r"\{([^{}]*)\}")
+_HUB_DATASET = re.compile(r"hf://datasets/([^/@]+/[^/@]+?)(?:@([^/]+))?/?")  # a hub dataset id (optional @revision)
 
 
 @dataclass
@@ -168,11 +169,15 @@ def open_source(
     split: str | None = None,
     kind: str | None = None,
     single: bool = False,
+    streaming: bool = False,
 ) -> Source:
     """The source at `location`, its kind (one of `KINDS`) detected from it or given. `single`: one modality is
-    enough (a tokenizer reads only text; an audio classification set for `zidong eval` has only audio)."""
+    enough (a tokenizer reads only text; an audio classification set for `zidong eval` has only audio).
+    `streaming`: read a Hugging Face dataset as a stream, storing none of it (a hub dataset id always is)."""
     location = str(location)
     kind = kind or _detect(location)
+    if streaming and kind != "hf":
+        raise UserError(f"{location}: --streaming reads Hugging Face datasets; this is a {kind} source")
     if kind == "webdataset":
         return _webdataset(location, columns or {})
     if kind == "jsonl":
@@ -181,7 +186,7 @@ def open_source(
         return _jsonl(location)
     if kind in ("csv", "tsv"):
         return _table(location, kind, columns or {}, single)
-    return _dataset(location, columns or {}, split, single)
+    return _dataset(location, columns or {}, split, single, streaming or bool(_HUB_DATASET.fullmatch(location)))
 
 
 def parse_columns(pairs: list[str]) -> dict[str, str]:
@@ -201,6 +206,8 @@ def parse_columns(pairs: list[str]) -> dict[str, str]:
 
 
 def _detect(location: str) -> str:
+    if _HUB_DATASET.fullmatch(location):
+        return "hf"
     remote = is_url(location)
     path = Path(location.split("?")[0]) if remote else Path(location)
     if _BRACES.search(location) or path.suffix.lower() == ".tar":
@@ -238,6 +245,8 @@ def _read_file(location: str, what: str = "") -> bytes:
 
 def _where(location: str) -> tuple[str, Path | str]:
     """How a source records its location (absolute for a path), and the folder its relative paths resolve in."""
+    if _HUB_DATASET.fullmatch(location):  # paths in its columns are relative to the dataset's root
+        return location, location.rstrip("/")
     if is_url(location):
         return location, location.rsplit("/", 1)[0]
     path = Path(location).resolve()
@@ -273,10 +282,10 @@ def _table(path: str, kind: str, columns: dict[str, str], single: bool = False) 
     return Source(location, kind, base, digest, mapping, _records=rows)
 
 
-def _dataset(path: str, columns: dict[str, str], split: str | None, single: bool = False) -> Source:
+def _dataset(path: str, columns: dict[str, str], split: str | None, single: bool, streaming: bool) -> Source:
     import datasets
 
-    dataset = _load_dataset(path, split)
+    dataset = _load_dataset(path, split, streaming)
     mapping = _map_columns(path, list(dataset.column_names), columns, need_two=not single)
     _check_kinds(path, dataset.features, mapping)
     for name in ("image", "audio"):  # decoded by zidong from their bytes or paths (no torchcodec, no FFmpeg)
@@ -284,42 +293,97 @@ def _dataset(path: str, columns: dict[str, str], split: str | None, single: bool
         feature = dataset.features.get(column) if column else None
         if isinstance(feature, datasets.Image | datasets.Audio):
             dataset = dataset.cast_column(column, type(feature)(decode=False))
-    digest = hashlib.sha256(f"{dataset._fingerprint}:{split}:{json.dumps(mapping, sort_keys=True)}".encode())
+    # a stream has no fingerprint of its content: a resumed build trusts the location and revision
+    content = f"stream:{path}" if streaming else dataset._fingerprint
+    digest = hashlib.sha256(f"{content}:{split}:{json.dumps(mapping, sort_keys=True)}".encode())
     names = {c: list(f.names) for c, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)}
     location, base = _where(path)
-    return Source(location, "hf", base, digest.hexdigest(), mapping, names, _records=dataset)
+    records = _Stream(dataset, path) if streaming else dataset
+    return Source(location, "hf", base, digest.hexdigest(), mapping, names, _records=records)
 
 
-def _load_dataset(location: str, split: str | None):
+def _load_dataset(location: str, split: str | None, streaming: bool = False):
     import datasets
 
     remote = is_url(location)
     path = Path(location.split("?")[0] if remote else location)
     builder = HF_FILE_BUILDERS.get(path.suffix.lower())
     saved = remote or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    hub = _HUB_DATASET.fullmatch(location)
     try:
-        if builder is not None:
-            loaded = datasets.load_dataset(builder, data_files=location)
+        if hub:
+            loaded = datasets.load_dataset(hub.group(1), revision=hub.group(2), split=split, streaming=True)
+        elif builder is not None:
+            loaded = datasets.load_dataset(builder, data_files=location, streaming=streaming)
         elif saved:  # a `save_to_disk` folder (the only folder kind a URL can name)
             loaded = datasets.load_from_disk(location)
         else:
-            loaded = datasets.load_dataset(location)
+            loaded = datasets.load_dataset(location, streaming=streaming)
+        if streaming and isinstance(loaded, datasets.Dataset | datasets.DatasetDict):  # a save_to_disk folder
+            loaded = loaded.to_iterable_dataset() if isinstance(loaded, datasets.Dataset) else loaded
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise UserError(f"{location}: `datasets` cannot load this ({str(err).splitlines()[0][:200]})") from None
     except datasets.exceptions.DatasetGenerationError as err:  # the reason is the error it wraps
         reason = str(err.__cause__ or err).splitlines()[0][:200]
         raise UserError(f"{location}: `datasets` cannot load this ({reason})") from None
-    if isinstance(loaded, datasets.DatasetDict):
+    if isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict):
         if split is None and len(loaded) == 1:
             split = next(iter(loaded))
         if split not in loaded:
             raise UserError(f"{location} holds the splits {', '.join(loaded)}; choose one with --split")
-        return loaded[split]
-    if split is not None and split != str(loaded.split):
+        loaded = loaded[split]
+        if streaming and isinstance(loaded, datasets.Dataset):
+            loaded = loaded.to_iterable_dataset()
+        return loaded if loaded.features is not None else loaded._resolve_features()
+    if split is not None and split != str(loaded.split) and not hub:
         raise UserError(
             f"{location} is one dataset (split {loaded.split}), not a dict of splits; leave out --split {split}"
         )
-    return loaded
+    return loaded if loaded.features is not None else loaded._resolve_features()
+
+
+class _Stream:
+    """A streamed Hugging Face dataset read as the build reads a source: rows by increasing index (an earlier
+    index restarts the stream), a column's values in order, and its length (from the dataset's card, else one
+    pass over a column)."""
+
+    def __init__(self, dataset, location: str):
+        self.dataset = dataset
+        self.location = location
+        self._rows: Iterator[dict[str, Any]] | None = None
+        self._next = 0
+        self._length: int | None = None
+
+    def __len__(self) -> int:
+        if self._length is None:
+            splits = self.dataset.info.splits or {}
+            known = splits.get(str(self.dataset.split)) if self.dataset.split is not None else None
+            self._length = known.num_examples if known and known.num_examples else self._count()
+        return self._length
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):  # a column, in row order
+            return (row[key] for row in self._read(self.dataset.select_columns([key])))
+        if self._rows is None or key < self._next:
+            self._rows, self._next = self._read(self.dataset.skip(key) if key else self.dataset), key
+        for _ in range(key - self._next):
+            next(self._rows)
+        self._next = key + 1
+        try:
+            return next(self._rows)
+        except StopIteration:
+            raise UserError(f"{self.location}: the stream ended at row {key}, before the length it declared") from None
+
+    def _count(self) -> int:
+        return sum(1 for _ in self._read(self.dataset.select_columns(self.dataset.column_names[:1])))
+
+    def _read(self, dataset) -> Iterator[dict[str, Any]]:
+        import datasets
+
+        try:
+            yield from dataset
+        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+            raise UserError(f"{self.location}: reading the stream failed ({str(err).splitlines()[0][:200]})") from None
 
 
 @dataclass
