@@ -84,8 +84,9 @@ def resumed_step(output: str) -> int:
 
 
 @contextlib.contextmanager
-def serve_folder(root: Path) -> Iterator[tuple[str, list[str]]]:
-    """Serve `root` over HTTP on the loopback interface; yields its URL and the list of paths requested so far."""
+def serve_folder(root: Path, refuse: bool | str = False) -> Iterator[tuple[str, list[str]]]:
+    """Serve `root` over HTTP on the loopback interface; yields its URL and the list of paths requested so far.
+    `refuse`: answer 403 Forbidden to every request (True) or to those for paths ending so (a string)."""
     requested: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -94,7 +95,16 @@ def serve_folder(root: Path) -> Iterator[tuple[str, list[str]]]:
 
         def do_GET(self) -> None:
             requested.append(self.path)
+            if refuse is True or (isinstance(refuse, str) and self.path.endswith(refuse)):
+                self.send_error(403)
+                return
             super().do_GET()
+
+        def do_HEAD(self) -> None:
+            if refuse is True or (isinstance(refuse, str) and self.path.endswith(refuse)):
+                self.send_error(403)
+                return
+            super().do_HEAD()
 
         def log_message(self, *args) -> None:
             pass

@@ -134,13 +134,25 @@ def test_a_cache_smaller_than_a_shard_is_a_clear_error(corpus: Path, tmp_path: P
             folder.read(0, 0)
 
 
-@pytest.mark.parametrize("where", ["no server", "no index"])
+@pytest.mark.parametrize("where", ["no server", "no index", "forbidden"])
 def test_an_unreachable_folder_names_the_url(corpus: Path, tmp_path: Path, where: str) -> None:
-    with serve_folder(tmp_path) as (url, _):
+    with serve_folder(tmp_path, refuse=where == "forbidden") as (url, _):
         if where == "no server":
             url = f"http://127.0.0.1:{free_port()}"
-        with pytest.raises(RemoteError, match=rf"cannot read {re.escape(url)}/shards/index.json: not found"):
+        expected = rf"cannot read {re.escape(url)}/shards/index.json: not found, not permitted, or the server cannot"
+        with pytest.raises(RemoteError, match=expected):
             ShardFolder(f"{url}/shards", ShardCache(tmp_path / "cache", 10**9))
+
+
+def test_a_shard_the_server_refuses_names_the_shard_and_the_status(corpus: Path, tmp_path: Path) -> None:
+    served = shutil.copytree(corpus, tmp_path / "served" / "shards")
+    with serve_folder(tmp_path / "served", refuse=".tar") as (url, requested):
+        folder = ShardFolder(f"{url}/shards", ShardCache(tmp_path / "cache", 10**9))
+        shard = load_index(served)["shards"][0]["shard"]
+        with pytest.raises(RemoteError, match=rf"cannot fetch the shard {re.escape(url)}/shards/{shard}: .*403"):
+            folder.read(0, 0)
+    assert len([path for path in requested if path.endswith(shard)]) == 3  # tried three times
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix in (".tar", ".part")]
 
 
 def test_the_stream_over_http_hands_out_the_local_streams_batches(

@@ -170,7 +170,7 @@ def test_training_data_at_an_unreachable_url_exits_2_before_any_checkpoint(
     recipe = write_recipe(tmp_path, corpus, data={"train": [{"path": url}]})
     result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
     assert result.returncode == 2, result.stderr
-    assert f"cannot read {url}/index.json: not found, or the server cannot be reached" in result.stderr
+    assert f"cannot read {url}/index.json: not found, not permitted, or the server cannot be reached" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -81,8 +81,14 @@ def read_remote_index(url: str) -> dict[str, Any]:
 
 
 def _reason(err: BaseException) -> str:
+    """Why a remote read failed, with what to check. fsspec reports a missing file, a refused connection and (for
+    HTTP) a refused permission alike, as FileNotFoundError."""
     if isinstance(err, FileNotFoundError):
-        return "not found, or the server cannot be reached"
+        return (
+            "not found, not permitted, or the server cannot be reached (check the URL, and this machine's access to it)"
+        )
+    if isinstance(err, ImportError):
+        return f"{err} (the package for this kind of URL is not installed)"
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
