@@ -24,7 +24,7 @@ def evaluations(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def main_job(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("main") / "run"  # the recipe reads the shared demo corpus, data/demo
-    result = run_cli("pretrain", TINY, f"output_dir={run}", env=QUIET, timeout=1500)
+    result = run_cli("pretrain", TINY, f"output_dir={run}", env=QUIET, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out retrieval after" in result.stderr
     return run

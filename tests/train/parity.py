@@ -124,7 +124,7 @@ def _command(launcher: str, processes: int, command: list[str], recipe: Path) ->
 
 
 def launch(
-    launcher: str, processes: int, command: list[str], recipe: Path, timeout: float = 600
+    launcher: str, processes: int, command: list[str], recipe: Path, timeout: float = 1200
 ) -> subprocess.CompletedProcess:
     """Run `python [launcher] -m zidong COMMAND RECIPE` as a parity run; fails the test on a non-zero exit."""
     arguments, env = _command(launcher, processes, command, recipe)
@@ -143,7 +143,7 @@ def start(launcher: str, processes: int, command: list[str], recipe: Path) -> su
         )
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
     """Wait until `path` exists while `process` (from `start`) runs."""
     deadline = time.monotonic() + timeout
     while not path.exists():

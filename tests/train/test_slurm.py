@@ -69,7 +69,7 @@ def test_usr1_checkpoints_every_process_then_requeues(corpus: dict[str, Path], t
     )
     wait_for(tmp_path / "run" / "checkpoints" / "step-00000002", job)  # the override reached the processes
     job.send_signal(signal.SIGUSR1)
-    output, _ = job.communicate(timeout=300)
+    output, _ = job.communicate(timeout=900)
     assert job.returncode == 0, output[-4000:]
     assert "stopped by SIGUSR1" in output
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]

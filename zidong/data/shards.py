@@ -127,8 +127,8 @@ class ShardFolder:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(cancel_futures=True)
+        if self._prefetcher is not None:  # a download in progress finishes in the background
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
             self._prefetcher = None
 
     def location(self, shard: int) -> str:
