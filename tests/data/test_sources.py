@@ -259,6 +259,30 @@ def test_a_hub_dataset_that_cannot_be_reached_exits_2_naming_it(tmp_path: Path) 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("field", ["image", "audio"])
+def test_an_imagefolder_or_audiofolder_layout_gives_the_manifests_samples(corpus, tmp_path: Path, field: str) -> None:
+    # the layout `datasets` reads as imagefolder / audiofolder: files and a metadata.jsonl naming them
+    _, samples = corpus
+    chosen = [s for s in samples if field in s and "text" in s][:8]
+    folder = tmp_path / "layout" / "train"
+    folder.mkdir(parents=True)
+    rows = []
+    for sample in chosen:
+        name = Path(sample[field]).name
+        shutil.copy(sample[field], folder / name)
+        rows.append({"file_name": name, "id": sample["id"], "text": sample["text"], "lang": sample["lang"]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    manifest = write_manifest(
+        tmp_path / "manifest.jsonl",
+        [{"id": s["id"], "text": s["text"], field: s[field], "lang": s["lang"]} for s in chosen],
+    )
+    for source, out in ((tmp_path / "layout", tmp_path / "from-layout"), (manifest, tmp_path / "from-manifest")):
+        result = run_cli("data", "build", str(source), "--out", str(out), env={"HF_DATASETS_CACHE": str(tmp_path)})
+        assert result.returncode == 0, result.stderr
+        assert "8 samples in 1 shards, 0 rejected" in result.stdout
+    assert_same_samples(read_shards(tmp_path / "from-manifest"), read_shards(tmp_path / "from-layout"))
+
+
 def test_a_dataset_with_splits_needs_split(corpus, tmp_path: Path) -> None:
     _, samples = corpus
     dataset = as_dataset(samples[:4])

@@ -26,6 +26,7 @@ resumed build; delete the folder after the build).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import hashlib
@@ -318,7 +319,8 @@ def _load_dataset(location: str, split: str | None, streaming: bool = False):
         elif saved:  # a `save_to_disk` folder (the only folder kind a URL can name)
             loaded = datasets.load_from_disk(location)
         else:
-            loaded = datasets.load_dataset(location, streaming=streaming)
+            with _audio_stored_without_torchcodec():  # an `audiofolder` layout stores its files' paths
+                loaded = datasets.load_dataset(location, streaming=streaming)
         if streaming and isinstance(loaded, datasets.Dataset | datasets.DatasetDict):  # a save_to_disk folder
             loaded = loaded.to_iterable_dataset() if isinstance(loaded, datasets.Dataset) else loaded
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
@@ -340,6 +342,30 @@ def _load_dataset(location: str, split: str | None, streaming: bool = False):
             f"{location} is one dataset (split {loaded.split}), not a dict of splits; leave out --split {split}"
         )
     return loaded if loaded.features is not None else loaded._resolve_features()
+
+
+@contextlib.contextmanager
+def _audio_stored_without_torchcodec() -> Iterator[None]:
+    """`datasets.Audio` imports torchcodec to store any value, even a file path or bytes that it then keeps as they
+    are; zidong decodes audio itself, so within this block paths and bytes are stored without torchcodec."""
+    import datasets
+
+    original = datasets.Audio.encode_example
+
+    def encode(feature, value):
+        if isinstance(value, str | Path):
+            return {"bytes": None, "path": str(value)}
+        if isinstance(value, bytes | bytearray):
+            return {"bytes": bytes(value), "path": None}
+        if isinstance(value, dict) and "array" not in value and set(value) <= {"bytes", "path"}:
+            return {"bytes": value.get("bytes"), "path": value.get("path")}
+        return original(feature, value)  # decoded samples: only torchcodec can write them
+
+    datasets.Audio.encode_example = encode
+    try:
+        yield
+    finally:
+        datasets.Audio.encode_example = original
 
 
 class _Stream:
