@@ -100,6 +100,28 @@ def test_a_shard_whose_bytes_differ_from_the_index_is_refused_and_not_kept(corpu
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [".tar"]
 
 
+def test_a_bad_remote_shard_stops_the_stream_with_its_message_from_a_worker(
+    corpus: Path, tmp_path: Path, processor: ZidongProcessor
+) -> None:
+    copy = shutil.copytree(corpus, tmp_path / "served" / "shards")
+    for entry in load_index(copy)["shards"]:  # every shard changed after its index was written
+        shard = copy / entry["shard"]
+        content = bytearray(shard.read_bytes())
+        content[600] ^= 0xFF
+        shard.write_bytes(bytes(content))
+    settings = StreamSettings(batch_size=4, seed=1, bucket_pool=2)
+    pipeline = SamplePipeline(processor, train=True)
+    with serve_folder(tmp_path / "served") as (url, _):
+        cache = ShardCache(tmp_path / "cache", 10**9)
+        loader = StreamLoader([(f"{url}/shards", 1.0)], settings, pipeline, num_workers=2, cache=cache)
+        with pytest.raises(
+            RemoteError, match=r"does not match its index.json .*upload the whole folder again"
+        ) as caught:
+            next(loader)
+        loader.close()
+    assert "Traceback" not in str(caught.value)  # the message alone, as the CLI prints it
+
+
 def test_a_download_cut_off_midway_is_never_read(corpus: Path, tmp_path: Path) -> None:
     entry = load_index(corpus)["shards"][0]
     cache_dir = tmp_path / "cache"
