@@ -18,6 +18,9 @@ from PIL import Image
 
 from tests.data.fixtures import write_audio, write_image, write_manifest
 from tests.helpers import run_cli, serve_folder
+from zidong.data.build import names_shard_folder
+from zidong.data.tokenizer import read_sentences
+from zidong.errors import UserError
 
 SAMPLES = 48
 
@@ -257,6 +260,11 @@ def test_a_hub_dataset_that_cannot_be_reached_exits_2_naming_it(tmp_path: Path) 
     assert result.returncode == 2, result.stderr
     assert "hf://datasets/zidong-tests/absent: `datasets` cannot load this" in result.stderr
     assert "Traceback" not in result.stderr
+    # read as a dataset everywhere a source is taken, never as a shard folder at that URL
+    assert not names_shard_folder("hf://datasets/zidong-tests/absent")
+    assert names_shard_folder("hf://datasets/zidong-tests/absent/shards/train")
+    with pytest.raises(UserError, match=r"hf://datasets/zidong-tests/absent: `datasets` cannot load this"):
+        list(read_sentences(["hf://datasets/zidong-tests/absent"], split="train"))
 
 
 @pytest.mark.parametrize("field", ["image", "audio"])

@@ -36,7 +36,7 @@ from typing import Any
 from zidong.data.normalize import BuildSettings, Rejected, Sample, normalize_sample, parse_line
 from zidong.data.remote import is_url
 from zidong.data.shards import write_atomic, write_index
-from zidong.data.sources import Source, open_source
+from zidong.data.sources import Source, is_hub_dataset, open_source
 from zidong.errors import UserError
 from zidong.utils.log import get_logger, progress
 
@@ -46,7 +46,10 @@ logger = get_logger(__name__)
 
 def names_shard_folder(location: str | Path) -> bool:
     """Does `location` name a shard folder (or an unfinished build of one) rather than a source to build? A URL
-    does when it names no file (no suffix, no brace pattern); its index.json is read when the folder is opened."""
+    does when it names no file (no suffix, no brace pattern) and no hub dataset; its index.json is read when the
+    folder is opened."""
+    if is_hub_dataset(location):
+        return False
     if is_url(location):
         return "{" not in str(location) and not Path(str(location).split("?")[0]).suffix
     path = Path(location)

@@ -187,7 +187,12 @@ def open_source(
         return _jsonl(location)
     if kind in ("csv", "tsv"):
         return _table(location, kind, columns or {}, single)
-    return _dataset(location, columns or {}, split, single, streaming or bool(_HUB_DATASET.fullmatch(location)))
+    return _dataset(location, columns or {}, split, single, streaming or is_hub_dataset(location))
+
+
+def is_hub_dataset(location: str | Path) -> bool:
+    """Does `location` name a Hugging Face hub dataset (`hf://datasets/ORG/NAME[@REVISION]`)?"""
+    return bool(_HUB_DATASET.fullmatch(str(location)))
 
 
 def parse_columns(pairs: list[str]) -> dict[str, str]:
