@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -96,11 +97,8 @@ def write_sources(shards: Path, count: int, folder: Path) -> dict[str, str]:
     media = folder / "media"
     media.mkdir(parents=True, exist_ok=True)
     reader = ShardFolder(shards)
-    samples = [
-        reader.read(shard, position)
-        for shard, total in enumerate(reader.counts)
-        for position in range(total)
-    ][:count]  # fmt: skip
+    refs = ((shard, position) for shard, total in enumerate(reader.counts) for position in range(total))
+    samples = [reader.read(shard, position) for shard, position in itertools.islice(refs, count)]
     reader.close()
     rows = []
     for sample in samples:

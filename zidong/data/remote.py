@@ -115,10 +115,7 @@ class ShardCache:
         `sha256`, and UserError when the cache is too small to hold it.
         """
         path = self.directory / f"{sha256}.tar"
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create the shard cache {self.directory} (data.cache_dir): {err}") from None
+        self._make_directory()
         for _ in range(ATTEMPTS):
             with self._cache_lock():
                 handle = _open_touched(path)
@@ -135,7 +132,7 @@ class ShardCache:
         """Make sure the cache holds the shard (download, verify, rename into place); one download per shard
         across the processes sharing the cache."""
         path = self.directory / f"{sha256}.tar"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_directory()
         with FileLock(self.directory / f"{sha256}.lock"):
             if path.is_file():
                 return
@@ -146,6 +143,12 @@ class ShardCache:
                 os.replace(part, path)
             finally:
                 part.unlink(missing_ok=True)
+
+    def _make_directory(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the shard cache {self.directory} (data.cache_dir): {err}") from None
 
     def _cache_lock(self) -> FileLock:
         """Held while the folder's content is counted or changed. A fresh lock each time: it may be taken by
