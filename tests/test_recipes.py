@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_cli
 from zidong.config import load_config
 from zidong.train.recipe import FinetuneRecipe, PretrainRecipe
 
@@ -64,3 +64,58 @@ def test_finetune_recipe_validates_and_gives_its_launch_command(path: Path) -> N
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any(f"zidong finetune {task} {path.relative_to(REPO_ROOT).as_posix()}" in line for line in header)
     assert len(FINETUNE_RECIPES) == 3
+
+
+CONVNEXT = "{model_type: convnext, image_size: 64, hidden_sizes: [32, 64, 128], depths: [2, 2, 2], num_stages: 3}"
+
+
+def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
+    from zidong.train.setup import model_config
+
+    recipe = load_config(PretrainRecipe, PRETRAIN_RECIPES[2], [f"model.vision.config={CONVNEXT}"])
+    vision = model_config(recipe).vision_config
+    assert (vision.model_type, vision.hidden_sizes, vision.depths) == ("convnext", [32, 64, 128], [2, 2, 2])
+    deeper = load_config(PretrainRecipe, PRETRAIN_RECIPES[2], ["model.vision.config.num_hidden_layers=4"])
+    vision = model_config(deeper).vision_config
+    assert (vision.model_type, vision.num_hidden_layers, vision.hidden_size) == ("vit", 4, 128)  # the rest: tiny's
+    dry_run = run_cli("pretrain", "recipes/pretrain/tiny.yaml", "--dry-run", f"model.vision.config={CONVNEXT}")
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert re.search(r"^vision\s+413,280$", dry_run.stdout, re.MULTILINE)  # ConvNextModel of these sizes
+    assert "vision 37, speech 750 (vision: a convolutional tower's forward FLOPs / (2 x parameters))" in dry_run.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.vision.config.model_type=convnxt"],
+            "model.vision.config): ZidongConfig.vision_config.model_type 'convnxt' is not a transformers "
+            "architecture; did you mean convnext",
+        ),
+        (
+            [f"model.vision.config={CONVNEXT}", "model.vision.config.depths=[2, 2]"],
+            "model.vision.config: a convnext tower cannot be built from it (IndexError",
+        ),
+        (
+            ["model.text.config.hidden_size=101"],
+            "model.text.config: a bert tower cannot be built from it (ValueError: The hidden size (101) is not a "
+            "multiple of the number of attention heads (2))",
+        ),
+        (
+            [f"model.vision.config={CONVNEXT}", "loss.masked_vision.weight=0.5"],
+            "loss.masked_vision.weight=0.5: masked vision modelling needs a vision transformer",
+        ),
+        (
+            ["model.speech.pretrained=recipes", "model.speech.config.hidden_size=64"],
+            "model.speech: give `pretrained` or `config`, not both",
+        ),
+    ],
+)
+def test_a_tower_config_that_cannot_be_built_exits_2_naming_the_key(
+    overrides: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    from zidong.cli import main
+
+    # any exception other than the user error would escape `main` (and print a traceback from the console script)
+    assert main(["pretrain", str(PRETRAIN_RECIPES[2]), "--dry-run", *overrides]) == 2
+    assert message in capsys.readouterr().err

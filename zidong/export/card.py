@@ -10,6 +10,7 @@ import yaml
 from zidong.evaluation.retrieval import retrieval_table
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.models.zidong.towers_zidong import is_convolutional, tower_width
 from zidong.train.metrics import METRICS_FILE
 
 POOLING = {
@@ -17,6 +18,7 @@ POOLING = {
     "vision": "`last_hidden_state[:, 0]` (the first, CLS, token)",
     "speech": "the mean of `last_hidden_state` over the steps where the attention mask is 1",
 }
+CONVOLUTIONAL_POOLING = "the tower's own `pooler_output`, the normalised mean of its last feature map"
 
 
 def parameters_by_part(model: ZidongModel) -> dict[str, int]:
@@ -75,6 +77,7 @@ def tower_card(model: ZidongModel, modality: str) -> str:
         "vision": 'inputs = pre(images=[image], return_tensors="pt")',
         "speech": 'inputs = pre([waveform_16khz], sampling_rate=16000, return_tensors="pt")',
     }
+    described = POOLING[modality]
     if modality == "speech":
         mask = "inputs['attention_mask']"
         if model.speech_model.main_input_name != "input_features":
@@ -82,6 +85,8 @@ def tower_card(model: ZidongModel, modality: str) -> str:
         pooling = f"mask = {mask}.unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
     elif modality == "text":
         pooling = "mask = inputs['attention_mask'].unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
+    elif is_convolutional(tower.config):
+        pooling, described = "pooled = output.pooler_output.flatten(1)", CONVOLUTIONAL_POOLING
     else:
         pooling = "pooled = states[:, 0]"
     return "\n".join(
@@ -91,9 +96,9 @@ def tower_card(model: ZidongModel, modality: str) -> str:
             "",
             f"A plain transformers `{type(tower).__name__}` with its own preprocessor: load it with `AutoModel`, no "
             "zidong and no remote code needed. `projection.safetensors` holds `weight`, the "
-            f"({model.config.projection_dim} x {tower.config.hidden_size}) linear map (no bias) into the space this "
-            "tower shares with the other two; pool the states as zidong does "
-            f"({POOLING[modality]}), project, L2-normalise:",
+            f"({model.config.projection_dim} x {tower_width(model.config, modality)}) linear map (no bias) into the "
+            "space this tower shares with the other two; pool the states as zidong does "
+            f"({described}), project, L2-normalise:",
             "",
             "```python",
             "import torch",
@@ -105,7 +110,8 @@ def tower_card(model: ZidongModel, modality: str) -> str:
             "projection = load_file(f'{FOLDER}/projection.safetensors')['weight']",
             call[modality],
             "with torch.no_grad():",
-            "    states = tower(**inputs).last_hidden_state",
+            "    output = tower(**inputs)",
+            "states = output.last_hidden_state",
             *pooling.splitlines(),
             "embedding = torch.nn.functional.normalize(pooled @ projection.T, dim=-1)",
             "```",

@@ -2,7 +2,8 @@
 
 The model is built on the meta device (shapes only, no storage), so a billion-parameter recipe is sized in
 seconds on a laptop. FLOPs per sample are the trainer's MFU rule (`StepFlops`, zidong/train/flops.py) for one
-triplet at the recipe's caps (text: `data.max_text_tokens`; vision: patches + 1; speech: 50 steps per second of
+triplet at the recipe's caps (text: `data.max_text_tokens`; vision: patches + 1, or a convolutional tower's
+forward FLOPs as tokens; speech: 50 steps per second of
 `data.max_speech_seconds`) with the recipe's objective weights (their warm-up done) and frozen towers. Memory per GPU is the model state under mixed precision (bf16 weights and gradients,
 fp32 master weights and two Adam moments: 2 + 2 + 12 bytes per parameter) split as each ZeRO stage splits it;
 activations come on top and depend on batch size and activation checkpointing.
@@ -17,6 +18,7 @@ from transformers import AutoTokenizer
 
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
+from zidong.models.zidong.towers_zidong import is_convolutional
 from zidong.train.flops import StepFlops
 from zidong.train.optim import freeze_for_good, objective_weights
 from zidong.train.recipe import PretrainRecipe
@@ -49,7 +51,10 @@ def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
     lines = [f"model: preset {recipe.model.preset}, {vocabulary_note}", "", f"{'parameters':<24}{'count':>16}"]
     lines += [f"{name:<24}{count:>16,}" for name, count in sizes.items()]
     lines += [f"{'total':<24}{total:>16,}  ({total / 1e9:.2f} B)", ""]
-    lines.append("tokens per sample at the caps: " + ", ".join(f"{m} {int(n[0])}" for m, n in tokens.items()))
+    counts = ", ".join(f"{m} {int(n[0])}" for m, n in tokens.items())
+    if is_convolutional(vision):
+        counts += " (vision: a convolutional tower's forward FLOPs / (2 x parameters))"
+    lines.append(f"tokens per sample at the caps: {counts}")
     lines.append(f"training FLOPs per sample: {flops:.3e} (6 x parameters x tokens, objectives included)")
     lines += ["", f"model state per GPU on {gpus} GPU(s), bf16 + fp32 Adam (activations not included):"]
     for stage in range(4):

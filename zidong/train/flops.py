@@ -4,7 +4,9 @@ Model FLOPs count what the model needs for the real (unpadded) content of each b
 "6 x parameters x tokens" rule per pass (2 for the forward, 4 for the backward; a tower frozen for the whole run
 has no backward, so 2):
 - each tower over its real tokens (text tokens, image patches + 1, 20 ms speech steps), once more when its
-  masked objective is on (the masked pass);
+  masked objective is on (the masked pass); a convolutional vision tower (ConvNeXt, ResNet...) has no tokens:
+  its forward FLOPs per image are counted once per image size on the meta device (torch's FlopCounterMode) and
+  expressed as the tokens that give them under the rule (forward FLOPs / (2 x parameters));
 - the fusion encoder over the real tokens of the samples it reads: twice the multi-modal samples' tokens for
   `matching` (positives and their hard negatives), and every sample's tokens for the masked objectives.
 Embedding tables are excluded, and so is attention's quadratic term, so MFU is slightly understated for long
@@ -22,8 +24,11 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel, PretrainedConfig
 
 from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.towers_zidong import is_convolutional, vision_patch_size
 
 
 def _non_embedding(module: torch.nn.Module) -> tuple[int, bool]:
@@ -43,7 +48,9 @@ class StepFlops:
         self.fusion = _non_embedding(model.fusion)[0]
         self.samples_per_speech_frame = model.fbank.window_shift
         self.samples_per_speech_step = model.fbank.window_shift * config.speech_frame_stack
-        self.patch_size = getattr(config.vision_config, "patch_size", None)
+        self.patch_size = vision_patch_size(config)
+        self.vision_config = config.vision_config if is_convolutional(config.vision_config) else None
+        self._convolutional_tokens: dict[tuple[int, int], int] = {}
 
     def of_batch(self, batch: dict[str, torch.Tensor | np.ndarray], weights: dict[str, float]) -> float:
         """Model FLOPs of one training micro-batch with objective `weights` (its real, unpadded tokens), counted
@@ -73,9 +80,8 @@ class StepFlops:
         if "input_ids" in host:
             mask = host.get("text_attention_mask", np.ones_like(host["input_ids"]))
             tokens["text"][host["text_present"]] = mask.sum(axis=1)
-        if "pixel_values" in host and self.patch_size:
-            height, width = host["pixel_values"].shape[-2:]
-            tokens["vision"][host["vision_present"]] = (height // self.patch_size) * (width // self.patch_size) + 1
+        if "pixel_values" in host:
+            tokens["vision"][host["vision_present"]] = self._image_tokens(host["pixel_values"].shape[-2:])
         if "input_values" in host:
             mask = host.get("speech_attention_mask", np.ones(host["input_values"].shape, dtype=np.int64))
             tokens["speech"][host["speech_present"]] = mask.sum(axis=1) // self.samples_per_speech_step
@@ -85,9 +91,34 @@ class StepFlops:
         self, text_tokens: int, image_size: tuple[int, int], speech_seconds: float, sampling_rate: int
     ) -> dict[str, np.ndarray]:
         """(1,) token counts per modality of one sample that reaches every cap (`zidong pretrain --dry-run`)."""
-        patches = (image_size[0] // self.patch_size) * (image_size[1] // self.patch_size) + 1 if self.patch_size else 0
         steps = int(speech_seconds * sampling_rate) // self.samples_per_speech_step
-        return {m: np.array([n]) for m, n in zip(MODALITIES, (text_tokens, patches, steps), strict=True)}
+        counts = (text_tokens, self._image_tokens(image_size), steps)
+        return {m: np.array([n]) for m, n in zip(MODALITIES, counts, strict=True)}
+
+    def _image_tokens(self, size: tuple[int, int]) -> int:
+        """Tokens of one image of `size` (height, width): patches + 1 for a vision transformer, the equivalent
+        tokens of its forward FLOPs for a convolutional tower."""
+        height, width = int(size[0]), int(size[1])
+        if self.vision_config is not None:
+            if (height, width) not in self._convolutional_tokens:
+                parameters = self.towers["vision"][0]
+                flops = convolutional_forward_flops(self.vision_config, height, width)
+                self._convolutional_tokens[height, width] = round(flops / (2 * parameters))
+            return self._convolutional_tokens[height, width]
+        if self.patch_size:
+            return (height // self.patch_size) * (width // self.patch_size) + 1
+        return 0
+
+
+def convolutional_forward_flops(tower_config: PretrainedConfig, height: int, width: int) -> float:
+    """Forward FLOPs of one image through a convolutional tower built from `tower_config`, counted on the meta
+    device (shapes only: nothing is allocated or computed)."""
+    with torch.device("meta"):
+        tower = AutoModel.from_config(tower_config, attn_implementation="eager")
+        pixels = torch.empty(1, getattr(tower_config, "num_channels", 3), height, width)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tower(pixel_values=pixels)
+    return float(counter.get_total_flops())
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:

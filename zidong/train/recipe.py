@@ -8,7 +8,7 @@ See docs/recipes.md for the grammar and a description of every section.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from zidong.config import InvalidValue
 from zidong.modalities import MODALITIES
@@ -21,10 +21,13 @@ def _require(condition: bool, field_name: str, message: str) -> None:
 
 @dataclass
 class TowerSection:
-    """One modality tower: built from the preset, or loaded from a local Hugging Face folder; its learning rate
-    is `train.learning_rate x lr_multiplier`; `frozen_steps` freezes it (see zidong/train/optim.py)."""
+    """One modality tower: built from the preset (with `config` keys replacing the preset's tower config keys, or
+    the whole tower config when `config` names another `model_type`), or loaded from a local Hugging Face folder;
+    its learning rate is `train.learning_rate x lr_multiplier`; `frozen_steps` freezes it (see
+    zidong/train/optim.py)."""
 
     pretrained: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
     lr_multiplier: float = 1.0
     frozen_steps: int = 0
 

@@ -26,7 +26,7 @@ from zidong.errors import UserError
 from zidong.evaluation.retrieval import HeldOut
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
-from zidong.models.zidong.towers_zidong import pretrained_tower_config
+from zidong.models.zidong.towers_zidong import build_tower, pretrained_tower_config, vision_patch_size
 from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint
 from zidong.train.distributed import (
     built_whole,
@@ -184,21 +184,57 @@ def load_tokenizer(recipe: PretrainRecipe):
 
 
 def model_config(recipe: PretrainRecipe, tokenizer=None) -> ZidongConfig:
-    """The model config a recipe describes: its preset, the configs of its pretrained towers and, given the
-    tokenizer, its mask token and (for a from-scratch text tower) its vocabulary."""
+    """The model config a recipe describes: its preset with the recipe's tower config keys, the configs of its
+    pretrained towers and, given the tokenizer, its mask token and (for a from-scratch text tower) its
+    vocabulary."""
     overrides: dict[str, Any] = {}
     try:
         for modality in MODALITIES:
-            folder = getattr(recipe.model, modality).pretrained
-            if folder:
-                overrides[f"{modality}_config"] = pretrained_tower_config(modality, folder).to_dict()
+            tower = getattr(recipe.model, modality)
+            if tower.pretrained and tower.config:
+                raise ValueError(
+                    f"model.{modality}: give `pretrained` or `config`, not both (a pretrained tower brings its own "
+                    "config.json)"
+                )
+            if tower.pretrained:
+                overrides[f"{modality}_config"] = pretrained_tower_config(modality, tower.pretrained).to_dict()
+            elif tower.config:
+                overrides[modality] = dict(tower.config)
     except ValueError as err:
         raise UserError(str(err)) from None
     if tokenizer is not None:
         overrides["mask_token_id"] = tokenizer.mask_token_id
         if "text_config" not in overrides:
-            overrides["text"] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    return ZidongConfig.from_preset(recipe.model.preset, **overrides)
+            vocabulary = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+            overrides["text"] = {**overrides.get("text", {}), **vocabulary}
+    configured = [m for m in MODALITIES if getattr(recipe.model, m).config]
+    try:
+        config = ZidongConfig.from_preset(recipe.model.preset, **overrides)
+    except (ValueError, TypeError) as err:
+        given = ", ".join(f"model.{m}.config" for m in configured)
+        raise UserError(f"the model config is not valid{f' (check {given})' if given else ''}: {err}") from None
+    for modality in configured:
+        _check_tower_builds(config, modality)
+    if recipe.loss.masked_vision.weight and vision_patch_size(config) is None:
+        raise UserError(
+            f"loss.masked_vision.weight={recipe.loss.masked_vision.weight}: masked vision modelling needs a vision "
+            f"transformer (one token per image patch); this {config.vision_config.model_type} vision tower is "
+            "convolutional: set loss.masked_vision.weight=0"
+        )
+    return config
+
+
+def _check_tower_builds(config: ZidongConfig, modality: str) -> None:
+    """Build the tower a recipe configured on the meta device (shapes only), so that a config its architecture
+    cannot be built from fails here with the key to fix, before any data or weights are touched."""
+    try:
+        with torch.device("meta"):
+            build_tower(config, modality)
+    except Exception as err:  # the architecture's own code: any failure comes from the given config
+        raise UserError(
+            f"model.{modality}.config: a {getattr(config, f'{modality}_config').model_type} tower cannot be built "
+            f"from it ({type(err).__name__}: {err}); check its keys against that architecture's config class"
+        ) from None
 
 
 def pretraining_model(recipe: PretrainRecipe, tokenizer, lockstep: bool) -> ZidongModel:

@@ -216,12 +216,17 @@ class ZidongConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ZidongConfig:
         """The from-scratch config `tiny`, `base` or `large`; keyword arguments replace top-level fields, and
-        `text`/`vision`/`speech` dicts update the matching tower config (e.g. `text={"vocab_size": 8000}`)."""
+        `text`/`vision`/`speech` dicts update the matching tower config (e.g. `text={"vocab_size": 8000}`); a dict
+        naming another `model_type` replaces the preset's tower config (e.g. a ConvNeXt vision tower)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         fields = {key: dict(value) if isinstance(value, dict) else value for key, value in PRESETS[name].items()}
         for modality in ("text", "vision", "speech"):
-            fields[f"{modality}_config"].update(overrides.pop(modality, {}))
+            tower = dict(overrides.pop(modality, {}))
+            preset_tower = fields[f"{modality}_config"]
+            if tower.get("model_type", preset_tower["model_type"]) == preset_tower["model_type"]:
+                tower = {**preset_tower, **tower}
+            fields[f"{modality}_config"] = tower
         return cls(**{**fields, **overrides})
 
 

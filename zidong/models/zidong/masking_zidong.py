@@ -135,8 +135,8 @@ def mask_vision(model: ZidongModel, pixel_values: torch.Tensor, _: None, whole: 
     config = model.config
     if model.vision_head is None:
         raise ValueError(
-            "masked_vision needs a patch-based vision tower (vision_config.patch_size); "
-            f"{config.vision_config.model_type} has none; set its loss weight to 0"
+            "masked_vision needs a vision transformer (one token per image patch); "
+            f"this {config.vision_config.model_type} vision tower is convolutional; set its loss weight to 0"
         )
     size = config.vision_config.patch_size
     batch, channels, height, width = pixel_values.shape

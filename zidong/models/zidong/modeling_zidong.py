@@ -69,6 +69,7 @@ from .towers_zidong import (
     pretrained_tower_config,
     scatter_rows,
     tower_width,
+    vision_patch_size,
 )
 
 
@@ -139,11 +140,10 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         self.fusion = ZidongFusionEncoder(config, widths)
         self.matching_head = nn.Linear(config.fusion_hidden_size, len(MATCHING_CLASSES))
         self.text_head = ZidongPredictionHead(config, config.text_config.vocab_size)
-        vision = config.vision_config
-        patch_size = getattr(vision, "patch_size", None)
+        patch_size = vision_patch_size(config)
         self.vision_head = (
-            ZidongPredictionHead(config, patch_size * patch_size * getattr(vision, "num_channels", 3))
-            if isinstance(patch_size, int)
+            ZidongPredictionHead(config, patch_size * patch_size * getattr(config.vision_config, "num_channels", 3))
+            if patch_size
             else None
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
@@ -212,8 +212,13 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
     def encode_vision(self, pixel_values: torch.Tensor, **switches: bool | None) -> TowerOutput:
         output = self.vision_model(pixel_values=pixel_values, **given_switches(switches))
         states = output.last_hidden_state
+        if states.dim() == 4:  # a convolutional tower's feature map: one token per position, its own pooling
+            states = states.flatten(2).transpose(1, 2)
+            pooled = output.pooler_output.flatten(1) if output.pooler_output is not None else states.mean(dim=1)
+        else:
+            pooled = states[:, 0]
         mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
-        return TowerOutput(states, mask, states[:, 0], output.hidden_states, output.attentions)
+        return TowerOutput(states, mask, pooled, output.hidden_states, getattr(output, "attentions", None))
 
     def encode_speech(
         self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None

@@ -6,6 +6,7 @@ Imports only torch and transformers so exported folders load with `trust_remote_
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
@@ -85,9 +86,11 @@ def build_tower(config: PretrainedConfig, modality: str, folder: str | os.PathLi
 
 def tower_attention(config: PretrainedConfig, modality: str) -> str:
     """The tower's own attention implementation (its config's, as `from_pretrained(attn_implementation={...})`
-    sets it per sub-config), else the joint config's, else SDPA."""
+    sets it per sub-config), else the joint config's, else SDPA; "eager" for a tower class without SDPA (a
+    convolutional tower has no attention to dispatch)."""
     tower_config = getattr(config, f"{modality}_config")
-    return tower_config._attn_implementation_internal or config._attn_implementation_internal or "sdpa"
+    chosen = tower_config._attn_implementation_internal or config._attn_implementation_internal or "sdpa"
+    return "eager" if chosen == "sdpa" and not MODEL_MAPPING[type(tower_config)]._supports_sdpa else chosen
 
 
 def tower_width(config: PretrainedConfig, modality: str) -> int:
@@ -95,7 +98,24 @@ def tower_width(config: PretrainedConfig, modality: str) -> int:
     tower_config = getattr(config, f"{modality}_config")
     if getattr(tower_config, "add_adapter", False) and getattr(tower_config, "output_hidden_size", None):
         return tower_config.output_hidden_size
+    if is_convolutional(tower_config):
+        return tower_config.hidden_sizes[-1]
     return tower_config.hidden_size
+
+
+def is_convolutional(tower_config: PretrainedConfig) -> bool:
+    """Whether the tower is a convolutional network (ConvNeXt, ResNet, RegNet...): stages of `hidden_sizes`
+    channels ending in a feature map, rather than a transformer of `hidden_size`-wide tokens."""
+    fields = {field.name for field in dataclasses.fields(tower_config)}
+    return "hidden_sizes" in fields and "hidden_size" not in fields
+
+
+def vision_patch_size(config: PretrainedConfig) -> int | None:
+    """The patch size of a vision transformer that hands on one token per patch (after a CLS token), which masked
+    vision modelling and the patch count of FLOPs need; None for a convolutional tower."""
+    tower_config = config.vision_config
+    patch_size = getattr(tower_config, "patch_size", None)
+    return None if is_convolutional(tower_config) or not isinstance(patch_size, int) else patch_size
 
 
 def pretrained_tower_config(modality: str, folder: str | os.PathLike):
@@ -119,4 +139,5 @@ __all__ = [
     "scatter_rows",
     "tower_attention",
     "tower_width",
+    "vision_patch_size",
 ]
