@@ -106,7 +106,10 @@ def tower_width(config: PretrainedConfig, modality: str) -> int:
 def is_convolutional(tower_config: PretrainedConfig) -> bool:
     """Whether the tower is a convolutional network (ConvNeXt, ResNet, RegNet...): stages of `hidden_sizes`
     channels ending in a feature map, rather than a transformer of `hidden_size`-wide tokens."""
-    fields = {field.name for field in dataclasses.fields(tower_config)}
+    if dataclasses.is_dataclass(tower_config):  # transformers' own configs: the class's fields, not extra kwargs
+        fields = {field.name for field in dataclasses.fields(tower_config)}
+    else:
+        fields = set(vars(tower_config))
     return "hidden_sizes" in fields and "hidden_size" not in fields
 
 
