@@ -125,3 +125,29 @@ def _word_tokenizer():
     tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "red": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return tokenizer
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        {"model_type": "convnextv2", "hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
+        {
+            "model_type": "resnet",
+            "embedding_size": 16,
+            "hidden_sizes": [16, 32],
+            "depths": [1, 1],
+            "layer_type": "basic",
+        },
+        {"model_type": "regnet", "embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1], "groups_width": 8},
+    ],
+    ids=lambda vision: vision["model_type"],
+)
+def test_other_convolutional_architectures_embed_and_train(vision: dict) -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config(vision={**vision, "image_size": 64}))
+    present = {"text": [True, True], "vision": [True, True], "speech": [True, False]}
+    output = model(**make_inputs(present), return_loss=True, loss_weights={"contrastive": 1.0, "matching": 1.0})
+    output.loss.backward()
+    assert output.vision_embeds.shape == (2, 128)
+    torch.testing.assert_close(output.vision_embeds.norm(dim=-1), torch.ones(2))
+    assert all(p.grad is not None for p in model.vision_model.parameters() if p.requires_grad)
