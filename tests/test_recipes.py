@@ -78,6 +78,9 @@ def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
     deeper = load_config(PretrainRecipe, PRETRAIN_RECIPES[2], ["model.vision.config.num_hidden_layers=4"])
     vision = model_config(deeper).vision_config
     assert (vision.model_type, vision.num_hidden_layers, vision.hidden_size) == ("vit", 4, 128)  # the rest: tiny's
+    stacked = ["model.config.speech_frame_stack=4", "model.speech.config.feature_projection_input_dim=320"]
+    config = model_config(load_config(PretrainRecipe, PRETRAIN_RECIPES[2], stacked))
+    assert (config.speech_frame_stack, config.speech_config.feature_projection_input_dim) == (4, 320)
     dry_run = run_cli("pretrain", "recipes/pretrain/tiny.yaml", "--dry-run", f"model.vision.config={CONVNEXT}")
     assert dry_run.returncode == 0, dry_run.stderr
     assert re.search(r"^vision\s+413,280$", dry_run.stdout, re.MULTILINE)  # ConvNextModel of these sizes
@@ -108,6 +111,21 @@ def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
         (
             ["model.speech.pretrained=recipes", "model.speech.config.hidden_size=64"],
             "model.speech: give `pretrained` or `config`, not both",
+        ),
+        (
+            ["model.config.projection_dimm=64"],
+            "model.config.projection_dimm: not a field of the model config; the fields a recipe may set: "
+            "contrastive_loss, fusion_dropout,",
+        ),
+        (
+            ["model.config.projection_dim=abc"],
+            "model.config.projection_dim: expected a number (default 256), got 'abc'",
+        ),
+        (["model.config.mask_token_id=4"], "model.config.mask_token_id: not a field of the model config"),
+        (
+            ["model.config.speech_frame_stack=4"],
+            "(check model.config): speech_config.feature_projection_input_dim is 160 but the front end produces "
+            "num_mel_bins x speech_frame_stack = 80 x 4 = 320",
         ),
     ],
 )

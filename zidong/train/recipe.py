@@ -42,8 +42,12 @@ class TowerSection:
 
 @dataclass
 class ModelSection:
+    """The model: a preset, its tokenizer, top-level `ZidongConfig` fields that replace the preset's (`config`,
+    e.g. `projection_dim` or `speech_frame_stack`), and one section per tower."""
+
     preset: Literal["tiny", "base", "large"] = "tiny"
     tokenizer: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
     text: TowerSection = field(default_factory=TowerSection)
     vision: TowerSection = field(default_factory=TowerSection)
     speech: TowerSection = field(default_factory=TowerSection)

@@ -7,6 +7,8 @@ zidong/train/distributed.py.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,11 +209,12 @@ def model_config(recipe: PretrainRecipe, tokenizer=None) -> ZidongConfig:
         if "text_config" not in overrides:
             vocabulary = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
             overrides["text"] = {**overrides.get("text", {}), **vocabulary}
+    overrides.update(_model_fields(recipe.model.config))
     configured = [m for m in MODALITIES if getattr(recipe.model, m).config]
     try:
         config = ZidongConfig.from_preset(recipe.model.preset, **overrides)
     except (ValueError, TypeError) as err:
-        given = ", ".join(f"model.{m}.config" for m in configured)
+        given = ", ".join(["model.config"] * bool(recipe.model.config) + [f"model.{m}.config" for m in configured])
         raise UserError(f"the model config is not valid{f' (check {given})' if given else ''}: {err}") from None
     for modality in configured:
         _check_tower_builds(config, modality)
@@ -222,6 +225,29 @@ def model_config(recipe: PretrainRecipe, tokenizer=None) -> ZidongConfig:
             "convolutional: set loss.masked_vision.weight=0"
         )
     return config
+
+
+def _model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """`model.config`, checked against the top-level fields of ZidongConfig a recipe may set (the towers have
+    their own sections, the tokenizer sets the mask token, fine-tuning the classified modality)."""
+    set_elsewhere = {"text_config", "vision_config", "speech_config", "mask_token_id", "classification_modality"}
+    own = (f.name for f in dataclasses.fields(ZidongConfig) if f.name in ZidongConfig.__annotations__)
+    allowed = sorted(set(own) - set_elsewhere)
+    defaults = {f.name: f.default for f in dataclasses.fields(ZidongConfig)}
+    for key, value in fields.items():
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean `model.config.{near[0]}`?" if near else ""
+            raise UserError(
+                f"model.config.{key}: not a field of the model config; "
+                f"the fields a recipe may set: {', '.join(allowed)}.{hint}"
+            )
+        default = defaults[key]
+        if isinstance(default, int | float) and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise UserError(f"model.config.{key}: expected a number (default {default!r}), got {value!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"model.config.{key}: expected text (default {default!r}), got {value!r}")
+    return dict(fields)
 
 
 def _check_tower_builds(config: ZidongConfig, modality: str) -> None:
