@@ -214,7 +214,7 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         states = output.last_hidden_state
         if states.dim() == 4:  # a convolutional tower's feature map: one token per position, its own pooling
             states = states.flatten(2).transpose(1, 2)
-            pooled = output.pooler_output.flatten(1) if output.pooler_output is not None else states.mean(dim=1)
+            pooled = output.pooler_output.flatten(1)
         else:
             pooled = states[:, 0]
         mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)

@@ -74,10 +74,14 @@ def scatter_rows(rows: torch.Tensor, present: torch.Tensor, index: torch.Tensor 
 
 def build_tower(config: PretrainedConfig, modality: str, folder: str | os.PathLike | None = None) -> PreTrainedModel:
     """The tower of `modality` in the joint `config`, new (or from a local pretrained folder), without a pooler of
-    its own: zidong pools the token states itself, so a BERT/ViT pooler would be computed, never trained, saved."""
+    its own: zidong pools the token states itself, so a BERT/ViT pooler would be computed, never trained, saved.
+    A convolutional tower keeps its pooler: its pooled feature map is what zidong projects."""
     tower_config = getattr(config, f"{modality}_config")
     options = {"attn_implementation": tower_attention(config, modality)}
-    if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters:
+    takes_pooler_switch = (
+        "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters
+    )
+    if takes_pooler_switch and not is_convolutional(tower_config):
         options["add_pooling_layer"] = False
     if folder is None:
         return AutoModel.from_config(tower_config, **options)
