@@ -8,12 +8,14 @@ textbook loss on the samples of the whole batch that have both modalities.
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from zidong.models.zidong.contrastive_zidong import contrastive_losses
+from zidong.models.zidong.contrastive_zidong import contrastive_losses, exchange_presence
 
 WORLD = 2
 GLOBAL = 7
@@ -102,3 +104,80 @@ def test_no_sample_with_both_gives_no_loss() -> None:
     assert contrastive_losses(embeds, presence, torch.tensor(1.0), None, "softmax", 4) == {}
     embeds["second"] = torch.zeros(3, 4)
     assert contrastive_losses(embeds, presence, torch.tensor(1.0), None, "softmax", 4) == {}
+
+
+# Each rank's micro-batches: (rows, modalities present per row as "tvs" letters); rank 1's second is empty.
+MICRO_BATCHES = (
+    [["tv", "t", "vs"], ["tvs", "s", "", "t", "v"], ["t"]],
+    [["tvs", "v"], [], ["s", "ts", "tv", "vs", "tvs"]],
+)
+LETTERS = {"text": "t", "vision": "v", "speech": "s"}
+
+
+def masks_of(rows: list[str]) -> dict[str, np.ndarray]:
+    return {m: np.array([letter in row for row in rows], dtype=bool) for m, letter in LETTERS.items()}
+
+
+class CollectiveCounter:
+    """Counts `all_gather_into_tensor` calls: the presence exchange's (and the row counts') collective."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.original = dist.all_gather_into_tensor
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.original(*args, **kwargs)
+
+
+def exchange_worker(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    counter = CollectiveCounter()
+    dist.all_gather_into_tensor = counter
+    try:
+        mine = [masks_of(rows) for rows in MICRO_BATCHES[rank]]
+        for capacity, collectives in ((5, 1), (None, 2)):
+            counter.calls = 0
+            exchanged = exchange_presence(mine, torch.device("cpu"), capacity)
+            assert counter.calls == collectives, (capacity, counter.calls)
+            for index, got in enumerate(exchanged):
+                every = [MICRO_BATCHES[r][index] for r in range(WORLD)]
+                assert got.counts == [len(rows) for rows in every]
+                want = masks_of([row for rows in every for row in rows])
+                assert got.masks.keys() == want.keys()
+                for modality in want:
+                    np.testing.assert_array_equal(got.masks[modality], want[modality])
+        with pytest.raises(ValueError, match="exceeds the stated capacity of 2"):
+            exchange_presence(mine, torch.device("cpu"), capacity=2)
+
+        # the loss with the masks exchanged beforehand: the same value, and no presence collective of its own
+        exchanged = exchange_presence(mine, torch.device("cpu"), capacity=5)
+        generator = torch.Generator().manual_seed(rank)
+        for presence, by_rank in zip(mine, exchanged, strict=True):
+            embeds = {
+                m: F.normalize(torch.randn(len(mask), WIDTH, generator=generator), dim=-1)
+                * torch.from_numpy(mask)[:, None]
+                for m, mask in presence.items()
+            }
+            scale = torch.tensor(1.0)
+            counter.calls = 0
+            given = contrastive_losses(embeds, presence, scale, None, "softmax", WIDTH, by_rank)
+            assert counter.calls == 0
+            asked = contrastive_losses(embeds, presence, scale, None, "softmax", WIDTH)
+            assert counter.calls == 2
+            assert given
+            assert given.keys() == asked.keys()
+            for name in given:
+                torch.testing.assert_close(given[name], asked[name], rtol=0, atol=0)
+        # masks exchanged for another batch are refused, on the host, before any collective
+        with pytest.raises(ValueError, match=f"does not describe this batch on rank {rank}"):
+            contrastive_losses(embeds, mine[0], scale, None, "softmax", WIDTH, exchanged[2])
+    finally:
+        dist.all_gather_into_tensor = counter.original
+        dist.destroy_process_group()
+
+
+def test_presence_of_a_whole_step_is_exchanged_in_one_collective(tmp_path) -> None:
+    """Three micro-batches per rank, of different sizes (one empty): one collective with a known capacity, two
+    without, the same masks as a concatenation by hand; the loss given them equals the loss that asks itself."""
+    mp.start_processes(exchange_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, start_method="spawn")

@@ -2,10 +2,12 @@
 accelerator (a CUDA stream sync) when the tensor lives there.
 
 On CPU nothing waits, so this counts the calls themselves, made from a file of the zidong package: `.item()`,
-`bool()` / `int()` / `float()` of a tensor, `.tolist()`, `nonzero`, indexing with a boolean mask (its size is
-the mask's count), `masked_select`, `unique`, `repeat_interleave`. Reads made inside torch, Accelerate or
-transformers are theirs (on CPU the optimizer reads its step counter, which on a GPU lives on the host too).
-`Tensor.numpy()` is not counted: it refuses an accelerator tensor, so where it works the tensor is on the host.
+`bool()` / `int()` / `float()` of a tensor, `.tolist()`, `.numpy(force=True)`, `nonzero`, indexing with a boolean
+mask (its size is the mask's count), `masked_select`, `unique`, `repeat_interleave`. Reads made inside torch,
+Accelerate or transformers are theirs (on CPU the optimizer reads its step counter, which on a GPU lives on the host
+too). `Tensor.numpy()` is not counted: it refuses an accelerator tensor, so where it works the tensor is on the
+host. Nor is `.cpu()`: on CPU it cannot tell the collated batch (already on the host) from a device tensor, so
+zidong reads device values into numpy with `numpy(force=True)`, which is counted.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class HostReads(TorchFunctionMode):
         self.sites: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in READS or (func in INDEXING and _boolean_index(args)):
+        forced = func is torch.Tensor.numpy and (kwargs or {}).get("force")
+        if func in READS or forced or (func in INDEXING and _boolean_index(args)):
             site = self._zidong_caller()
             if site:
                 self.sites[site] += 1

@@ -4,10 +4,16 @@ host (tests/train/host_reads.py says what counts as a read). The same code made 
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from accelerate.state import AcceleratorState
 
 from tests.models.test_modeling import ALL_OBJECTIVES, make_inputs, tiny_config
@@ -74,3 +80,83 @@ def test_the_model_reads_nothing_whatever_the_batch_holds(lockstep: bool) -> Non
             output.loss.backward()
         assert reads.total == 0, (name, dict(reads.sites))
         assert torch.isfinite(output.loss)
+
+
+PROCESSES, GRAD_ACCUM = 2, 3
+
+
+def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None:
+    """One process of a two-process DDP run (what torchrun would set up): count, per optimizer step, the reads
+    of device values and the collectives zidong's code makes (DDP's own gradient all-reduce is not counted)."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(PROCESSES),
+        LOCAL_WORLD_SIZE=str(PROCESSES),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="1",
+    )
+    torch.set_num_threads(1)
+    run = setup(load_config(PretrainRecipe, recipe, ["train.trackers=[]"]), Task())
+    calls: Counter[str] = Counter()
+    originals = {name: getattr(dist, name) for name in ("all_gather_into_tensor", "all_gather", "all_reduce")}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    steps = []
+    try:
+        for name in originals:
+            setattr(dist, name, counted(name))
+        for _ in range(2):
+            calls.clear()
+            with HostReads() as reads:
+                trainer._optimizer_step(run, stop_requested=False)
+            steps.append({"reads": dict(reads.sites), "collectives": dict(calls)})
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        run.loader.close()
+        run.accelerator.end_training()
+    Path(out, f"{rank}.json").write_text(json.dumps(steps))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_distributed_step_exchanges_presence_once(corpus: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """Two processes, three micro-batches per step: the presence masks of the whole step travel in one collective
+    and one read (they took two of each per micro-batch before), so a step reads the device three times in all:
+    the presence exchange, `read_once` (losses and gradient norm) and `agree` (every process's skip and stop)."""
+    recipe = write_recipe(
+        tmp_path,
+        corpus,
+        loss={"contrastive": {"weight": 1.0}},
+        data={"num_workers": 0, "ledger": False, "eval": None},
+        train={"grad_accum": GRAD_ACCUM},
+    )
+    mp.start_processes(
+        distributed_step_worker,
+        args=(free_port(), str(recipe), str(tmp_path)),
+        nprocs=PROCESSES,
+        start_method="spawn",
+    )
+    for rank in range(PROCESSES):
+        for step in json.loads((tmp_path / f"{rank}.json").read_text()):
+            files = Counter(site.split(":")[0] for site in step["reads"] for _ in range(step["reads"][site]))
+            assert files == {
+                "models/zidong/contrastive_zidong.py": 1,  # the presence exchange
+                "train/trainer.py": 1,  # read_once
+                "train/distributed.py": 1,  # agree
+            }, step
+            assert step["collectives"]["all_gather_into_tensor"] == 1, step  # the presence exchange, once per step
+            # every modality's embeddings gathered once per micro-batch (their backward: one all_reduce on gloo)
+            assert step["collectives"]["all_gather"] == 3 * GRAD_ACCUM, step

@@ -81,6 +81,9 @@ class ClassifyTask(Task):
     def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
         return {}  # the batch's `labels` make the classifier return its loss
 
+    def exchanges_presence(self, weights: dict[str, float]) -> bool:
+        return False
+
     def __init__(self, labels: LabelSet) -> None:
         self.labels = labels
 

@@ -44,6 +44,11 @@ class Task:
         """What the model's forward takes, besides the batch, to return the training loss."""
         return {"return_loss": True, "loss_weights": weights}
 
+    def exchanges_presence(self, weights: dict[str, float]) -> bool:
+        """Does a step with these weights need every process's presence masks (the contrastive loss does)? With
+        several processes the trainer then exchanges them once per step and passes `presence_by_rank`."""
+        return bool(weights.get("contrastive"))
+
     def evaluate(self, run: Run) -> dict[str, float]:
         """The held-out metrics (collective: every process calls it); only called when `data.eval` is set."""
         return retrieval(run.model, run.held_out)

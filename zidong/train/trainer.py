@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from zidong.errors import UserError
+from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.contrastive_zidong import RankPresence, exchange_presence
 from zidong.train.checkpoint import save_checkpoint
 from zidong.train.distributed import agree, averaged_over_processes
 from zidong.train.optim import drop_gradients, fill_missing_gradients, frozen_now, learning_rates, objective_weights
@@ -147,31 +149,45 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, to
     yet read) and the samples (gradients are all-reduced on the last micro-batch only, through
     `accelerator.accumulate`).
 
-    Throughput is counted on the collated batch while it is still on the host, and the presence masks stay there
-    (as arrays, which no wrapper moves): the model decides from them which towers run and which rows a loss reads
+    The step's micro-batches are all read before its first forward: throughput is counted on them while they are
+    on the host, and with several processes their presence masks are exchanged in one collective for the whole
+    step (`exchange_presence`), while the device has nothing queued to wait for. The masks stay on the host (as
+    arrays, which no wrapper moves): the model decides from them which towers run and which rows a loss reads
     without waiting for the device."""
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
+    batches = [_next_batch(run, weights) for _ in range(accumulation)]
+    by_rank: list[RankPresence | None] = [None] * accumulation
+    if accelerator.num_processes > 1 and run.task.exchanges_presence(weights):
+        masks = [{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches]
+        by_rank = exchange_presence(masks, accelerator.device, capacity=run.recipe.train.batch_size)
     totals: dict[str, torch.Tensor] = {}
     samples = 0
-    for _ in range(accumulation):
-        started = time.perf_counter()
-        batch = next(run.loader)
-        run.window.waited += time.perf_counter() - started
-        if run.ledger is not None:
-            with run.ledger.open("a") as stream:
-                stream.write(json.dumps({"step": run.counters.step + 1, "samples": run.loader.last_refs}) + "\n")
-        run.window.count(batch, run.step_flops.of_batch(batch, weights))
+    for batch, presence in zip(batches, by_rank, strict=True):
         samples += len(batch["text_present"])
         batch = {
             key: value.numpy() if key.endswith("_present") else value.to(accelerator.device, non_blocking=True)
             for key, value in batch.items()
         }
+        if presence is not None:
+            batch["presence_by_rank"] = presence
         with accelerator.accumulate(run.model), accelerator.autocast():
             output = run.model(**batch, **run.task.loss_arguments(weights), lockstep=run.lockstep)
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + value.detach() / accumulation
     return totals, samples
+
+
+def _next_batch(run: Run, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The next micro-batch from the loader (on the host), recorded in the ledger and the throughput window."""
+    started = time.perf_counter()
+    batch = next(run.loader)
+    run.window.waited += time.perf_counter() - started
+    if run.ledger is not None:
+        with run.ledger.open("a") as stream:
+            stream.write(json.dumps({"step": run.counters.step + 1, "samples": run.loader.last_refs}) + "\n")
+    run.window.count(batch, run.step_flops.of_batch(batch, weights))
+    return batch
 
 
 def _due(step: int, every: int) -> bool:

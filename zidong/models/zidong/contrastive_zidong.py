@@ -12,7 +12,8 @@ Imports only torch and numpy so exported folders load with `trust_remote_code=Tr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,8 +27,11 @@ if TYPE_CHECKING:
     from .modeling_zidong import ZidongModel
 
 
-def contrastive_objective(model: ZidongModel, encoded: Encoded) -> dict[str, torch.Tensor]:
-    """`contrastive_<a>_<b>` for every pair some sample (on any rank) has, and `contrastive`, their mean."""
+def contrastive_objective(
+    model: ZidongModel, encoded: Encoded, by_rank: RankPresence | None = None
+) -> dict[str, torch.Tensor]:
+    """`contrastive_<a>_<b>` for every pair some sample (on any rank) has, and `contrastive`, their mean; `by_rank`
+    as in `contrastive_losses`."""
     with torch.no_grad():
         model.logit_scale.clamp_(max=model.config.logit_scale_max)
     losses = contrastive_losses(
@@ -37,6 +41,7 @@ def contrastive_objective(model: ZidongModel, encoded: Encoded) -> dict[str, tor
         model.logit_bias[0],
         model.config.contrastive_loss,
         model.config.projection_dim,
+        by_rank,
     )
     if losses:
         losses["contrastive"] = torch.stack(list(losses.values())).mean()
@@ -81,21 +86,52 @@ def gathered_row_counts(rows: int, device: torch.device) -> list[int]:
     return counts.tolist()
 
 
-def gathered_presence(host: dict[str, np.ndarray], device: torch.device) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Every rank's presence masks, concatenated in rank order, and every rank's row count: two small collectives
-    and two reads per forward, after which every decision of the loss is taken on the host."""
+@dataclass(frozen=True)
+class RankPresence:
+    """What one forward's batch holds on every rank: `masks[m]`, every rank's presence masks of `m` concatenated in
+    rank order, and `counts`, every rank's row count. The contrastive loss needs it to know which gathered rows
+    it may pair; the trainer exchanges it for all the micro-batches of a step at once (`exchange_presence`)."""
+
+    masks: dict[str, np.ndarray]
+    counts: list[int]
+
+
+def exchange_presence(
+    batches: Sequence[Mapping[str, np.ndarray]], device: torch.device, capacity: int | None = None
+) -> list[RankPresence]:
+    """Every rank's presence masks for each of `batches` (one rank's forwards, in order; every rank passes as many,
+    with the same modalities), in one collective and one read when `capacity` bounds every rank's rows per batch
+    (the trainer's batch size). Without it the largest row count is gathered first: a second collective and read.
+
+    Each row travels as one byte: bit 0 says the row exists (ranks may hold fewer rows than `capacity`), bit i+1
+    that it has the i-th modality."""
     import torch.distributed as dist
 
-    local = np.stack([host[m] for m in host], axis=1).astype(np.uint8) if host else np.zeros((0, 0), np.uint8)
-    counts = gathered_row_counts(local.shape[0], device)
-    longest = max(counts)
-    padded = torch.zeros(longest, local.shape[1], dtype=torch.uint8)
-    padded[: local.shape[0]] = torch.from_numpy(local)
-    blocks = torch.zeros(dist.get_world_size() * longest, local.shape[1], dtype=torch.uint8, device=device)
-    dist.all_gather_into_tensor(blocks, padded.to(device))
-    every = blocks.cpu().numpy().reshape(len(counts), longest, -1)
-    rows = np.concatenate([every[rank, :count] for rank, count in enumerate(counts)]).astype(bool)
-    return {m: rows[:, column] for column, m in enumerate(host)}, counts
+    modalities = list(batches[0]) if batches else []
+    if len(modalities) > 7:
+        raise ValueError(f"at most 7 modalities fit a byte per row, got {modalities}")
+    local = [np.stack([np.asarray(b[m], dtype=bool) for m in modalities], axis=1) for b in batches]
+    longest = max((len(rows) for rows in local), default=0)
+    if capacity is None:
+        capacity = max(gathered_row_counts(longest, device))
+    elif longest > capacity:
+        raise ValueError(f"a batch of {longest} rows exceeds the stated capacity of {capacity}")
+    packed = np.zeros((len(local), capacity), dtype=np.uint8)
+    bits = (1 << np.arange(1, len(modalities) + 1)).astype(np.uint8)
+    for index, rows in enumerate(local):
+        packed[index, : len(rows)] = 1 | (rows * bits).sum(axis=1, dtype=np.uint8)
+    world = dist.get_world_size()
+    every = torch.empty(world * packed.size, dtype=torch.uint8, device=device)
+    dist.all_gather_into_tensor(every, torch.from_numpy(packed).reshape(-1).to(device))
+    every = every.numpy(force=True).reshape(world, len(local), capacity)  # the one read
+    exchanged = []
+    for index in range(len(local)):
+        rows = every[:, index]  # (world, capacity)
+        counts = (rows & 1).sum(axis=1).tolist()
+        joined = np.concatenate([rows[rank, :count] for rank, count in enumerate(counts)])
+        masks = {m: (joined & bits[column]) > 0 for column, m in enumerate(modalities)}
+        exchanged.append(RankPresence(masks, counts))
+    return exchanged
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -137,16 +173,18 @@ def contrastive_losses(
     logit_bias: torch.Tensor | None,
     kind: str,
     width: int,
+    by_rank: RankPresence | None = None,
 ) -> dict[str, torch.Tensor]:
     """`contrastive_<a>_<b>` for every pair of modalities some sample (on any rank) has both of, in `embeds` order.
 
     `embeds[m]` holds this rank's L2-normalised embeddings over the whole batch (zeros where a sample lacks `m`;
     None when no sample has it), `presence[m]` which samples have it, on the host (a bool array, or a CPU tensor).
     Which pairs exist and which rows each reads is decided on the host, so the loss never waits for the device
-    (with several processes, after one exchange of the presence masks). Each modality is gathered from every rank
-    once and every pair reads those: one collective per modality, whichever pairs the batches hold. Every rank
-    gathers every modality in the same order, so ranks never disagree on the collectives whatever their batches
-    lack.
+    (with several processes, after an exchange of the presence masks: `by_rank` when the caller exchanged them
+    already, as the trainer does once per step; otherwise two collectives and two reads here). Each modality is
+    gathered from every rank once and every pair reads those: one collective per modality, whichever pairs the
+    batches hold. Every rank gathers every modality in the same order, so ranks never disagree on the collectives
+    whatever their batches lack.
     """
     host = {m: np.asarray(presence[m], dtype=bool) for m in embeds}
     distributed = distributed_world_size() > 1
@@ -154,8 +192,9 @@ def contrastive_losses(
     if distributed:
         import torch.distributed as dist
 
-        host, counts = gathered_presence(host, device)
         rank = dist.get_rank()
+        by_rank = checked_by_rank(by_rank, host, rank) if by_rank is not None else exchange_presence([host], device)[0]
+        host, counts = by_rank.masks, by_rank.counts
     else:
         counts, rank = [len(next(iter(host.values())))] if host else [0], 0
     own = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
@@ -184,6 +223,19 @@ def contrastive_losses(
             all_first, all_second, mine, logit_scale, logit_bias, kind
         )
     return losses
+
+
+def checked_by_rank(by_rank: RankPresence, host: dict[str, np.ndarray], rank: int) -> RankPresence:
+    """`by_rank`, once its share for this rank is this batch's presence (a host-side check, no collective)."""
+    start = sum(by_rank.counts[:rank])
+    own = slice(start, start + by_rank.counts[rank])
+    if by_rank.masks.keys() != host.keys() or any(
+        not np.array_equal(by_rank.masks[m][own], mask) for m, mask in host.items()
+    ):
+        raise ValueError(
+            f"presence_by_rank does not describe this batch on rank {rank}: it was exchanged for another batch"
+        )
+    return by_rank
 
 
 def contrastive_pair_loss(
@@ -231,11 +283,13 @@ def _summed_pair_loss(
 
 
 __all__ = [
+    "RankPresence",
+    "checked_by_rank",
     "contrastive_losses",
     "contrastive_objective",
     "contrastive_pair_loss",
     "distributed_world_size",
+    "exchange_presence",
     "gather_with_grad",
-    "gathered_presence",
     "gathered_row_counts",
 ]

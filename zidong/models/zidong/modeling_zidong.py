@@ -54,7 +54,7 @@ from .arguments_zidong import (
     text_mask_argument,
 )
 from .configuration_zidong import MODALITIES, ZidongConfig
-from .contrastive_zidong import contrastive_objective
+from .contrastive_zidong import RankPresence, contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
 from .features_zidong import ZidongFeatures
 from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
@@ -284,6 +284,7 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         return_loss: bool = False,
         loss_weights: Mapping[str, float] | None = None,
         lockstep: bool = False,
+        presence_by_rank: RankPresence | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
@@ -293,6 +294,9 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
 
         `loss_weights` maps objective names (`OBJECTIVES`) to weights; by default only `contrastive` (1.0).
         `lockstep=True` runs every tower and every weighted head on every call (see the module docstring).
+        `presence_by_rank`: with several processes, every rank's presence masks for this batch, exchanged by the
+        caller (the trainer does it once per step, `exchange_presence`); without it the contrastive loss exchanges
+        them itself.
         `attention_mask` is accepted for `text_attention_mask` (`model(**tokenizer(texts, padding=True))`); an
         unknown keyword argument raises TypeError.
         """
@@ -306,7 +310,7 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         encoded = self._encode_batch(inputs, presence, steps)
         losses: dict[str, torch.Tensor] = {}
         if weights.get("contrastive"):
-            losses.update(contrastive_objective(self, encoded))
+            losses.update(contrastive_objective(self, encoded, presence_by_rank))
         if weights.get("matching"):
             losses.update(matching_objective(self, encoded, steps))
         if any(weights.get(f"masked_{modality}") for modality in MODALITIES):
