@@ -15,6 +15,7 @@ from tests.data.fixtures import write_audio, write_image
 from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
 from tests.helpers import run_cli, serve_folder
 from tests.train.test_pretrain import corpus  # noqa: F401  (a fixture)
+from zidong.cli import EXIT_USAGE, main
 from zidong.evaluation.retrieval import recall_at_k
 from zidong.evaluation.zero_shot import classify
 from zidong.models.zidong.configuration_zidong import MODALITIES
@@ -138,25 +139,37 @@ def test_bad_label_files_exit_2(
     tmp_path: Path,
     labels: str,
     message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # in-process: any exception but the user error escapes `main` (the console script would print its traceback)
     out = tmp_path / "metrics.json"
-    result = run_cli(
-        "eval", str(run_dir), "--data", str(corpus["eval"]), "--labels", str(_label_file(tmp_path, labels)),
-        "--out", str(out),
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    arguments = ["--data", str(corpus["eval"]), "--labels", str(_label_file(tmp_path, labels)), "--out", str(out)]
+    assert main(["eval", str(run_dir), *arguments]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_a_folder_that_is_not_shards_or_a_model_exits_2(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
-    result = run_cli("eval", str(run_dir), "--data", str(tmp_path))
+def test_a_bad_label_file_exits_2_from_the_command_line(
+    run_dir: Path,  # noqa: F811
+    corpus: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    labels = _label_file(tmp_path, "field: labels.colour\nclasses: {red: x, blue: y}\n")
+    result = run_cli("eval", str(run_dir), "--data", str(corpus["eval"]), "--labels", str(labels))
     assert result.returncode == 2
+    assert "no sample has a `labels.colour` value" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli("eval", str(tmp_path), "--data", str(tmp_path))
-    assert result.returncode == 2
-    assert "is neither a run folder with checkpoints" in result.stderr
+
+
+def test_a_folder_that_is_not_shards_or_a_model_exits_2(
+    run_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["eval", str(run_dir), "--data", str(tmp_path)]) == EXIT_USAGE
+    assert str(tmp_path) in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path)]) == EXIT_USAGE
+    assert "is neither a run folder with checkpoints" in capsys.readouterr().err
 
 
 def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -212,19 +225,21 @@ def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: P
     ],
     ids=["labels-and-column", "prompt-alone", "columns-no-equals", "columns-unknown-field"],
 )
-def test_contradictory_eval_flags_exit_2(tmp_path: Path, flags: list[str], message: str) -> None:
+def test_contradictory_eval_flags_exit_2(
+    tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     labels = _label_file(tmp_path, PARITY)
     flags = [flag.replace("{labels}", str(labels)) for flag in flags]
-    result = run_cli("eval", str(tmp_path), "--data", str(tmp_path), *flags)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path), *flags]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
 
 
-def test_a_label_column_with_one_class_exits_2(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_label_column_with_one_class_exits_2(
+    run_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     rows = ["id\ttext\tlabel"] + [f"s{n}\tcaption {n}\tsame" for n in range(4)]
     (tmp_path / "set.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    result = run_cli("eval", str(run_dir), "--data", str(tmp_path / "set.tsv"), "--label-column", "label")
-    assert result.returncode == 2
-    assert "--label-column label: 1 class(es) found" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "set.tsv"), "--label-column", "label"]) == EXIT_USAGE
+    assert "--label-column label: 1 class(es) found" in capsys.readouterr().err

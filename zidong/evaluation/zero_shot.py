@@ -119,6 +119,8 @@ def _evaluate_folder(
     batch_size: int,
     shown: str | None = None,
 ) -> dict[str, float]:
+    # the samples' classes first: a label field no sample has fails before the model is loaded and run
+    labels_by_row = _labels_of(data, label_set) if label_set is not None else None
     accelerator = Accelerator()
     model, processor, _, folder = load_trained(source)
     model.to(accelerator.device)
@@ -130,7 +132,6 @@ def _evaluate_folder(
     metrics = recall_at_k(embeds, presence, folder_captions(data))
     if label_set is not None:
         prototypes = class_prototypes(model, processor, label_set)
-        labels_by_row = _labels_of(data, label_set)
         metrics.update(classify(embeds, presence, labels_by_row, prototypes, list(label_set.classes)))
     if accelerator.is_main_process:
         print(f"model: {folder}\ndata: {shown or data} ({int(metrics['samples'])} samples)\n")
