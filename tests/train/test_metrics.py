@@ -13,7 +13,7 @@ from tests.models.test_modeling import make_inputs, tiny_config
 from tests.train.test_optim import recipe
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.train.finetune import ClassifyTask
-from zidong.train.flops import StepFlops, measured_peak_flops
+from zidong.train.flops import CPU_MATMUL_SECONDS, StepFlops, cpu_matmul_size, measured_peak_flops
 from zidong.train.optim import objective_weights
 
 
@@ -62,6 +62,17 @@ def test_embedding_tables_are_not_counted() -> None:
 def test_measured_peak_is_a_plausible_rate() -> None:
     peak = measured_peak_flops(torch.device("cpu"), torch.float32, size=256, repeats=3)
     assert 1e8 < peak < 1e14
+
+
+def test_cpu_peak_matmuls_are_sized_to_take_about_half_a_second() -> None:
+    assert cpu_matmul_size(1e15) == 2048  # a fast CPU: the largest
+    assert cpu_matmul_size(1e6) == 256  # the smallest
+    emulated_bf16 = 0.85e9  # FLOP/s measured on this project's CI-like CPU, which has no bf16 instructions
+    side = cpu_matmul_size(emulated_bf16)
+    assert side % 64 == 0
+    assert 2 * side**3 / emulated_bf16 <= CPU_MATMUL_SECONDS < 2 * (side + 64) ** 3 / emulated_bf16
+    # and the default measurement runs in either case (bf16 is emulated on many CPUs)
+    assert 1e8 < measured_peak_flops(torch.device("cpu"), torch.bfloat16, repeats=1) < 1e14
 
 
 def _write_metrics(folder: Path, lines: list[str]) -> Path:

@@ -122,8 +122,27 @@ def convolutional_forward_flops(tower_config: PretrainedConfig, height: int, wid
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of `size` x `size` matmuls on `device` in `dtype` (median of `repeats` after a warm-up)."""
-    size = size or (8192 if device.type == "cuda" else 2048)
+    """FLOP/s of `size` x `size` matmuls on `device` in `dtype` (median of `repeats` after a warm-up).
+
+    Without `size`: 8192 on CUDA; on CPU at most 2048, smaller where a 256 probe shows that one matmul would take
+    more than `CPU_MATMUL_SECONDS` (a CPU without bf16 instructions emulates bf16 ~40x slower than float32, and
+    six 2048 matmuls then took two minutes of every bf16 run's start-up)."""
+    if size is None:
+        size = 8192 if device.type == "cuda" else cpu_matmul_size(_matmul_rates(device, dtype, 256, 1)[0])
+    return statistics.median(_matmul_rates(device, dtype, size, repeats))
+
+
+CPU_MATMUL_SECONDS = 0.5
+
+
+def cpu_matmul_size(rate: float, largest: int = 2048, smallest: int = 256) -> int:
+    """The side of a square matmul that takes about `CPU_MATMUL_SECONDS` at `rate` FLOP/s, a multiple of 64
+    within [smallest, largest]."""
+    side = (rate * CPU_MATMUL_SECONDS / 2) ** (1 / 3)
+    return int(min(largest, max(smallest, side // 64 * 64)))
+
+
+def _matmul_rates(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> list[float]:
     generator = torch.Generator(device=device).manual_seed(0)  # the global RNG is the training run's
     first = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     second = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
@@ -137,4 +156,4 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | No
             torch.cuda.synchronize(device)
         if attempt:  # the first is the warm-up
             rates.append(2 * size**3 / (time.perf_counter() - started))
-    return statistics.median(rates)
+    return rates
