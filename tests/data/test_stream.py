@@ -19,6 +19,7 @@ import torch
 
 from tests.data.corpus import TEXT_COMBINATIONS, make_corpus
 from zidong import ZidongProcessor
+from zidong.data import stream as stream_module
 from zidong.data.shards import ShardFolder
 from zidong.data.slots import DataError, SlotStream, StreamSettings, epoch_plan, fresh_state
 from zidong.data.stream import StreamLoader
@@ -294,3 +295,23 @@ def test_workers_end_when_the_training_process_is_killed(
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert len(json.loads(done.stdout)) == 2
     assert time.monotonic() - started < 60
+
+
+def test_a_single_process_stream_left_open_ends_quietly(
+    corpus: Path, processor: ZidongProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop over a num_workers=0 stream left before its end: the generator is closed at garbage collection,
+    at interpreter exit after module globals are cleared, where `except UserError` printed "Exception ignored
+    ... catching classes that do not inherit from BaseException"."""
+    loader = StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=4), SamplePipeline(processor, train=True))
+    next(loader)
+    generator = loader._iterator
+    monkeypatch.setattr(stream_module, "UserError", None)  # what interpreter shutdown does to module globals
+    generator.close()
+    monkeypatch.undo()
+    # and close() ends the generator itself, not only worker processes
+    again = StreamLoader([(corpus, 1.0)], StreamSettings(batch_size=4), SamplePipeline(processor, train=True))
+    next(again)
+    generator = again._iterator
+    again.close()
+    assert generator.gi_frame is None  # finished

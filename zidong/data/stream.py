@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,12 @@ class _StreamDataset(IterableDataset):
         info = get_worker_info()
         state = self.worker_states[info.id if info is not None else 0]
         stream = SlotStream(self.folders, self.weights, self.settings, self.slots, self.pipeline, state)
+        # held here: a generator left open is closed at interpreter exit, after module globals have become None
+        user_error = UserError
         try:
             for samples, after, skipped, refs in stream:
                 yield {"batch": self.pipeline.collate(samples), "state": after, "skipped": skipped, "refs": refs}
-        except UserError as err:  # too many bad samples, or a remote shard that cannot be fetched
+        except user_error as err:  # too many bad samples, or a remote shard that cannot be fetched
             # travels as data: an exception raised in a worker would reach the user wrapped in a traceback
             yield {"error": err, "skipped": stream._skipped}
 
@@ -276,5 +278,7 @@ class StreamLoader:
         shutdown = getattr(iterator, "_shutdown_workers", None)  # a DataLoader's multi-process iterator
         if shutdown is not None:
             shutdown()
+        elif isinstance(iterator, Generator):  # num_workers=0: the stream itself
+            iterator.close()
         for folder in self.folders:
             folder.close()
