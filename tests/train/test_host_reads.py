@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.state import AcceleratorState
 
+from tests.helpers import free_port
 from tests.models.test_modeling import ALL_OBJECTIVES, make_inputs, tiny_config
 from tests.train.host_reads import HostReads
 from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
@@ -82,7 +82,7 @@ def test_the_model_reads_nothing_whatever_the_batch_holds(lockstep: bool) -> Non
         assert torch.isfinite(output.loss)
 
 
-PROCESSES, GRAD_ACCUM = 2, 3
+PROCESSES, GRAD_ACCUM, DISTRIBUTED_STEPS = 2, 3, 2
 
 
 def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None:
@@ -113,7 +113,7 @@ def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None
     try:
         for name in originals:
             setattr(dist, name, counted(name))
-        for _ in range(2):
+        for _ in range(DISTRIBUTED_STEPS):
             calls.clear()
             with HostReads() as reads:
                 trainer._optimizer_step(run, stop_requested=False)
@@ -124,12 +124,6 @@ def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None
         run.loader.close()
         run.accelerator.end_training()
     Path(out, f"{rank}.json").write_text(json.dumps(steps))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_distributed_step_exchanges_presence_once(corpus: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
@@ -150,7 +144,9 @@ def test_a_distributed_step_exchanges_presence_once(corpus: dict[str, Path], tmp
         start_method="spawn",
     )
     for rank in range(PROCESSES):
-        for step in json.loads((tmp_path / f"{rank}.json").read_text()):
+        steps = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert len(steps) == DISTRIBUTED_STEPS
+        for step in steps:
             files = Counter(site.split(":")[0] for site in step["reads"] for _ in range(step["reads"][site]))
             assert files == {
                 "models/zidong/contrastive_zidong.py": 1,  # the presence exchange
