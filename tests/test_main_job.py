@@ -30,15 +30,15 @@ def main_job(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return run
 
 
-# duplicate-aware R@1 of the main job, measured on 2026-12-01 (docs/training.md); the run is bitwise
-# reproducible on one machine, and another CPU's arithmetic has moved R@1 by up to 0.03 before
+# duplicate-aware R@1 of the main job, measured on one thread (as here) on 2026-12-02 (docs/training.md); the run
+# is bitwise reproducible on one machine, and another CPU's arithmetic has moved R@1 by up to 0.03 before
 REACHED_DUP_R1 = {
-    "speech->text": 0.963,
-    "text->speech": 0.971,
-    "speech->vision": 0.312,
-    "vision->speech": 0.329,
-    "text->vision": 0.362,
-    "vision->text": 0.312,
+    "speech->text": 0.946,
+    "text->speech": 0.938,
+    "speech->vision": 0.383,
+    "vision->speech": 0.350,
+    "text->vision": 0.471,
+    "vision->text": 0.333,
 }
 MARGIN = 0.04
 
@@ -72,7 +72,8 @@ def test_speech_colour_probe_beats_zero_shot(main_job: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     final = evaluations(run)[-1]
     assert final["samples"] == 240
-    # measured 0.833 vs 0.738 (0.775 vs 0.683 from the former 500-step main job with auxiliary objectives)
+    # measured on 2026-12-02, one thread as here: 0.896 vs 0.779 (0.900 vs 0.779 with two threads; 0.833 vs 0.738
+    # from the former 1200-step main job)
     assert final["accuracy"] >= baseline["classify/speech/accuracy"] + 0.05
     assert final["accuracy"] >= final["majority"] + 0.3
     model, _, _, _ = load_trained(run / "model")  # the HF folder the run ends with
@@ -90,12 +91,14 @@ def test_text_vision_retrieval_finetune_improves_on_its_source(main_job: Path, t
     assert result.returncode == 0, result.stderr[-3000:]
     after = evaluations(run)[-1]
     assert sorted(key for key in after if key.endswith("/R@1")) == ["text->vision/R@1", "vision->text/R@1"]
-    # measured from the 1200-step main job with 2 threads: R@5 0.787 -> 0.833 and 0.727 -> 0.780, dup@1 0.362 ->
-    # 0.400 and 0.312 -> 0.329; in this suite (1 thread, other rounding): R@5 0.787 -> 0.817 and 0.750 -> 0.783,
-    # dup@1 0.350 -> 0.442 and 0.304 -> 0.342. 300 steps gave only +0.017 and +0.029 R@5: the source already
-    # trained this pair contrastively. R@5 moves by 0.004 per sample: the margin is 5 samples
+    # measured from the 1500-step main job on 2026-12-02 (docs/finetune.md), one thread as here: R@1 0.367 -> 0.417
+    # and 0.282 -> 0.353, dup@1 0.471 -> 0.521 and 0.333 -> 0.417, R@5 0.888 -> 0.883 and 0.824 -> 0.872; with two
+    # threads R@1 0.354 -> 0.417 and 0.278 -> 0.335. This source's R@5 is already near its duplicate-aware
+    # ceiling (dup@5 0.95 for text->vision), so the gain shows in R@1. R@1 moves by 0.004 per sample: the
+    # margin below the smallest gain seen (+0.050) is 5 samples
     pairs = ("text->vision", "vision->text")
     for pair in pairs:
-        assert after[f"{pair}/R@5"] >= before[f"{pair}/R@5"] + 0.02, pair
-    assert sum(after[f"{pair}/dup_R@1"] - before[f"{pair}/dup_R@1"] for pair in pairs) > 0
+        assert after[f"{pair}/R@1"] >= before[f"{pair}/R@1"] + 0.03, pair
+        assert after[f"{pair}/dup_R@1"] > before[f"{pair}/dup_R@1"], pair
+        assert after[f"{pair}/R@5"] >= before[f"{pair}/R@5"] - 0.02, pair
     assert (run / "model" / "config.json").is_file()

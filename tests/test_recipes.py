@@ -84,7 +84,7 @@ def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
     dry_run = run_cli("pretrain", "recipes/pretrain/tiny.yaml", "--dry-run", f"model.vision.config={CONVNEXT}")
     assert dry_run.returncode == 0, dry_run.stderr
     assert re.search(r"^vision\s+413,280$", dry_run.stdout, re.MULTILINE)  # ConvNextModel of these sizes
-    assert "vision 37, speech 750 (vision: a convolutional tower's forward FLOPs / (2 x parameters))" in dry_run.stdout
+    assert "vision 37, speech 375 (vision: a convolutional tower's forward FLOPs / (2 x parameters))" in dry_run.stdout
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,7 @@ def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
     [
         (
             ["model.vision.config.model_type=convnxt"],
-            "model.vision.config): ZidongConfig.vision_config.model_type 'convnxt' is not a transformers "
+            "model.speech.config): ZidongConfig.vision_config.model_type 'convnxt' is not a transformers "
             "architecture; did you mean convnext",
         ),
         (
@@ -123,9 +123,9 @@ def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
         ),
         (["model.config.mask_token_id=4"], "model.config.mask_token_id: not a field of the model config"),
         (
-            ["model.config.speech_frame_stack=4"],
-            "(check model.config): speech_config.feature_projection_input_dim is 160 but the front end produces "
-            "num_mel_bins x speech_frame_stack = 80 x 4 = 320",
+            ["model.config.speech_frame_stack=2"],  # the tiny recipe stacks 4 frames into 320 inputs
+            "(check model.config, model.speech.config): speech_config.feature_projection_input_dim is 320 but the "
+            "front end produces num_mel_bins x speech_frame_stack = 80 x 2 = 160",
         ),
     ],
 )
