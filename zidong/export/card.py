@@ -15,8 +15,13 @@ from zidong.train.metrics import METRICS_FILE
 
 POOLING = {
     "text": "the mean of `last_hidden_state` over the tokens where `attention_mask` is 1",
-    "vision": "`last_hidden_state[:, 0]` (the first, CLS, token)",
     "speech": "the mean of `last_hidden_state` over the steps where the attention mask is 1",
+}
+# how a vision tower is pooled, by `vision_pooling`: what the card says, and its code
+VISION_POOLING = {
+    "pooler": ("the tower's own `pooler_output`", "pooled = output.pooler_output.flatten(1)"),
+    "cls": ("`last_hidden_state[:, 0]`, the first (class) token", "pooled = states[:, 0]"),
+    "mean": ("the mean of `last_hidden_state` over its tokens", "pooled = states.mean(1)"),
 }
 CONVOLUTIONAL_POOLING = "the tower's own `pooler_output`, the normalised mean of its last feature map"
 
@@ -77,18 +82,19 @@ def tower_card(model: ZidongModel, modality: str) -> str:
         "vision": 'inputs = pre(images=[image], return_tensors="pt")',
         "speech": 'inputs = pre([waveform_16khz], sampling_rate=16000, return_tensors="pt")',
     }
-    described = POOLING[modality]
     if modality == "speech":
         mask = "inputs['attention_mask']"
         if model.speech_model.main_input_name != "input_features":
             mask = "tower._get_feature_vector_attention_mask(states.shape[1], inputs['attention_mask'])"
         pooling = f"mask = {mask}.unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
+        described = POOLING[modality]
     elif modality == "text":
         pooling = "mask = inputs['attention_mask'].unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
-    elif is_convolutional(tower.config):
-        pooling, described = "pooled = output.pooler_output.flatten(1)", CONVOLUTIONAL_POOLING
+        described = POOLING[modality]
     else:
-        pooling = "pooled = states[:, 0]"
+        described, pooling = VISION_POOLING[model.vision_pooling]
+        if is_convolutional(tower.config):
+            described = CONVOLUTIONAL_POOLING
     return "\n".join(
         [
             f"# zidong {modality} tower ({type(tower).__name__}, {sum(p.numel() for p in tower.parameters()):,} "

@@ -27,7 +27,8 @@ class ZidongClassifierOutput(ModelOutput):
 
 class ZidongForClassification(ZidongPreTrainedModel):
     """A linear classifier on one tower's pooled output (`config.classification_modality`, classes from
-    `config.id2label`): the tower's mean-pooled (text, speech) or CLS (vision) state, as in `ZidongModel`.
+    `config.id2label`): the tower's pooled state as in `ZidongModel` (masked mean for text and speech; for
+    vision, `vision_pooling`).
 
     Takes the processor's batch (other modalities are ignored) and `labels` (batch,), -1 for unlabelled rows;
     the loss is the cross-entropy over the rows that have the modality and a label. `lockstep` as in

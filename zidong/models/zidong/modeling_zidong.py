@@ -25,7 +25,9 @@ module that reads the towers' output (`Encoded`, towers_zidong.py) and returns n
 holds; lockstep_zidong.py is the one place that knows how.
 
 Each tower is wrapped by an adapter that yields `TowerOutput(token_states, attention_mask, pooled)`: text and
-speech pool by masked mean (independent of padding), vision takes its first (CLS) token.
+speech pool by masked mean (independent of padding), vision as `vision_pooling` says: the tower's own pooler
+where it keeps one (CLIP, SigLIP, DINOv2, ConvNeXt), else the class token (ViT, the presets), else the mean of
+its tokens (Swin).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from .towers_zidong import (
     scatter_rows,
     tower_width,
     vision_patch_size,
+    vision_pooling,
 )
 
 
@@ -122,6 +125,7 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
         super().__init__(config)
         self.text_model = build_tower(config, "text")
         self.vision_model = build_tower(config, "vision")
+        self.vision_pooling = vision_pooling(self.vision_model)
         self.speech_model = build_tower(config, "speech")
         self.fbank = BatchedFbank(sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins)
         spec_masks: list[nn.Module] = []
@@ -212,11 +216,14 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
     def encode_vision(self, pixel_values: torch.Tensor, **switches: bool | None) -> TowerOutput:
         output = self.vision_model(pixel_values=pixel_values, **given_switches(switches))
         states = output.last_hidden_state
-        if states.dim() == 4:  # a convolutional tower's feature map: one token per position, its own pooling
+        if states.dim() == 4:  # a convolutional tower's feature map: one token per position
             states = states.flatten(2).transpose(1, 2)
+        if self.vision_pooling == "pooler":
             pooled = output.pooler_output.flatten(1)
-        else:
+        elif self.vision_pooling == "cls":
             pooled = states[:, 0]
+        else:
+            pooled = states.mean(dim=1)
         mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return TowerOutput(states, mask, pooled, output.hidden_states, getattr(output, "attentions", None))
 
@@ -238,7 +245,7 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
     def speech_steps(
         self, input_values: torch.Tensor, attention_mask: torch.Tensor, augment: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveforms -> normalised filterbank stacked to 20 ms steps (n, steps, bins x stack) and their mask."""
+        """Waveforms -> normalised filterbank, `speech_frame_stack` frames a step (n, steps, bins x stack), and mask."""
         # the front end computes in float32 whatever the model's dtype; the tower gets its own dtype back
         features, frame_mask = self.fbank(input_values.float(), attention_mask.long().sum(dim=1))
         if augment and len(self.spec_augment):

@@ -27,7 +27,7 @@ WEIGHT_FILES = (
 @dataclass
 class TowerOutput:
     """One tower's output on the rows it ran on: text and speech pool by masked mean (independent of padding),
-    vision takes its first (CLS) token."""
+    vision as `vision_pooling` says (the class token for the presets' ViT)."""
 
     token_states: torch.Tensor  # (n, tokens, hidden)
     attention_mask: torch.Tensor  # (n, tokens) bool, True on real tokens
@@ -78,14 +78,37 @@ def build_tower(config: PretrainedConfig, modality: str, folder: str | os.PathLi
     A convolutional tower keeps its pooler: its pooled feature map is what zidong projects."""
     tower_config = getattr(config, f"{modality}_config")
     options = {"attn_implementation": tower_attention(config, modality)}
-    takes_pooler_switch = (
-        "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters
-    )
-    if takes_pooler_switch and not is_convolutional(tower_config):
+    if builds_without_pooler(tower_config):
         options["add_pooling_layer"] = False
     if folder is None:
         return AutoModel.from_config(tower_config, **options)
     return AutoModel.from_pretrained(folder, **options)
+
+
+def builds_without_pooler(tower_config: PretrainedConfig) -> bool:
+    """Whether zidong builds this tower without its pooler (`add_pooling_layer=False`): a transformer whose class
+    has that switch (BERT, ViT, DeiT, Swin...). A convolutional tower, and a class without the switch (CLIP's
+    and SigLIP's vision towers, DINOv2), keep their own pooling."""
+    takes_switch = "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(tower_config)].__init__).parameters
+    return takes_switch and not is_convolutional(tower_config)
+
+
+def vision_pooling(tower: PreTrainedModel) -> str:
+    """How a vision tower's states become the one vector zidong projects:
+
+    - "pooler": the tower's own `pooler_output`, where it keeps one: CLIP's post-layernorm of the class token,
+      DINOv2's normalised class token, SigLIP's attention-pooling head, a convolutional tower's normalised mean;
+    - "cls": the first (class) token, for a tower built without its pooler that has a class token (ViT, DeiT:
+      their pooler is a dense layer on that token, which zidong leaves out);
+    - "mean": the mean over all tokens, for a tower built without its pooler and without a class token (Swin,
+      whose own pooler is that mean)."""
+    config = tower.config
+    if not builds_without_pooler(config) and getattr(config, "vision_use_head", True):  # SigLIP may drop its head
+        return "pooler"
+    class_token = any(
+        name.rsplit(".", 1)[-1] in ("cls_token", "class_embedding") for name, _ in tower.named_parameters()
+    )
+    return "cls" if class_token else "mean"
 
 
 def tower_attention(config: PretrainedConfig, modality: str) -> str:
@@ -141,10 +164,12 @@ __all__ = [
     "Encoded",
     "TowerOutput",
     "build_tower",
+    "builds_without_pooler",
     "masked_mean",
     "pretrained_tower_config",
     "scatter_rows",
     "tower_attention",
     "tower_width",
     "vision_patch_size",
+    "vision_pooling",
 ]
