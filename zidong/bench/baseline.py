@@ -89,7 +89,8 @@ class NaiveTriModal(nn.Module):
 
 @dataclass(frozen=True)
 class NaivePipeline(SamplePipeline):
-    """zidong's pipeline with the speech front end moved into the loader: one `kaldi.fbank` per utterance."""
+    """zidong's pipeline with the speech front end moved into the loader: one `kaldi.fbank` per utterance
+    (`num_mel_bins` and `frame_stack`: the model config's `num_mel_bins` and `speech_frame_stack`)."""
 
     num_mel_bins: int = 80
     frame_stack: int = 2

@@ -95,11 +95,13 @@ class TrainingBench:
         """The baseline on the same recipe: stock eager towers, kaldi.fbank in the loader, no bucketing."""
         recipe = self.recipe("data.bucket_pool=0")
         torch.manual_seed(recipe.seed)
-        model = NaiveTriModal(ZidongConfig.from_pretrained(self.zidong_run["model"])).train()
+        config = ZidongConfig.from_pretrained(self.zidong_run["model"])
+        model = NaiveTriModal(config).train()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
         )
-        loader = train_loader(recipe, self.processor, pipeline_type=NaivePipeline)
+        front_end = {"num_mel_bins": config.num_mel_bins, "frame_stack": config.speech_frame_stack}
+        loader = train_loader(recipe, self.processor, options=front_end, pipeline_type=NaivePipeline)
         padding = PaddingMeter()
 
         def step() -> None:
