@@ -97,3 +97,19 @@ def test_the_exported_towers_card_pools_as_the_joint_model(model_type: str, tmp_
     with torch.no_grad():
         joint = model.get_image_features(**processor(images=[image], return_tensors="pt")).pooler_output
     torch.testing.assert_close(scope["embedding"], joint, rtol=0, atol=1e-6)
+
+
+def test_only_a_class_whose_output_has_a_pooler_output_is_pooled_by_it() -> None:
+    from transformers import ViTMAEModel
+
+    from zidong.models.zidong.towers_zidong import returns_pooler_output
+
+    assert returns_pooler_output(CLIPVisionModel)
+    assert returns_pooler_output(SiglipVisionModel)
+    assert not returns_pooler_output(ViTMAEModel)  # ViTMAEModelOutput: states, mask, ids, no pooler_output
+
+    class Unannotated(ViTModel):
+        def forward(self, pixel_values):  # no return annotation, on purpose
+            return super().forward(pixel_values)
+
+    assert not returns_pooler_output(Unannotated)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -103,12 +104,23 @@ def vision_pooling(tower: PreTrainedModel) -> str:
     - "mean": the mean over all tokens, for a tower built without its pooler and without a class token (Swin,
       whose own pooler is that mean)."""
     config = tower.config
-    if not builds_without_pooler(config) and getattr(config, "vision_use_head", True):  # SigLIP may drop its head
+    keeps_pooler = not builds_without_pooler(config) and returns_pooler_output(type(tower))
+    if keeps_pooler and getattr(config, "vision_use_head", True):  # SigLIP may be configured without its head
         return "pooler"
     class_token = any(
         name.rsplit(".", 1)[-1] in ("cls_token", "class_embedding") for name, _ in tower.named_parameters()
     )
     return "cls" if class_token else "mean"
+
+
+def returns_pooler_output(tower_class: type[PreTrainedModel]) -> bool:
+    """Whether the class's `forward` is annotated to return an output with a `pooler_output` field (ViTMAE's,
+    for one, has none); False where the annotation does not say."""
+    annotation = inspect.signature(tower_class.forward).return_annotation
+    if isinstance(annotation, str):  # an unresolved annotation: judge by the output class's name
+        return "Pooling" in annotation
+    candidates = typing.get_args(annotation) or (annotation,)
+    return any("pooler_output" in getattr(candidate, "__dataclass_fields__", {}) for candidate in candidates)
 
 
 def tower_attention(config: PretrainedConfig, modality: str) -> str:
