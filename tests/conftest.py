@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one core busy; two threads each would make the workers take turns on both cores
     os.environ["OMP_NUM_THREADS"] = "1"
 
-# the main job (16-18 minutes at one thread, the longest file by far) starts first, so the other worker runs the
+# the main job (about 18 minutes at one thread, the longest file by far) starts first, so the other worker runs the
 # rest of the suite beside it instead of after it
 FIRST = "tests/test_main_job.py"
 
