@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,8 +92,9 @@ class NaivePipeline(SamplePipeline):
     """zidong's pipeline with the speech front end moved into the loader: one `kaldi.fbank` per utterance
     (`num_mel_bins` and `frame_stack`: the model config's `num_mel_bins` and `speech_frame_stack`)."""
 
-    num_mel_bins: int = 80
-    frame_stack: int = 2
+    # no defaults: they must be the model's (a fixed frame count once fed a 4-frame model 2 frames a step)
+    num_mel_bins: int = field(kw_only=True)
+    frame_stack: int = field(kw_only=True)
 
     def collate(self, samples: list[DecodedSample]) -> dict[str, Any]:
         batch = super().collate(samples)

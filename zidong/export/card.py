@@ -82,19 +82,16 @@ def tower_card(model: ZidongModel, modality: str) -> str:
         "vision": 'inputs = pre(images=[image], return_tensors="pt")',
         "speech": 'inputs = pre([waveform_16khz], sampling_rate=16000, return_tensors="pt")',
     }
-    if modality == "speech":
-        mask = "inputs['attention_mask']"
-        if model.speech_model.main_input_name != "input_features":
-            mask = "tower._get_feature_vector_attention_mask(states.shape[1], inputs['attention_mask'])"
-        pooling = f"mask = {mask}.unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
-        described = POOLING[modality]
-    elif modality == "text":
-        pooling = "mask = inputs['attention_mask'].unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
-        described = POOLING[modality]
-    else:
+    if modality == "vision":
         described, pooling = VISION_POOLING[model.vision_pooling]
         if is_convolutional(tower.config):
             described = CONVOLUTIONAL_POOLING
+    else:  # text and speech: the masked mean
+        described = POOLING[modality]
+        mask = "inputs['attention_mask']"
+        if modality == "speech" and model.speech_model.main_input_name != "input_features":
+            mask = "tower._get_feature_vector_attention_mask(states.shape[1], inputs['attention_mask'])"
+        pooling = f"mask = {mask}.unsqueeze(-1).float()\npooled = (states * mask).sum(1) / mask.sum(1)"
     return "\n".join(
         [
             f"# zidong {modality} tower ({type(tower).__name__}, {sum(p.numel() for p in tower.parameters()):,} "
