@@ -1,9 +1,14 @@
 """The README's main job (the tiny recipe, end to end on the demo corpus) reaches the retrieval measured for it;
-then the shipped fine-tuning recipes start from it and beat its zero-shot numbers."""
+then the shipped fine-tuning recipes start from it and beat its zero-shot numbers.
+
+Every test runs on two sources: `short`, the recipe cut to 300 steps (about 3 minutes at one thread, part of
+`make test`), and `full`, the main job itself (1500 steps, about 19 minutes; marked `main_job`, left out of
+`make test`, run by `make test-main-job` after a change to the recipe, the model, the data or the trainer)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,31 @@ from zidong.models.zidong import ZidongForClassification
 
 TINY = "recipes/pretrain/tiny.yaml"
 QUIET = {"ZIDONG_PROGRESS": "0"}
+PAIRS = ("speech->text", "text->speech", "speech->vision", "vision->speech", "text->vision", "vision->text")
+
+
+@dataclass(frozen=True)
+class Job:
+    overrides: tuple[str, ...]
+    # duplicate-aware R@1 per pair, in PAIRS order, measured on one thread (as here) on 2026-12-02
+    # (docs/training.md); the run is bitwise reproducible on one machine, and another CPU's arithmetic has moved
+    # R@1 by up to 0.03 before
+    reached_dup_r1: tuple[float, ...]
+    r10_over_chance: float  # every pair's R@10 at least this many times chance
+    loss_drop: float  # the last contrastive loss at most this share of the first
+    meets_targets: bool = False  # speech<->text's targets of docs/training.md (dup@1 0.9, 0.9 x the ceiling)
+
+
+JOBS = {
+    "short": Job(
+        ("train.max_steps=300", "eval.every_steps=300", "checkpoint.every_steps=300"),
+        (0.400, 0.408, 0.142, 0.092, 0.221, 0.208),
+        r10_over_chance=8,
+        loss_drop=0.45,
+    ),
+    "full": Job((), (0.946, 0.938, 0.383, 0.350, 0.471, 0.333), r10_over_chance=20, loss_drop=0.3, meets_targets=True),
+}
+MARGIN = 0.04
 
 
 def evaluations(run: Path) -> list[dict]:
@@ -21,41 +51,30 @@ def evaluations(run: Path) -> list[dict]:
     return [r for r in records if r["kind"] == "eval"]
 
 
-@pytest.fixture(scope="module")
-def main_job(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("main") / "run"  # the recipe reads the shared demo corpus, data/demo
-    result = run_cli("pretrain", TINY, f"output_dir={run}", env=QUIET, timeout=2400)
+@pytest.fixture(scope="module", params=["short", pytest.param("full", marks=pytest.mark.main_job)])
+def main_job(request: pytest.FixtureRequest, demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp(request.param) / "run"  # the recipe reads the shared demo corpus, data/demo
+    result = run_cli("pretrain", TINY, f"output_dir={run}", *JOBS[request.param].overrides, env=QUIET, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out retrieval after" in result.stderr
     return run
 
 
-# duplicate-aware R@1 of the main job, measured on one thread (as here) on 2026-12-02 (docs/training.md); the run
-# is bitwise reproducible on one machine, and another CPU's arithmetic has moved R@1 by up to 0.03 before
-REACHED_DUP_R1 = {
-    "speech->text": 0.946,
-    "text->speech": 0.938,
-    "speech->vision": 0.383,
-    "vision->speech": 0.350,
-    "text->vision": 0.471,
-    "vision->text": 0.333,
-}
-MARGIN = 0.04
-
-
-def test_tiny_recipe_reaches_its_measured_retrieval(main_job: Path) -> None:
+def test_tiny_recipe_reaches_its_measured_retrieval(main_job: Path, request: pytest.FixtureRequest) -> None:
+    job = JOBS[request.node.callspec.params["main_job"]]
     final = evaluations(main_job)[-1]
     assert final["samples"] == 240
     assert final["distinct_captions"] == 196
-    for pair, reached in REACHED_DUP_R1.items():
+    for pair, reached in zip(PAIRS, job.reached_dup_r1, strict=True):
         assert final[f"{pair}/dup_R@1"] >= reached - MARGIN, f"{pair}: {final[f'{pair}/dup_R@1']:.3f}"
-        assert final[f"{pair}/R@10"] >= 20 * 10 / 240, pair  # 20x chance
-    for pair in ("speech->text", "text->speech"):  # the targets in docs/training.md, met by these two
-        assert final[f"{pair}/dup_R@1"] >= 0.9, pair
-        assert final[f"{pair}/R@1"] >= 0.9 * final[f"{pair}/ceiling_R@1"], pair
+        assert final[f"{pair}/R@10"] >= job.r10_over_chance * 10 / 240, pair
+    if job.meets_targets:
+        for pair in ("speech->text", "text->speech"):
+            assert final[f"{pair}/dup_R@1"] >= 0.9, pair
+            assert final[f"{pair}/R@1"] >= 0.9 * final[f"{pair}/ceiling_R@1"], pair
     records = [json.loads(line) for line in (main_job / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert train[-1]["contrastive"] < 0.3 * train[0]["contrastive"]
+    assert train[-1]["contrastive"] < job.loss_drop * train[0]["contrastive"]
 
 
 def test_speech_colour_probe_beats_zero_shot(main_job: Path, tmp_path: Path) -> None:
@@ -71,10 +90,13 @@ def test_speech_colour_probe_beats_zero_shot(main_job: Path, tmp_path: Path) -> 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     final = evaluations(run)[-1]
-    assert final["samples"] == 240
-    # measured on 2026-12-02, one thread as here: 0.896 vs 0.779 (0.900 vs 0.779 with two threads; 0.833 vs 0.738
-    # from the former 1200-step main job)
-    assert final["accuracy"] >= baseline["classify/speech/accuracy"] + 0.05
+    # the 143 of the 240 held-out scenes whose objects share one colour (the others carry no colour label)
+    assert final["samples"] == baseline["classify/speech/count"] == 143
+    # measured on 2026-12-02, one thread as here, against zero-shot: 0.993 vs 0.783 from the short source, 1.000
+    # vs 0.944 from the full one (at most 0.056 to gain there, so the bar is 0.97 where zero-shot is that close)
+    zero_shot = baseline["classify/speech/accuracy"]
+    assert final["accuracy"] >= min(zero_shot + 0.05, 0.97)
+    assert final["accuracy"] > zero_shot
     assert final["accuracy"] >= final["majority"] + 0.3
     model, _, _, _ = load_trained(run / "model")  # the HF folder the run ends with
     assert isinstance(model, ZidongForClassification)
@@ -91,11 +113,12 @@ def test_text_vision_retrieval_finetune_improves_on_its_source(main_job: Path, t
     assert result.returncode == 0, result.stderr[-3000:]
     after = evaluations(run)[-1]
     assert sorted(key for key in after if key.endswith("/R@1")) == ["text->vision/R@1", "vision->text/R@1"]
-    # measured from the 1500-step main job on 2026-12-02 (docs/finetune.md), one thread as here: R@1 0.367 -> 0.417
-    # and 0.282 -> 0.353, dup@1 0.471 -> 0.521 and 0.333 -> 0.417, R@5 0.888 -> 0.883 and 0.824 -> 0.872; with two
-    # threads R@1 0.354 -> 0.417 and 0.278 -> 0.335. This source's R@5 is already near its duplicate-aware
-    # ceiling (dup@5 0.95 for text->vision), so the gain shows in R@1. R@1 moves by 0.004 per sample: the
-    # margin below the smallest gain seen (+0.050) is 5 samples
+    # measured on 2026-12-02 (docs/finetune.md), one thread as here. From the full main job: R@1 0.367 -> 0.417
+    # and 0.282 -> 0.353, dup@1 0.471 -> 0.521 and 0.333 -> 0.417, R@5 0.888 -> 0.883 and 0.824 -> 0.872 (its R@5
+    # is already near its duplicate-aware ceiling, dup@5 0.95 for text->vision, so the gain shows in R@1). From
+    # the short source: R@1 0.163 -> 0.263 and 0.145 -> 0.248, dup@1 0.221 -> 0.321 and 0.208 -> 0.308, R@5
+    # 0.542 -> 0.725 and 0.487 -> 0.731. R@1 moves by 0.004 per sample: the margin below the smallest gain seen
+    # (+0.050) is 5 samples
     pairs = ("text->vision", "vision->text")
     for pair in pairs:
         assert after[f"{pair}/R@1"] >= before[f"{pair}/R@1"] + 0.03, pair

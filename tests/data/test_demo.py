@@ -11,9 +11,10 @@ import soundfile
 
 from tests.data.test_build import shard_members
 from zidong.cli import EXIT_USAGE, main
-from zidong.data.demo import Group, caption
+from zidong.data.demo import Group, caption, ensure_demo, scene_labels
 from zidong.data.inspect import check_shards
 from zidong.data.shards import load_index
+from zidong.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,45 @@ def test_captions_in_both_languages() -> None:
     groups = [Group("red", "circle", "small", 2), Group("blue", "triangle", "large", 1)]
     assert caption(groups, "en") == "two small red circles and one large blue triangle"
     assert caption(groups, "zh") == "两个小的红色圆形和一个大的蓝色三角形"
+
+
+def test_shape_and_colour_labels_only_where_the_whole_scene_has_one() -> None:
+    red_circle, blue_circle = Group("red", "circle", "small", 2), Group("blue", "circle", "large", 1)
+    red_square, blue_square = Group("red", "square", "large", 3), Group("blue", "square", "small", 1)
+    assert scene_labels([red_circle]) == {"groups": 1, "shape": "circle", "color": "red"}
+    assert scene_labels([red_circle, blue_circle]) == {"groups": 2, "shape": "circle"}
+    assert scene_labels([red_circle, red_square]) == {"groups": 2, "color": "red"}
+    assert scene_labels([red_circle, blue_square]) == {"groups": 2}
+
+
+def test_demo_labels_agree_with_the_english_captions(demo: Path) -> None:
+    checked = 0
+    for split in ("train", "eval"):
+        for files in shard_members(demo / split).values():
+            meta = json.loads(files["json"])
+            if meta["lang"] != "en" or "txt" not in files:
+                continue
+            groups = [part.split() for part in files["txt"].decode().split(" and ")]  # "two small red circles"
+            shapes = {words[3].removesuffix("s") for words in groups}
+            colours = {words[2] for words in groups}
+            labels = meta["extra"]["labels"]
+            assert labels["groups"] == len(groups)
+            assert labels.get("shape") == (shapes.pop() if len(shapes) == 1 else None), files["txt"]
+            assert labels.get("color") == (colours.pop() if len(colours) == 1 else None), files["txt"]
+            checked += 1
+    assert checked > 10
+
+
+def test_a_complete_corpus_is_kept_and_an_older_one_is_refused(demo: Path, tmp_path: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
+    assert ensure_demo(demo, samples=60, seed=3) is False
+    assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "demo.json").write_text('{"seed": 0, "samples": 60}\n')  # written before labels had a version
+    with pytest.raises(UserError, match="delete that one to build it anew"):
+        ensure_demo(older, samples=60)
+    assert sorted(p.name for p in older.iterdir()) == ["demo.json"]
 
 
 def test_demo_refuses_a_folder_of_another_seed(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -183,6 +183,21 @@ def test_a_missing_tokenizer_folder_exits_2(corpus: dict[str, Path], tmp_path: P
     assert "Traceback" not in result.stderr
 
 
+def test_a_demo_folder_of_another_version_exits_2_and_is_left_alone(corpus: dict[str, Path], tmp_path: Path) -> None:
+    older = tmp_path / "older"
+    older.mkdir()
+    stamp = older / "demo.json"
+    stamp.write_text('{"seed": 0, "samples": 2400}\n')  # a corpus from before the labels' version 2
+    result = run_cli("pretrain", str(write_recipe(tmp_path, corpus)), f"data.demo={older}")
+    assert result.returncode == 2
+    assert f"{older} holds a demo corpus made with" in result.stderr
+    assert "delete that one to build it anew" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in older.iterdir()] == ["demo.json"]
+    assert stamp.read_text() == '{"seed": 0, "samples": 2400}\n'
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_frozen_towers_stay_put_and_a_timed_freeze_ends(corpus: dict[str, Path], tmp_path: Path) -> None:
     recipe = write_recipe(
         tmp_path,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import operator
 import statistics
 import time
@@ -99,11 +98,9 @@ def peak_allocated_bytes(work: Callable[[], Any]) -> int:
 
 def ensure_demo_corpus(folder: Path, samples: int) -> Path:
     """The demo corpus in `folder`, built there first if it is not (about 30 s for the default 2400 samples)."""
-    if not (folder / "tokenizer" / "tokenizer.json").is_file():
-        from zidong.data.demo import make_demo
+    from zidong.data.demo import ensure_demo
 
-        logging.getLogger("zidong.bench").info("building a %d-sample demo corpus in %s", samples, folder)
-        make_demo(folder, samples=samples)
+    ensure_demo(folder, samples=samples)
     return folder
 
 

@@ -10,6 +10,10 @@ the held-out split (10%) holds triplets only, so every modality pair can be scor
 The generator writes plain files and a manifest per split under `DIR/raw/`, then runs the same builder as user
 data (`zidong data build`) into `DIR/train/` and `DIR/eval/`: the speech is resampled from espeak's 22.05 kHz
 to 16 kHz there. The staging folder is removed afterwards. Same seed and size, same bytes.
+
+Each sample's manifest record carries `labels` for classification: `groups` (1 or 2), and `shape` and `color`
+where the whole scene has one (every object that shape, or that colour). A scene of a red circle and a blue
+square has neither: its image does not say which group is the "main" one, so no label could be right for it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from zidong.errors import UserError
 from zidong.utils.log import get_logger, progress
 
 DEFAULT_SAMPLES = 2400
+# written into DIR/demo.json with the seed and size; a corpus of another version is rebuilt only on request.
+# 2: `shape` and `color` labels only where the whole scene has one (1: those of the first group named)
+VERSION = 2
 TOKENIZER_VOCAB = 500
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
@@ -101,6 +108,16 @@ def render(groups: list[Group], rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def scene_labels(groups: list[Group]) -> dict[str, str | int]:
+    """The scene's classification labels: its number of groups, and its shape and colour where all share one."""
+    labels: dict[str, str | int] = {"groups": len(groups)}
+    for attribute in ("shape", "color"):
+        values = {getattr(group, attribute) for group in groups}
+        if len(values) == 1:
+            labels[attribute] = values.pop()
+    return labels
+
+
 def random_scene(rng: np.random.Generator) -> list[Group]:
     """One or two groups that differ in colour or shape, at most six shapes in all."""
     groups: list[Group] = []
@@ -133,8 +150,7 @@ def write_split(
         rate, pitch = int(rng.integers(170, 240)), int(rng.integers(30, 70))
         modalities = names[int(choices[number])].split("+")
         sample_id = f"{prefix}-{number:06d}"
-        # labels for classification: the first group the caption names is the scene's main object
-        labels = {"shape": groups[0].shape, "color": groups[0].color, "groups": len(groups)}
+        labels = scene_labels(groups)
         record: dict = {"id": sample_id, "lang": language, "labels": labels}
         text = caption(groups, language)
         scene = render(groups, rng)  # drawn even when unused, so the random stream does not depend on the mix
@@ -166,24 +182,30 @@ def speak_to_files(requests: list[tuple[str, str, str, int, int]]) -> None:
         soundfile.write(path, waveform, sampling_rate, subtype="PCM_16")
 
 
+def _stamp(samples: int, seed: int) -> dict[str, int]:
+    return {"seed": seed, "samples": samples, "version": VERSION}
+
+
 def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[str, dict]:
     """Generate and build the demo corpus into `out/train` and `out/eval`; returns both indexes.
 
-    Raises UserError when `out` already holds a demo corpus of another seed or size.
+    Raises UserError when `out` already holds a demo corpus of another seed, size or version.
     """
     if samples < 2:
         raise UserError(f"--samples must be at least 2 (one training and one held-out sample), got {samples}")
-    recipe = {"seed": seed, "samples": samples}
+    recipe = _stamp(samples, seed)
     stamp = out / "demo.json"
     if stamp.exists() and json.loads(stamp.read_text()) != recipe:
         raise UserError(
-            f"{out} holds a demo corpus made with {json.loads(stamp.read_text())}; choose another --out or delete it"
+            f"{out} holds a demo corpus made with {json.loads(stamp.read_text())}, not {recipe}; give another "
+            "folder, or delete that one to build it anew"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(recipe) + "\n")
     except OSError as err:
         raise UserError(f"cannot write into {out}: {err.strerror or err}") from None
+    logger.info("building the demo corpus (%d samples, seed %d) into %s", samples, seed, out)
     rng = np.random.default_rng(seed)
     held_out = max(1, samples // 10)
     splits = {
@@ -203,3 +225,14 @@ def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[
     train_tokenizer([out / "train"], TOKENIZER_VOCAB, out / "tokenizer")
     logger.info("demo corpus in %s: %d training and %d held-out samples", out, splits["train"][0], held_out)
     return indexes
+
+
+def ensure_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> bool:
+    """Build the demo corpus into `out` unless a complete one of this seed, size and version is there; True when
+    it was built. Raises UserError, as `make_demo`, when `out` holds another one."""
+    stamp = out / "demo.json"
+    complete = (out / "tokenizer" / "tokenizer.json").is_file()  # the build's last step
+    if complete and stamp.is_file() and json.loads(stamp.read_text()) == _stamp(samples, seed):
+        return False
+    make_demo(out, samples=samples, seed=seed)
+    return True

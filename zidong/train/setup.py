@@ -164,13 +164,11 @@ def ensure_demo_corpus(recipe: PretrainRecipe, accelerator: Accelerator) -> None
     """`data.demo`: build the demo corpus there on the first run (the main process; the others wait)."""
     if recipe.data.demo is None:
         return
-    folder = Path(recipe.data.demo)
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (folder / "tokenizer" / "tokenizer.json").is_file():
-            from zidong.data.demo import make_demo
+    from zidong.data.demo import ensure_demo
 
-            logger.info("building the demo corpus into %s (first run only)", folder)
-            make_demo(folder)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            ensure_demo(Path(recipe.data.demo))
 
 
 def load_tokenizer(recipe: PretrainRecipe):
