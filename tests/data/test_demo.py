@@ -108,6 +108,18 @@ def test_a_complete_corpus_is_kept_and_an_older_one_is_refused(demo: Path, tmp_p
     assert sorted(p.name for p in older.iterdir()) == ["demo.json"]
 
 
+def test_a_folder_of_other_files_is_refused_and_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "mine"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "index.json").write_text("{}")  # say, a user's own shards
+    assert main(["data", "demo", "--out", str(mine), "--samples", "20"]) == EXIT_USAGE
+    assert "holds files but no demo.json" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not a demo corpus"):
+        ensure_demo(mine, samples=20)
+    assert [p.relative_to(mine).as_posix() for p in sorted(mine.rglob("*"))] == ["train", "train/index.json"]
+    assert (mine / "train" / "index.json").read_text() == "{}"
+
+
 def test_demo_refuses_a_folder_of_another_seed(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "demo", "--out", str(demo), "--samples", "60", "--seed", "9"]) == EXIT_USAGE
     assert "demo corpus made with" in capsys.readouterr().err

@@ -200,6 +200,8 @@ def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[
             f"{out} holds a demo corpus made with {json.loads(stamp.read_text())}, not {recipe}; give another "
             "folder, or delete that one to build it anew"
         )
+    if not stamp.exists() and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} holds files but no demo.json, so it is not a demo corpus; give a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(recipe) + "\n")
