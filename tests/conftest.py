@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one core busy; two threads each would make the workers take turns on both cores
     os.environ["OMP_NUM_THREADS"] = "1"
 
-# the main job's file (in `make test` the recipe cut to 300 steps and two fine-tunes from it, about 9 minutes at one
+# the main job's file (in `make test` the recipe cut to 300 steps and two fine-tunes from it, about 5 minutes at one
 # thread: the longest file) starts first, so the other worker runs the rest of the suite beside it, not after it
 FIRST = "tests/test_main_job.py"
 
