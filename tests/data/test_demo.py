@@ -120,6 +120,22 @@ def test_a_folder_of_other_files_is_refused_and_left_alone(tmp_path: Path, capsy
     assert (mine / "train" / "index.json").read_text() == "{}"
 
 
+def test_an_unreadable_demo_record_exits_2_and_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "demo.json").write_text('{"seed": 0, "sam')  # cut off mid-write
+    assert main(["data", "demo", "--out", str(broken), "--samples", "20"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{broken / 'demo.json'} is not a demo record" in err
+    assert "Traceback" not in err
+    with pytest.raises(UserError, match="delete the folder to build it anew"):
+        ensure_demo(broken, samples=20)
+    assert [p.name for p in broken.iterdir()] == ["demo.json"]
+    assert (broken / "demo.json").read_text() == '{"seed": 0, "sam'
+
+
 def test_demo_refuses_a_folder_of_another_seed(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "demo", "--out", str(demo), "--samples", "60", "--seed", "9"]) == EXIT_USAGE
     assert "demo corpus made with" in capsys.readouterr().err

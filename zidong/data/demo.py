@@ -186,6 +186,17 @@ def _stamp(samples: int, seed: int) -> dict[str, int]:
     return {"seed": seed, "samples": samples, "version": VERSION}
 
 
+def _recorded(out: Path) -> dict | None:
+    """What `out/demo.json` says the folder's corpus was made with; None when there is no such file."""
+    stamp = out / "demo.json"
+    if not stamp.is_file():
+        return None
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{stamp} is not a demo record ({err}); delete the folder to build it anew") from None
+
+
 def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[str, dict]:
     """Generate and build the demo corpus into `out/train` and `out/eval`; returns both indexes.
 
@@ -193,18 +204,17 @@ def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[
     """
     if samples < 2:
         raise UserError(f"--samples must be at least 2 (one training and one held-out sample), got {samples}")
-    recipe = _stamp(samples, seed)
-    stamp = out / "demo.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != recipe:
+    recipe, recorded = _stamp(samples, seed), _recorded(out)
+    if recorded is not None and recorded != recipe:
         raise UserError(
-            f"{out} holds a demo corpus made with {json.loads(stamp.read_text())}, not {recipe}; give another "
-            "folder, or delete that one to build it anew"
+            f"{out} holds a demo corpus made with {recorded}, not {recipe}; give another folder, or delete that one "
+            "to build it anew"
         )
-    if not stamp.exists() and out.is_dir() and any(out.iterdir()):
+    if recorded is None and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} holds files but no demo.json, so it is not a demo corpus; give a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(recipe) + "\n")
+        (out / "demo.json").write_text(json.dumps(recipe) + "\n")
     except OSError as err:
         raise UserError(f"cannot write into {out}: {err.strerror or err}") from None
     logger.info("building the demo corpus (%d samples, seed %d) into %s", samples, seed, out)
@@ -232,9 +242,8 @@ def make_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> dict[
 def ensure_demo(out: Path, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> bool:
     """Build the demo corpus into `out` unless a complete one of this seed, size and version is there; True when
     it was built. Raises UserError, as `make_demo`, when `out` holds another one."""
-    stamp = out / "demo.json"
     complete = (out / "tokenizer" / "tokenizer.json").is_file()  # the build's last step
-    if complete and stamp.is_file() and json.loads(stamp.read_text()) == _stamp(samples, seed):
+    if complete and _recorded(out) == _stamp(samples, seed):
         return False
     make_demo(out, samples=samples, seed=seed)
     return True
