@@ -9,8 +9,9 @@ Rows (pass/fail against a target; docs/PERFORMANCE.md, "The GPU check"):
              compiled towers (time ratio <= 0.85) and with activation checkpointing (<= 1.5)
   syncs      host synchronisations of one training step, by CUDA's sync debug mode (<= 1: the loss read)
   frontend   the batched filterbank on the GPU against per-utterance kaldi.fbank on one CPU thread (>= 5x), parity
-  trainers   the real trainer on the `base` recipe and the demo corpus under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (one
-             process each, bf16): 2 steps, a checkpoint, a relaunch that resumes and trains 2 more; the ZeRO-2
+  trainers   the real trainer on the `base` recipe and the demo corpus under DeepSpeed ZeRO-2, ZeRO-3, FSDP2 and HSDP
+             (one process each, so a mesh of 1; bf16, FSDP2 gathering its layers in bf16): 2 steps, a checkpoint, a
+             relaunch that resumes and trains 2 more; the ZeRO-2
              run's peak memory against `--dry-run`'s model-state estimate (within 20 %; batch 2, so activations
              are small)
   fp16       the trainer with train.mixed_precision=fp16 (loss scaling) for 6 steps: finite losses
@@ -34,10 +35,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("steps", "syncs", "frontend", "trainers", "fp16")
-LAUNCHES = {
-    "DeepSpeed ZeRO-2": ROOT / "recipes/accelerate/deepspeed_zero2.yaml",
-    "DeepSpeed ZeRO-3": ROOT / "recipes/accelerate/deepspeed_zero3.yaml",
-    "FSDP2": ROOT / "recipes/accelerate/fsdp.yaml",
+# name: (Accelerate config or None for a plain launch, recipe overrides)
+LAUNCHES: dict[str, tuple[Path | None, dict[str, str]]] = {
+    "DeepSpeed ZeRO-2": (ROOT / "recipes/accelerate/deepspeed_zero2.yaml", {}),
+    "DeepSpeed ZeRO-3": (ROOT / "recipes/accelerate/deepspeed_zero3.yaml", {}),
+    "FSDP2": (None, {"parallel.strategy": "fsdp", "parallel.param_dtype": "bf16"}),
+    "HSDP": (None, {"parallel.strategy": "hsdp", "parallel.shard_size": "1"}),
 }
 BASE_RECIPE = ROOT / "recipes/pretrain/base.yaml"
 MEMORY_TOLERANCE = 0.2
@@ -122,11 +125,16 @@ def train_records(run: Path) -> list[dict]:
 
 def trainer_paths(work: Path, corpus: Path) -> list[dict]:
     rows, number = [], 6
-    for name, config in LAUNCHES.items():
+    for name, (config, extra) in LAUNCHES.items():
         run = work / re.sub(r"\W+", "-", name.lower())
-        outcome: dict = {"config": str(config.relative_to(ROOT)), "output_dir": str(run)}
-        first, _ = run_launch(launch_command(config, recipe_overrides(corpus, run, 2)), work / f"{run.name}-1.log")
-        second, log = run_launch(launch_command(config, recipe_overrides(corpus, run, 4)), work / f"{run.name}-2.log")
+        outcome: dict = {"config": str(config.relative_to(ROOT)) if config else None, "output_dir": str(run)}
+        first, _ = run_launch(
+            launch_command(config, recipe_overrides(corpus, run, 2, **extra)), work / f"{run.name}-1.log"
+        )
+        second, log = run_launch(
+            launch_command(config, recipe_overrides(corpus, run, 4, **extra)), work / f"{run.name}-2.log"
+        )
+        outcome["sharding_line"] = _line(log, "sharding:")
         resumed = re.search(r"resumed from \S+ \(step (\d+)\)", log)
         records = train_records(run)
         losses = [r["loss"] for r in records]
@@ -143,7 +151,7 @@ def trainer_paths(work: Path, corpus: Path) -> list[dict]:
             details = {"peak_memory_gib": peak, "dry_run_model_state_gib": estimate, "batch_size": 2}
             rows.append(
                 row(
-                    9,
+                    6 + len(LAUNCHES),
                     "peak memory / --dry-run model state, ZeRO-2 (1 GPU) - 1",
                     abs(peak / estimate - 1),
                     f"<= {MEMORY_TOLERANCE}",
@@ -167,7 +175,7 @@ def fp16_run(work: Path, corpus: Path) -> list[dict]:
         "skipped_steps": skipped,
         "precision_line": _line(log, "precision:"),
     }
-    return [row(10, "fp16 with loss scaling: 6 finite steps (1 GPU)", float(passed), ">= 1", details)]
+    return [row(7 + len(LAUNCHES), "fp16 with loss scaling: 6 finite steps (1 GPU)", float(passed), ">= 1", details)]
 
 
 def _line(text: str, needle: str) -> str:
@@ -182,11 +190,12 @@ def plan(work: Path, corpus: Path, only: tuple[str, ...]) -> str:
     for check in only:
         lines.append(f"- {check}")
         if check == "trainers":
-            for name, config in LAUNCHES.items():
-                if not config.is_file():
+            for name, (config, extra) in LAUNCHES.items():
+                if config is not None and not config.is_file():
                     raise FileNotFoundError(config)
                 run = work / re.sub(r"\W+", "-", name.lower())
-                lines.append(f"    {name}: " + " ".join(launch_command(config, recipe_overrides(corpus, run, 2))))
+                overrides = recipe_overrides(corpus, run, 2, **extra)
+                lines.append(f"    {name}: " + " ".join(launch_command(config, overrides)))
                 lines.append("      then the same with train.max_steps=4 (must resume at step 2)")
             estimate = dry_run_state_gib(recipe_overrides(corpus, work / "zero2", 4), 2)
             lines.append(f"    memory: ZeRO-2 peak against the dry-run model state of {estimate:.2f} GiB (within 20 %)")

@@ -22,8 +22,10 @@ def gpu_check(*args: str) -> subprocess.CompletedProcess:
 def test_dry_run_prints_every_launch_with_checked_inputs(tmp_path: Path) -> None:
     done = gpu_check("--dry-run", "--out", str(tmp_path / "check"))
     assert done.returncode == 0, done.stderr
-    for config in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"):
+    for config in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml"):
         assert f"recipes/accelerate/{config} --num_processes 1 -m zidong pretrain" in done.stdout
+    assert "parallel.strategy=fsdp parallel.param_dtype=bf16" in done.stdout
+    assert "parallel.strategy=hsdp parallel.shard_size=1" in done.stdout
     assert "train.mixed_precision=fp16" in done.stdout
     assert "dry-run model state of 6.40 GiB" in done.stdout  # the base preset's 429M parameters, 16 bytes each
     assert not (tmp_path / "check").exists()  # nothing run, nothing written

@@ -53,6 +53,12 @@ def test_dry_run_sizes_the_large_recipe_without_allocating_it() -> None:
         assert re.search(rf"^{name}\s+[\d,]+$", result.stdout, re.MULTILINE)
     assert re.search(r"training FLOPs per sample: \d\.\d+e\+1\d", result.stdout)
     assert "ZeRO-3:" in result.stdout
+    # FSDP2 over all 32 GPUs, HSDP in 4 nodes of 8: 16 bytes of float32 state per parameter, sharded over the group
+    fsdp = re.search(r"FSDP2:\s+[\d.]+ GiB  \(([\d.]+) sharded state \+ ([\d.]+) gathered", result.stdout)
+    hsdp = re.search(r"HSDP 4 x 8:\s+[\d.]+ GiB  \(([\d.]+) sharded state \+ ([\d.]+) gathered", result.stdout)
+    assert float(fsdp.group(1)) == pytest.approx(total * 16 / 32 / 2**30, abs=0.006)
+    assert float(hsdp.group(1)) == pytest.approx(total * 16 / 8 / 2**30, abs=0.006)
+    assert fsdp.group(2) == hsdp.group(2)
     peak_gib = int(re.search(r"peak_rss_kb (\d+)", result.stdout).group(1)) / 2**20
     assert peak_gib < 2.0  # the fp32 weights alone would take 4.3 GiB
 

@@ -101,11 +101,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(dry_run_report(recipe, args.gpus))
         return 0
     _quiet_deepspeed_on_cpu()
-    from zidong.train.distributed import check_device_support
+    from zidong.train.distributed import check_launch
     from zidong.train.trainer import pretrain
     from zidong.utils.run_info import record_run
 
-    check_device_support(recipe)  # before anything is written
+    check_launch(recipe)  # before anything is written
     record_run(recipe.output_dir, recipe)
     pretrain(recipe)
     return 0
@@ -118,10 +118,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
     recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)  # a bad recipe exits before torch loads
     _quiet_deepspeed_on_cpu()
-    from zidong.train.distributed import check_device_support
+    from zidong.train.distributed import check_launch
     from zidong.train.finetune import finetune
 
-    check_device_support(recipe)  # before anything is written
+    check_launch(recipe)  # before anything is written
     record_run(recipe.output_dir, recipe)
     finetune(args.task, recipe)
     return 0

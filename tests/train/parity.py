@@ -1,7 +1,7 @@
 """N processes against one process: the real trainer, fed the same global batches, must train the same.
 
-A parity run launches the real `zidong pretrain` / `zidong finetune` (one process, torchrun DDP, or Accelerate +
-DeepSpeed) with `tests/train/parity_site` on PYTHONPATH. Its `sitecustomize` calls `install()` in every process:
+A parity run launches the real `zidong pretrain` / `zidong finetune` (one process, torchrun with DDP or FSDP2 as the
+recipe's `parallel` section says, or Accelerate + DeepSpeed) with `tests/train/parity_site` on PYTHONPATH. Its `sitecustomize` calls `install()` in every process:
 
 - The set-up's `train_loader` (zidong/train/setup.py) is replaced by one that reads the stream of a *single*
   process whose batch is the global batch (per-process batch x processes), and hands each process its own rows
@@ -41,10 +41,11 @@ ENVIRONMENT = "ZIDONG_PARITY"
 RELATIVE_TOLERANCE = 1e-5
 LEFT_OUT = ("matching", "masked_text", "masked_vision", "masked_speech")  # objectives off in parity runs (above)
 CONTRASTIVE_PAIRS = ("contrastive_text_vision", "contrastive_text_speech", "contrastive_vision_speech")
-# (prefix, extra arguments) of each launcher for N processes
+# (prefix, extra arguments) of each launcher for N processes; under torchrun the recipe's `parallel` section picks
+# DDP or FSDP2
 LAUNCHERS = {
     "single": lambda n: [],
-    "ddp": lambda n: torchrun(n)[1:],
+    "torchrun": lambda n: torchrun(n)[1:],
     "zero2": lambda n: _accelerate("deepspeed_zero2", n),
     "zero3": lambda n: _accelerate("deepspeed_zero3", n),
 }
@@ -110,7 +111,9 @@ class _RowsOf:
         self.loader.close()
 
 
-def _command(launcher: str, processes: int, command: list[str], recipe: Path) -> tuple[list[str], dict[str, str]]:
+def _command(
+    launcher: str, processes: int, command: list[str], recipe: Path, extra: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
     env = {
         **os.environ,
         ENVIRONMENT: "1",
@@ -118,25 +121,34 @@ def _command(launcher: str, processes: int, command: list[str], recipe: Path) ->
         "ZIDONG_PROGRESS": "0",
         "OMP_NUM_THREADS": "1",
     }
-    if launcher == "ddp":
+    if launcher == "torchrun":
         env["ACCELERATE_USE_CPU"] = "1"
-    return [sys.executable, *LAUNCHERS[launcher](processes), "-m", "zidong", *command, str(recipe)], env
+    arguments = [sys.executable, *LAUNCHERS[launcher](processes), "-m", "zidong", *command, str(recipe), *(extra or [])]
+    return arguments, env
 
 
 def launch(
-    launcher: str, processes: int, command: list[str], recipe: Path, timeout: float = 1200
+    launcher: str,
+    processes: int,
+    command: list[str],
+    recipe: Path,
+    extra: list[str] | None = None,
+    timeout: float = 1200,
 ) -> subprocess.CompletedProcess:
-    """Run `python [launcher] -m zidong COMMAND RECIPE` as a parity run; fails the test on a non-zero exit."""
-    arguments, env = _command(launcher, processes, command, recipe)
+    """Run `python [launcher] -m zidong COMMAND RECIPE [EXTRA overrides]` as a parity run; fails the test on a
+    non-zero exit."""
+    arguments, env = _command(launcher, processes, command, recipe, extra)
     result = subprocess.run(arguments, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{launcher} x {processes} failed:\n{result.stderr[-4000:]}"
     return result
 
 
-def start(launcher: str, processes: int, command: list[str], recipe: Path) -> subprocess.Popen:
+def start(
+    launcher: str, processes: int, command: list[str], recipe: Path, extra: list[str] | None = None
+) -> subprocess.Popen:
     """`launch` in the background, in a session of its own (so a test can kill the launcher and every rank);
     its output goes to `launch.log` beside the recipe (a pipe nobody reads could fill and stall it)."""
-    arguments, env = _command(launcher, processes, command, recipe)
+    arguments, env = _command(launcher, processes, command, recipe, extra)
     with (recipe.parent / "launch.log").open("w") as log:
         return subprocess.Popen(
             arguments, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

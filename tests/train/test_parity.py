@@ -1,4 +1,5 @@
-"""N processes train exactly like one: DDP, DeepSpeed ZeRO-2/3, 4 processes, a fine-tuning task, accumulation.
+"""N processes train exactly like one: DDP, DeepSpeed ZeRO-2/3, FSDP2 and HSDP (resharded on resume), 4 processes,
+a fine-tuning task, accumulation.
 
 Every run goes through the real trainer (tests/train/parity.py says how the global batches are shared out and
 which objectives take part). 2 x batch B must equal 1 x batch 2B step by step (losses, learning rates, gradient
@@ -45,7 +46,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def pretrain_recipe(folder: Path, corpus: dict[str, Path], processes: int, evaluate: bool = False, **train) -> Path:
+def pretrain_recipe(
+    folder: Path, corpus: dict[str, Path], processes: int, evaluate: bool = False, parallel: dict | None = None, **train
+) -> Path:
     recipe = {
         "output_dir": str(folder / "run"),
         "seed": 5,
@@ -65,6 +68,7 @@ def pretrain_recipe(folder: Path, corpus: dict[str, Path], processes: int, evalu
         },
         "checkpoint": {"every_steps": 4, "keep_last": 1},
         "loss": {"contrastive": {"weight": 1.0}, **{name: {"weight": 0.0} for name in parity.LEFT_OUT}},
+        "parallel": parallel or {},
     }
     return parity.write_recipe(folder / "recipe.yaml", recipe)
 
@@ -102,13 +106,13 @@ def one_process(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.slow
 def test_two_process_ddp_trains_like_one_process(corpus: dict[str, Path], one_process: Path, tmp_path: Path) -> None:
-    parity.launch("ddp", 2, PRETRAIN, pretrain_recipe(tmp_path, corpus, 2))
+    parity.launch("torchrun", 2, PRETRAIN, pretrain_recipe(tmp_path, corpus, 2))
     parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
 
 
 @pytest.mark.slow
 def test_four_process_ddp_trains_like_one_process(corpus: dict[str, Path], one_process: Path, tmp_path: Path) -> None:
-    parity.launch("ddp", 4, PRETRAIN, pretrain_recipe(tmp_path, corpus, 4))
+    parity.launch("torchrun", 4, PRETRAIN, pretrain_recipe(tmp_path, corpus, 4))
     parity.assert_same_training(one_process, tmp_path / "run")
 
 
@@ -133,6 +137,80 @@ def test_deepspeed_trains_like_one_process_across_a_kill_and_resume(
     assert [(r["step"], r["samples"]) for r in records if r["kind"] == "eval"] == [(STEPS, 9.0)]
 
 
+FSDP = {"strategy": "fsdp"}
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_one_process_across_a_kill_and_resume(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path
+) -> None:
+    recipe = pretrain_recipe(tmp_path, corpus, 2, evaluate=True, parallel=FSDP)  # evaluation in lockstep at the end
+    job = parity.start("torchrun", 2, PRETRAIN, recipe)
+    parity.wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", job)
+    kill_tree(job.pid)
+    job.wait()
+    resumed = parity.launch("torchrun", 2, PRETRAIN, recipe)
+    assert resumed_step(resumed.stderr) < STEPS  # killed mid-run, not after the end
+    assert "FSDP2 (fsdp) on a cpu mesh of shard 2: 8 layer units" in resumed.stderr
+    shards = tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}" / "sharded_model"
+    assert {p.name for p in shards.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}  # each rank wrote its own
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
+    assert "held-out retrieval after 10 steps" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_on_four_processes_trains_and_exports_like_one_process(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path
+) -> None:
+    result = parity.launch("torchrun", 4, PRETRAIN, pretrain_recipe(tmp_path, corpus, 4, parallel=FSDP))
+    assert "strategy: FSDP2 (fsdp) over 4, 1 replica group(s)" in result.stderr
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
+    exported = {}
+    for name, run in (("fsdp", tmp_path / "run"), ("single", one_process)):
+        result = subprocess.run(
+            [sys.executable, "-m", "zidong", "export", str(run), "--out", str(tmp_path / name), "--towers"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        exported[name] = {
+            path.relative_to(tmp_path / name): load_file(path) for path in (tmp_path / name).rglob("*.safetensors")
+        }
+    assert exported["fsdp"].keys() == exported["single"].keys()
+    for path, tensors in exported["single"].items():
+        assert tensors.keys() == exported["fsdp"][path].keys()
+        for key, tensor in tensors.items():
+            error = float((exported["fsdp"][path][key] - tensor).norm())
+            assert error <= parity.RELATIVE_TOLERANCE * float(tensor.norm()) + 1e-7 * tensor.numel() ** 0.5, key
+
+
+@pytest.mark.slow
+def test_hsdp_two_groups_of_two_train_like_one_process(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path
+) -> None:
+    recipe = pretrain_recipe(tmp_path, corpus, 4, parallel={"strategy": "hsdp", "shard_size": 2})
+    result = parity.launch("torchrun", 4, PRETRAIN, recipe)
+    assert "on a cpu mesh of replicate 2 x shard 2" in result.stderr
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)], ids=["2-then-1", "1-then-2", "2-then-4"])
+def test_fsdp_resumes_on_another_process_count_like_one_process(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path, before: int, after: int
+) -> None:
+    """Killed after the step-4 checkpoint on `before` processes, continued on `after`: model and optimizer shards
+    are resharded as they load (and the data stream re-split)."""
+    recipe = pretrain_recipe(tmp_path, corpus, before, parallel=FSDP)
+    job = parity.start("single" if before == 1 else "torchrun", before, PRETRAIN, recipe)
+    parity.wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", job)
+    kill_tree(job.pid)
+    job.wait()
+    overrides = [f"train.batch_size={GLOBAL_BATCH // after}"]
+    resumed = parity.launch("single" if after == 1 else "torchrun", after, PRETRAIN, recipe, extra=overrides)
+    assert 4 <= resumed_step(resumed.stderr) < STEPS
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
+
+
 @pytest.fixture(scope="module")
 def one_process_probe(corpus: dict[str, Path], one_process: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("probe-one-process")
@@ -144,7 +222,7 @@ def one_process_probe(corpus: dict[str, Path], one_process: Path, tmp_path_facto
 def test_a_linear_probe_trains_only_its_head_and_like_one_process(
     corpus: dict[str, Path], one_process: Path, one_process_probe: Path, tmp_path: Path
 ) -> None:
-    result = parity.launch("ddp", 2, CLASSIFY, probe_recipe(tmp_path, corpus, one_process, 2))
+    result = parity.launch("torchrun", 2, CLASSIFY, probe_recipe(tmp_path, corpus, one_process, 2))
     assert "frozen for the whole run: text" in result.stderr
     parity.assert_same_training(one_process_probe, tmp_path / "run", keys=("loss", "classify", "grad_norm"))
     source = parity.final_weights(one_process)

@@ -247,17 +247,47 @@ def test_compile_on_cpu_is_refused_before_any_work(corpus: dict[str, Path], tmp_
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_fsdp_on_cpu_is_refused_instead_of_training_twice(corpus: dict[str, Path], tmp_path: Path) -> None:
-    command = [
-        *accelerate_launch(REPO_ROOT / "recipes/accelerate/fsdp.yaml", 2),
-        "-m", "zidong", "pretrain", str(write_recipe(tmp_path, corpus)),
-    ]  # fmt: skip
+ACCELERATE_FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, fsdp_state_dict_type: SHARDED_STATE_DICT}
+machine_rank: 0
+num_machines: 1
+num_processes: 2
+mixed_precision: "no"
+use_cpu: false
+"""
+
+
+def test_an_accelerate_fsdp_config_exits_2_naming_the_recipe_key(corpus: dict[str, Path], tmp_path: Path) -> None:
+    # Accelerate would set up FSDP only on GPUs, and on CPU silently prepare DDP instead: zidong refuses the
+    # launcher's FSDP wherever it runs, and says how to ask for FSDP2
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(ACCELERATE_FSDP_CONFIG)
+    command = [*accelerate_launch(config, 2), "-m", "zidong", "pretrain", str(write_recipe(tmp_path, corpus))]
     env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode != 0
-    assert "2 processes were launched, but Accelerate set up no distributed training" in result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "exitcode  : 2" in result.stderr  # each rank's own exit code, as torchrun reports it
+    assert "zidong shards with FSDP2 itself" in result.stderr
+    assert "set parallel.strategy=fsdp in the recipe" in result.stderr
+    assert "Traceback" not in result.stderr.split("zidong: error:")[0][-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 2}, data={"num_workers": 0, "eval": None})
+    env = {"ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    first = run_cli("pretrain", str(recipe), "parallel.strategy=fsdp", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "FSDP2 (fsdp) on a cpu mesh of shard 1" in first.stderr  # one process: a mesh of 1, the same code
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    before = {path: path.read_bytes() for path in checkpoint.rglob("*") if path.is_file()}
+    again = run_cli("pretrain", str(recipe), "train.max_steps=4", env=env)
+    assert again.returncode == 2
+    assert f"{checkpoint} was written with FSDP2 and this run does not shard the model" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert {path: path.read_bytes() for path in checkpoint.rglob("*") if path.is_file()} == before
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path], tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 decisions every process must take together.
 
 Launchers (torchrun, `accelerate launch`, SLURM) set the environment; `make_accelerator` turns it into DDP (gloo on
-CPU, NCCL on GPUs), DeepSpeed ZeRO or FSDP and refuses a launch that would leave processes training alone.
+CPU, NCCL on GPUs) or DeepSpeed ZeRO, and refuses a launch that would leave processes training alone or that
+disagrees with the recipe's `parallel` section. FSDP2 (`parallel.strategy=fsdp|hsdp`) runs over the same process
+group, applied by zidong/train/parallelize.py rather than by Accelerate.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from transformers.integrations import unset_hf_deepspeed_config
 
 from zidong.errors import UserError
+from zidong.train.parallelize import check_parallel, shard_group_size
 from zidong.train.recipe import PretrainRecipe
 
 
 def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     cpu = not torch.cuda.is_available()
-    check_device_support(recipe)
+    check_launch(recipe)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     # a rank whose batch lacks a modality does not run that tower
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -40,20 +44,35 @@ def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
         log_with=list(recipe.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UserError(
             f"{world} processes were launched, but Accelerate set up no distributed training for them on "
-            f"{accelerator.device} (each would train alone and overwrite the others' files). FSDP needs GPUs; on "
-            "CPU launch DDP with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m zidong pretrain ...` or "
-            "DeepSpeed with `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml ...`"
+            f"{accelerator.device} (each would train alone and overwrite the others' files). On CPU launch with "
+            "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m zidong pretrain ...` (DDP, or FSDP2 with "
+            "parallel.strategy=fsdp) or DeepSpeed with `accelerate launch --config_file "
+            "recipes/accelerate/deepspeed_zero2.yaml ...`"
         )
     return accelerator
 
 
-def check_device_support(recipe: PretrainRecipe) -> None:
-    """Refuse settings this machine cannot train with, before anything is written: a `train.mixed_precision` it
-    cannot do (instead of training in float32 unasked) and `train.compile` off CUDA."""
+def strategy_in_use(accelerator: Accelerator, recipe: PretrainRecipe) -> str:
+    """The start-up log's account of how the model is spread over the processes (FSDP2 adds its mesh later)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage} over {accelerator.num_processes}"
+    if recipe.parallel.sharded:
+        groups = accelerator.num_processes // shard_group_size(recipe.parallel, accelerator.num_processes)
+        return f"FSDP2 ({recipe.parallel.strategy}) over {accelerator.num_processes}, {groups} replica group(s)"
+    if accelerator.num_processes > 1:
+        return f"DDP over {accelerator.num_processes}"
+    return "one process, whole model"
+
+
+def check_launch(recipe: PretrainRecipe) -> None:
+    """Refuse settings this machine or launch cannot train with, before anything is written: a
+    `train.mixed_precision` it cannot do (instead of training in float32 unasked), `train.compile` off CUDA, and a
+    `parallel` section the launcher disagrees with (`check_parallel`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_parallel(recipe, world, deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
     settings, cpu = recipe.train, not torch.cuda.is_available()
     if settings.mixed_precision == "fp16" and cpu:
         raise UserError(
@@ -85,12 +104,12 @@ def precision_in_use(accelerator: Accelerator) -> str:
     )
 
 
-def lockstep_enabled(accelerator: Accelerator) -> bool:
-    """Under DeepSpeed and FSDP every process runs every tower and head on every step (placeholders where its batch
-    has nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in the
-    order modules run (FSDP likewise per sharded layer), so processes whose batches differ in modalities must still
-    make the same calls. DDP instead runs with find_unused_parameters."""
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+def lockstep_enabled(accelerator: Accelerator, recipe: PretrainRecipe) -> bool:
+    """Under DeepSpeed and FSDP2 every process runs every tower and head on every step (placeholders where its
+    batch has nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in
+    the order modules run (FSDP2 likewise gathers and reduce-scatters per sharded layer), so processes whose
+    batches differ in modalities must still make the same calls. DDP instead runs with find_unused_parameters."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED or recipe.parallel.sharded
 
 
 def configure_deepspeed(accelerator: Accelerator, recipe: PretrainRecipe) -> None:

@@ -5,8 +5,11 @@ seconds on a laptop. FLOPs per sample are the trainer's MFU rule (`StepFlops`, z
 triplet at the recipe's caps (text: `data.max_text_tokens`; vision: patches + 1, or a convolutional tower's
 forward FLOPs as tokens; speech: 50 steps per second of
 `data.max_speech_seconds`) with the recipe's objective weights (their warm-up done) and frozen towers. Memory per GPU is the model state under mixed precision (bf16 weights and gradients,
-fp32 master weights and two Adam moments: 2 + 2 + 12 bytes per parameter) split as each ZeRO stage splits it;
-activations come on top and depend on batch size and activation checkpointing.
+fp32 master weights and two Adam moments: 2 + 2 + 12 bytes per parameter) split as each ZeRO stage splits it.
+FSDP2 and HSDP keep float32 parameters, gradients and both Adam moments (16 bytes per parameter) sharded over the
+shard group, and hold gathered at once the root's parameters (float32) and two transformer layers (the one running
+and the one prefetched; all of them between forward and backward with `parallel.reshard_after_forward=false`) in
+`parallel.param_dtype`. Activations come on top and depend on batch size and activation checkpointing.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.towers_zidong import is_convolutional
 from zidong.train.flops import StepFlops
 from zidong.train.optim import freeze_for_good, objective_weights
+from zidong.train.parallelize import shard_units
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.setup import model_config
 
 BYTES_PER_PARAMETER = {"weights": 2, "gradients": 2, "optimizer": 12}
+FSDP_SHARDED_BYTES = 16  # float32 parameter, gradient and two Adam moments, all sharded
+PARAM_BYTES = {"float32": 4, "bf16": 2}
+GPUS_PER_NODE = 8  # HSDP's shard group when the recipe gives no parallel.shard_size
 
 
 def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
@@ -59,7 +66,27 @@ def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
     lines += ["", f"model state per GPU on {gpus} GPU(s), bf16 + fp32 Adam (activations not included):"]
     for stage in range(4):
         lines.append(f"  ZeRO-{stage}: {_state_bytes(total, gpus, stage) / 2**30:8.2f} GiB")
+    lines += _fsdp_lines(recipe, model, total, gpus)
     return "\n".join(lines)
+
+
+def _fsdp_lines(recipe: PretrainRecipe, model: ZidongModel, total: int, gpus: int) -> list[str]:
+    """Memory per GPU under FSDP2 (one shard group of `gpus`) and HSDP (groups of `parallel.shard_size`, or of a
+    node's 8 GPUs): the sharded state, and what is gathered at once (module docstring)."""
+    settings = recipe.parallel
+    layers = sorted((_count(unit) for unit in shard_units(model)), reverse=True)
+    root = total - sum(layers)
+    held = len(layers) if not settings.reshard_after_forward else min(2, len(layers))
+    gathered = root * 4 + sum(layers[:held]) * PARAM_BYTES[settings.param_dtype]
+    shard_size = min(settings.shard_size or GPUS_PER_NODE, gpus)
+    lines = [f"  FSDP2 and HSDP (float32 state, layers gathered in {settings.param_dtype}; {len(layers)} layer units):"]
+    for name, group in (("FSDP2", gpus), (f"HSDP {gpus // shard_size} x {shard_size}", shard_size)):
+        sharded = total * FSDP_SHARDED_BYTES / group
+        lines.append(
+            f"  {name + ':':<14}{(sharded + gathered) / 2**30:8.2f} GiB  ({sharded / 2**30:.2f} sharded state + "
+            f"{gathered / 2**30:.2f} gathered: the root and {held} layer(s))"
+        )
+    return lines
 
 
 def _config(recipe: PretrainRecipe) -> tuple[ZidongConfig, str]:

@@ -64,7 +64,7 @@ class RetrievalTask(Task):
         if not isinstance(model, ZidongModel):
             raise UserError(f"finetune.source: {folder} holds a {type(model).__name__}, not a ZidongModel")
         logger.info("fine-tuning %s from %s", self.name, folder)
-        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator)), processor
+        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator, recipe)), processor
 
     def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
         return {"modalities": tuple(recipe.finetune.modalities)}
@@ -116,7 +116,7 @@ class ClassifyTask(Task):
             config.classification_modality,
             folder,
         )
-        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator)), processor
+        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator, recipe)), processor
 
     def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
         return {"modalities": tuple(recipe.finetune.modalities), "label_set": self.labels}

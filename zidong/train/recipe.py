@@ -130,6 +130,40 @@ class TrainSection:
 
 
 @dataclass
+class ParallelSection:
+    """How the model is spread over the processes a launcher started (docs/training.md, "Choosing a strategy").
+
+    `auto`: what the launcher set up (DeepSpeed under a DeepSpeed Accelerate config, DDP otherwise). `ddp`: every
+    process holds the whole model. `fsdp`: FSDP2 (`fully_shard`) over all processes, one shard unit per transformer
+    layer of every tower and of the fusion encoder, then the rest. `hsdp`: FSDP2 within groups of `shard_size`
+    processes (a node), replicated across the groups. `param_dtype` is the dtype a sharded layer is gathered and
+    computed in (bf16 needs `train.mixed_precision=bf16`), `reduce_dtype` the dtype its gradients are reduced in."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"
+    shard_size: int | None = None
+    reshard_after_forward: bool = True
+    param_dtype: Literal["float32", "bf16"] = "float32"
+    reduce_dtype: Literal["float32", "bf16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.shard_size is None or self.shard_size >= 1,
+            "shard_size",
+            f"must be at least 1 (processes per shard group), got {self.shard_size}",
+        )
+        _require(
+            self.shard_size is None or self.strategy == "hsdp",
+            "shard_size",
+            f"only applies to parallel.strategy=hsdp (got strategy {self.strategy}); remove it or use hsdp",
+        )
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 (zidong applies `fully_shard` itself: zidong/train/parallelize.py)."""
+        return self.strategy in ("fsdp", "hsdp")
+
+
+@dataclass
 class CheckpointSection:
     every_steps: int = 500
     keep_last: int = 3
@@ -181,6 +215,7 @@ class PretrainRecipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     loss: LossSection = field(default_factory=LossSection)

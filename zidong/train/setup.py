@@ -2,7 +2,7 @@
 
 The builders here (tokenizer, model config, model, data stream, held-out set, resume point) are shared by
 pretraining, fine-tuning tasks and `--dry-run`; the distributed side (the `Accelerator`, DeepSpeed, lockstep) is
-zidong/train/distributed.py.
+zidong/train/distributed.py, FSDP2 zidong/train/parallelize.py.
 """
 
 from __future__ import annotations
@@ -29,17 +29,19 @@ from zidong.evaluation.retrieval import HeldOut
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.models.zidong.towers_zidong import build_tower, pretrained_tower_config, vision_patch_size
-from zidong.train.checkpoint import checkpoints, describe_model, load_checkpoint
+from zidong.train.checkpoint import ShardedParts, checkpoints, describe_model, load_checkpoint
 from zidong.train.distributed import (
     built_whole,
     configure_deepspeed,
     lockstep_enabled,
     make_accelerator,
     precision_in_use,
+    strategy_in_use,
 )
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
 from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
+from zidong.train.parallelize import apply_fsdp, describe, device_mesh, ensure_process_group
 from zidong.train.recipe import DataSection, PretrainRecipe
 from zidong.utils.log import get_logger
 
@@ -77,10 +79,11 @@ class Run:
     window: ThroughputWindow
     ledger: Path | None
     describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
+    sharded: ShardedParts | None  # under FSDP2: what checkpoints save with torch.distributed.checkpoint
 
     @property
     def lockstep(self) -> bool:
-        return lockstep_enabled(self.accelerator)
+        return lockstep_enabled(self.accelerator, self.recipe)
 
 
 def setup(recipe: PretrainRecipe, task: Task) -> Run:
@@ -91,6 +94,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
     logger.info(
         "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
     )
+    logger.info("strategy: %s", strategy_in_use(accelerator, recipe))
     logger.info("precision: %s", precision_in_use(accelerator))
     resume_from = resume_point(recipe, output_dir)
     set_seed(recipe.seed)
@@ -103,13 +107,20 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
     if recipe.train.compile:
         for tower in model.base_model.towers().values():
             tower.compile()  # in place: parameter names, and so checkpoints, are unchanged
+    if recipe.parallel.sharded:
+        shard_model(model, recipe, accelerator)
     optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(optimizer, recipe)
     configure_deepspeed(accelerator, recipe)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sharded = None
+    if recipe.parallel.sharded:  # the model is sharded already: Accelerate must not wrap it in DDP
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        sharded = ShardedParts(model, optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     counters, data_states = Counters(), []
     if resume_from is not None:
-        trainer_state, data_states = load_checkpoint(accelerator, resume_from)
+        trainer_state, data_states = load_checkpoint(accelerator, resume_from, sharded)
         counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
         logger.info("resumed from %s (step %d)", resume_from, counters.step)
     options = task.pipeline_options(recipe)
@@ -137,7 +148,17 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         window=ThroughputWindow(step_flops.samples_per_speech_frame, peak_flops(recipe, accelerator)),
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
         describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
+        sharded=sharded,
     )
+
+
+def shard_model(model: torch.nn.Module, recipe: PretrainRecipe, accelerator: Accelerator) -> None:
+    """FSDP2 as `parallel` says, in place, on the training device (before the optimizer sees the parameters)."""
+    ensure_process_group(accelerator.device)
+    model.to(accelerator.device)
+    mesh = device_mesh(recipe.parallel, accelerator.device)
+    units = apply_fsdp(model, recipe.parallel, mesh)
+    logger.info("sharding: %s", describe(recipe.parallel, mesh, units))
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -339,7 +360,7 @@ def held_out(recipe: PretrainRecipe, processor, accelerator: Accelerator, option
         max_speech_seconds=recipe.data.max_speech_seconds,
         **options,
     )
-    lockstep = lockstep_enabled(accelerator)
+    lockstep = lockstep_enabled(accelerator, recipe)
     return HeldOut(recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, lockstep, shard_cache(recipe.data))
 
 

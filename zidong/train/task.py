@@ -33,7 +33,7 @@ class Task:
         """The model (not yet prepared) and its processor; runs with DeepSpeed's config unregistered."""
         ensure_demo_corpus(recipe, accelerator)
         tokenizer = load_tokenizer(recipe)
-        model = pretraining_model(recipe, tokenizer, lockstep=lockstep_enabled(accelerator))
+        model = pretraining_model(recipe, tokenizer, lockstep=lockstep_enabled(accelerator, recipe))
         return model, ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
 
     def pipeline_options(self, recipe: PretrainRecipe) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from zidong.models.zidong.contrastive_zidong import RankPresence, exchange_prese
 from zidong.train.checkpoint import save_checkpoint
 from zidong.train.distributed import agree, averaged_over_processes
 from zidong.train.optim import drop_gradients, fill_missing_gradients, frozen_now, learning_rates, objective_weights
+from zidong.train.parallelize import gradient_sync
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.setup import Run, setup
 from zidong.train.task import Task
@@ -170,7 +171,11 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, to
         }
         if presence is not None:
             batch["presence_by_rank"] = presence
-        with accelerator.accumulate(run.model), accelerator.autocast():
+        with (
+            accelerator.accumulate(run.model),
+            gradient_sync(run.model, accelerator.sync_gradients),
+            accelerator.autocast(),
+        ):
             output = run.model(**batch, **run.task.loss_arguments(weights), lockstep=run.lockstep)
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
@@ -223,6 +228,7 @@ def _checkpoint(run: Run) -> None:
         run.loader.state_dict(),
         run.recipe.checkpoint.keep_last,
         describe=run.describe,
+        sharded=run.sharded,
     )
 
 
