@@ -239,14 +239,6 @@ def test_a_tracker_that_is_not_installed_exits_2(corpus: dict[str, Path], tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_compile_on_cpu_is_refused_before_any_work(corpus: dict[str, Path], tmp_path: Path) -> None:
-    result = run_cli("pretrain", str(write_recipe(tmp_path, corpus)), "train.compile=true")
-    assert result.returncode == 2
-    assert "train.compile=true needs a CUDA device" in result.stderr
-    assert not (tmp_path / "run").exists()
-
-
 ACCELERATE_FSDP_CONFIG = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: FSDP

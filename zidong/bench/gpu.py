@@ -20,6 +20,7 @@ from zidong.bench.training import BASE_LOSS_WEIGHTS
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train.flops import StepFlops, measured_peak_flops
+from zidong.train.parallelize import compile_layers
 
 BATCH = 32  # triplets per step: 32 text tokens, a 224 px image, 4 s of speech each
 
@@ -43,8 +44,7 @@ def base_step_variants(device: torch.device, repeats: int = 10) -> list[Result]:
         torch.manual_seed(0)
         model = ZidongModel(config).to(device).train()
         if variant == "compiled":
-            for tower in model.towers().values():
-                tower.compile()
+            compile_layers(model, device)  # as the trainer does: each transformer layer on its own
         if variant == "activation_checkpointing":
             model.activation_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -69,8 +69,7 @@ def strategy_in_use(accelerator: Accelerator, recipe: PretrainRecipe) -> str:
 
 def check_launch(recipe: PretrainRecipe) -> None:
     """Refuse settings this machine or launch cannot train with, before anything is written: a
-    `train.mixed_precision` it cannot do (instead of training in float32 unasked), `train.compile` off CUDA, and a
-    `parallel` section the launcher disagrees with (`check_parallel`)."""
+    `train.mixed_precision` it cannot do (instead of training in float32 unasked), and a `parallel` section the launcher disagrees with (`check_parallel`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_parallel(recipe, world, deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
     settings, cpu = recipe.train, not torch.cuda.is_available()
@@ -84,10 +83,6 @@ def check_launch(recipe: PretrainRecipe) -> None:
             f"train.mixed_precision=bf16: {torch.cuda.get_device_name()} has no bf16 support; use "
             "train.mixed_precision=fp16 (loss scaling) or no"
         )
-    if settings.compile and cpu:
-        # seen with torch 2.11: inductor's CPU backward of the towers' scaled-dot-product attention fails a
-        # stride assertion after minutes of compiling
-        raise UserError("train.compile=true needs a CUDA device (compiling the towers for CPU fails in torch 2.11)")
 
 
 def precision_in_use(accelerator: Accelerator) -> str:

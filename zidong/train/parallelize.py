@@ -1,4 +1,5 @@
-"""FSDP2 for the trainer: the one module that knows how a zidong model is sharded (`parallel.strategy=fsdp|hsdp`).
+"""FSDP2 and compilation for the trainer: the one module that knows how a zidong model is split into blocks, sharded
+(`parallel.strategy=fsdp|hsdp`) and compiled (`train.compile`).
 
 zidong applies PyTorch's `fully_shard` itself instead of driving Accelerate's FSDP plugin, for three reasons
 measured with accelerate 1.16 and torch 2.11 (docs/architecture.md): Accelerate sets up FSDP only on accelerator
@@ -15,8 +16,9 @@ the trainer runs it in lockstep (zidong/models/zidong/lockstep_zidong.py) so eve
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -146,3 +148,42 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+# Layer classes left eager when compiling on a device type, with the reason (measured with torch 2.11): inductor's
+# CPU backward of the Wav2Vec2-BERT layer's attention fails a stride assertion under dynamic shapes ("expected size
+# 19==19, stride 3968==16128": the CPU flash-attention kernel's fake implementation gives other strides).
+EAGER_LAYERS = {
+    "cpu": {
+        "Wav2Vec2BertEncoderLayer": "torch 2.11's CPU inductor fails its attention backward under dynamic shapes",
+    },
+}
+
+
+def compile_layers(model: nn.Module, device: torch.device) -> tuple[list[nn.Module], dict[str, str]]:
+    """`torch.compile` every transformer layer (the shard units) on its own, as torchtitan compiles blocks, with
+    dynamic shapes from the start (rows and lengths change every batch). Returns the compiled layers and the layer
+    classes left eager on this device with the reason (EAGER_LAYERS).
+
+    Each layer class compiles its own `forward`, under transformers' checkpointing wrapper: that wrapper is one
+    function shared by every layer class, and compiling it would put all classes in one cache and exhaust
+    dynamo's recompile limit within steps. Activation checkpointing still applies around the compiled forward,
+    and FSDP2's hooks stay outside it."""
+    eager = EAGER_LAYERS.get(device.type, {})
+    compiled: dict[type, Callable] = {}
+    layers = [layer for layer in shard_units(model) if type(layer).__name__ not in eager]
+    for layer in layers:
+        kind = type(layer)
+        if kind not in compiled:
+            compiled[kind] = torch.compile(getattr(kind.forward, "__wrapped__", kind.forward), dynamic=True)
+        layer.forward = functools.partial(_checkpointed, layer, compiled[kind])
+    skipped = {type(layer).__name__ for layer in shard_units(model)} & set(eager)
+    return layers, {name: eager[name] for name in sorted(skipped)}
+
+
+def _checkpointed(layer: nn.Module, forward: Callable, *args, **kwargs):
+    """A compiled layer's forward, recomputed in backward when activation checkpointing is on (what transformers'
+    wrapper does for the eager forward)."""
+    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(functools.partial(forward, layer, **kwargs), *args)
+    return forward(layer, *args, **kwargs)

@@ -41,7 +41,7 @@ from zidong.train.distributed import (
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
 from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
-from zidong.train.parallelize import apply_fsdp, describe, device_mesh, ensure_process_group
+from zidong.train.parallelize import apply_fsdp, compile_layers, describe, device_mesh, ensure_process_group
 from zidong.train.recipe import DataSection, PretrainRecipe
 from zidong.utils.log import get_logger
 
@@ -105,8 +105,10 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
     step_flops = StepFlops(model.base_model)  # a classifier: count the towers of its joint model
     if recipe.train.compile:
-        for tower in model.base_model.towers().values():
-            tower.compile()  # in place: parameter names, and so checkpoints, are unchanged
+        layers, eager = compile_layers(model, accelerator.device)
+        logger.info("compiled: %d transformer layers, each on its own (dynamic shapes)", len(layers))
+        for name, reason in eager.items():
+            logger.warning("train.compile: %s layers stay eager on %s: %s", name, accelerator.device.type, reason)
     if recipe.parallel.sharded:
         shard_model(model, recipe, accelerator)
     optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
