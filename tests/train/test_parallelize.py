@@ -102,6 +102,9 @@ def test_fsdp_asked_of_accelerate_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     ("override", "message"),
     [
         ("parallel.shard_size=2", "only applies to parallel.strategy=hsdp"),
+        ("parallel.param_dtype=bf16", "only applies to parallel.strategy=fsdp or hsdp"),
+        ("parallel.reduce_dtype=bf16", "only applies to parallel.strategy=fsdp or hsdp"),
+        ("parallel.reshard_after_forward=false", "only applies to parallel.strategy=fsdp or hsdp"),
         ("parallel.strategy=zero", "fsdp"),
         ("parallel.param_dtype=fp16", "bf16"),
     ],

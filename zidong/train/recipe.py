@@ -156,6 +156,15 @@ class ParallelSection:
             "shard_size",
             f"only applies to parallel.strategy=hsdp (got strategy {self.strategy}); remove it or use hsdp",
         )
+        # FSDP2's own keys: set under another strategy they would be ignored, so they are refused
+        defaults = {"reshard_after_forward": True, "param_dtype": "float32", "reduce_dtype": "float32"}
+        for name, default in defaults.items():
+            _require(
+                self.sharded or getattr(self, name) == default,
+                name,
+                f"only applies to parallel.strategy=fsdp or hsdp (got strategy {self.strategy}); remove it or "
+                "choose fsdp/hsdp",
+            )
 
     @property
     def sharded(self) -> bool:
