@@ -21,7 +21,7 @@ from tests.data.corpus import TEXT_COMBINATIONS, make_corpus
 from zidong import ZidongProcessor
 from zidong.data import stream as stream_module
 from zidong.data.shards import ShardFolder
-from zidong.data.slots import DataError, SlotStream, StreamSettings, epoch_plan, fresh_state
+from zidong.data.slots import DataError, EpochPlan, SlotStream, StreamSettings, fresh_state
 from zidong.data.stream import StreamLoader
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
@@ -38,20 +38,90 @@ def item_numbers(batch: dict[str, torch.Tensor], processor: ZidongProcessor) -> 
     return [int(re.search(r"item (\d+)", text).group(1)) for text in texts]
 
 
-@pytest.mark.parametrize("counts", [[5], [16, 16, 16, 7], [3, 9, 1, 12, 4], [1000, 1000, 123]])
+def whole_epoch_plan(counts: list[int], seed: int, source: int, epoch: int, slot: int, slots: int, window: int):
+    """The order every zidong-stream/1 checkpoint was saved in, built for the whole epoch at once (as the stream
+    did before it computed plans a window at a time): shards in a seeded order, each shard's samples in a seeded
+    order, the concatenation cut into `slots` blocks, each block shuffled in windows."""
+    order = np.random.default_rng([seed, 0, source, epoch]).permutation(len(counts))
+    total = sum(counts)
+    start, stop = slot * total // slots, (slot + 1) * total // slots
+    pieces, offset = [], 0
+    for shard in order:
+        low, high = max(start, offset), min(stop, offset + counts[shard])
+        if low < high:
+            positions = np.random.default_rng([seed, 1, source, epoch, shard]).permutation(counts[shard])
+            chosen = positions[low - offset : high - offset]
+            pieces.append(np.stack([np.full_like(chosen, shard), chosen], axis=1))
+        offset += counts[shard]
+    plan = np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
+    for begin in range(0, len(plan), window):
+        chunk = plan[begin : begin + window]
+        plan[begin : begin + window] = chunk[
+            np.random.default_rng([seed, 2, source, epoch, slot, begin]).permutation(len(chunk))
+        ]
+    return plan
+
+
+def as_array(plan: EpochPlan) -> np.ndarray:
+    return np.array([plan[index] for index in range(len(plan))], dtype=np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("counts", [[5], [16, 16, 16, 7], [3, 9, 1, 12, 4], [1000, 1000, 123], [4, 0, 9, 0, 30]])
 @pytest.mark.parametrize("slots", [1, 2, 3, 4, 7, 8])
 def test_slots_of_an_epoch_are_disjoint_and_complete(counts: list[int], slots: int) -> None:
     if sum(counts) < slots:
         pytest.skip("fewer samples than slots is refused by the loader")
-    plans = [epoch_plan(counts, 0, 0, 3, slot, slots, window=7) for slot in range(slots)]
+    plans = [as_array(EpochPlan(counts, 0, 0, 3, slot, slots, window=7)) for slot in range(slots)]
     seen = [tuple(pair) for plan in plans for pair in plan.tolist()]
     assert len(seen) == len(set(seen)) == sum(counts)
-    assert set(seen) == {(shard, i) for shard, count in enumerate(counts) for i in range(count)}
+    assert set(seen) == {(shard, i) for shard, count in enumerate(counts) for i in range(count) if count}
     assert max(map(len, plans)) - min(map(len, plans)) <= 1
-    again = epoch_plan(counts, 0, 0, 3, 0, slots, window=7)
-    assert np.array_equal(plans[0], again)
+    again = EpochPlan(counts, 0, 0, 3, 0, slots, window=7)
+    assert np.array_equal(plans[0], as_array(again))
     if sum(counts) > 20:
-        assert not np.array_equal(plans[0], epoch_plan(counts, 0, 0, 4, 0, slots, window=7))
+        assert not np.array_equal(plans[0], as_array(EpochPlan(counts, 0, 0, 4, 0, slots, window=7)))
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 10_000])
+@pytest.mark.parametrize(
+    ("counts", "slots"), [([5], 1), ([3, 9, 1, 12, 4], 3), ([1000, 1000, 123], 8), ([4, 0, 9, 0, 30], 2)]
+)
+def test_plans_computed_a_window_at_a_time_keep_the_saved_order(counts: list[int], slots: int, window: int) -> None:
+    """Checkpoints saved before plans were computed lazily resume on the same samples: same pairs, same order,
+    whether read one position at a time (backwards too) or in ranges that cross windows."""
+    for slot in range(slots):
+        expected = whole_epoch_plan(counts, 5, 1, 2, slot, slots, window)
+        plan = EpochPlan(counts, 5, 1, 2, slot, slots, window)
+        assert len(plan) == len(expected)
+        assert np.array_equal(as_array(plan), expected)
+        assert [plan[index] for index in reversed(range(len(plan)))] == [
+            tuple(pair) for pair in expected[::-1].tolist()
+        ]
+        for begin, end in ((0, len(plan)), (3, 3 + 2 * window + 1), (len(plan) - 2, len(plan) + 5), (4, 4)):
+            assert np.array_equal(plan.rows(begin, end), expected[begin:end])
+        with pytest.raises(IndexError):
+            plan[len(plan)]
+
+
+def test_a_plan_of_two_billion_samples_stays_small() -> None:
+    """Memory per slot does not grow with the corpus: 2B samples in 200,000 shards, 64 slots, one slot reading
+    its first 20,000 pairs and a window far into its block, holds under 50 MB at its peak (numpy's allocations,
+    traced). A whole-epoch plan of that slot alone would be 500 MB."""
+    import tracemalloc
+
+    counts = [10_000] * 200_000
+    tracemalloc.start()
+    try:
+        plan = EpochPlan(counts, 0, 0, 0, slot=5, slots=64, window=10_000)
+        pairs = [plan[index] for index in range(20_000)]
+        far = plan.rows(len(plan) - 15_000, len(plan))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(plan) == 2_000_000_000 // 64
+    assert len(set(pairs)) == 20_000
+    assert len(far) == 15_000
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB"
 
 
 def test_ranks_and_workers_split_the_corpus(tmp_path: Path, processor: ZidongProcessor) -> None:

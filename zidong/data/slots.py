@@ -5,7 +5,8 @@ shards are put in a seeded order and each shard's samples in a seeded order, and
 `slots` contiguous blocks of equal size (±1), one per slot: the slots of an epoch are disjoint and together
 hold every sample once, and each slot reads from only a few shards at a time. Within its block a slot shuffles
 windows of `shuffle_window` samples. Everything is a function of (seed, source, epoch, slot): nothing is
-buffered that a resume would have to rebuild.
+buffered that a resume would have to rebuild, and a slot computes its plan one window at a time (`EpochPlan`), so
+its memory does not grow with the corpus.
 
 Mixing. Each draw picks a source with probability weight ÷ total from a generator seeded by (seed, slot, draw);
 each source keeps its own epoch and position, so a small, heavily weighted source repeats more often.
@@ -67,28 +68,74 @@ class StreamSettings:
     max_bad_fraction: float = 0.01
 
 
-def epoch_plan(counts: list[int], seed: int, source: int, epoch: int, slot: int, slots: int, window: int) -> np.ndarray:
-    """The (shard, position) pairs slot `slot` of `slots` reads in one epoch of a source, in reading order."""
-    order = np.random.default_rng([seed, _SHARD_ORDER, source, epoch]).permutation(len(counts))
-    total = sum(counts)
-    start, stop = slot * total // slots, (slot + 1) * total // slots
-    pieces = []
-    offset = 0
-    for shard in order:
-        count = counts[shard]
-        low, high = max(start, offset), min(stop, offset + count)
-        if low < high:
-            positions = np.random.default_rng([seed, _SAMPLE_ORDER, source, epoch, shard]).permutation(count)
-            chosen = positions[low - offset : high - offset]
+class EpochPlan:
+    """The (shard, position) pairs slot `slot` of `slots` reads in one epoch of a source, in reading order.
+
+    The plan is computed one shuffle window at a time, when a position in it is first asked for: a slot holds the
+    epoch's shard order and one window (plus the sample orders of the few shards that window reaches), so its
+    memory grows with the shard count and the window, not with the corpus. `plan[i]` is the i-th pair."""
+
+    SAMPLE_ORDERS_KEPT = 4  # a window reaches a few shards; the next one usually goes on in the last of them
+
+    def __init__(self, counts: list[int], seed: int, source: int, epoch: int, slot: int, slots: int, window: int):
+        self.key = (seed, source, epoch, slot)
+        self.window = window
+        self._counts = np.asarray(counts, dtype=np.int64)
+        self._order = np.random.default_rng([seed, _SHARD_ORDER, source, epoch]).permutation(len(counts))
+        self._ends = np.cumsum(self._counts[self._order])  # where each shard, in epoch order, ends in the epoch
+        total = int(self._ends[-1]) if len(counts) else 0
+        self.start, self.stop = slot * total // slots, (slot + 1) * total // slots
+        self._rows: tuple[int, np.ndarray] | None = None  # (window number, its pairs)
+        self._sample_orders: dict[int, np.ndarray] = {}  # by shard, the least recently used first
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"position {index} of an epoch plan of {len(self)}")
+        shard, position = self._window(index // self.window)[index % self.window]
+        return int(shard), int(position)
+
+    def rows(self, begin: int, end: int) -> np.ndarray:
+        """The pairs at positions `begin` to `end` (excluded; clipped to the plan), as an array of shape [n, 2]."""
+        end = min(end, len(self))
+        pieces = []
+        for number in range(begin // self.window, (end - 1) // self.window + 1 if end > begin else 0):
+            first = number * self.window
+            pieces.append(self._window(number)[max(begin - first, 0) : end - first])
+        return np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
+
+    def _window(self, number: int) -> np.ndarray:
+        if self._rows is not None and self._rows[0] == number:
+            return self._rows[1]
+        seed, source, epoch, slot = self.key
+        begin = number * self.window
+        size = min(self.window, len(self) - begin)
+        low, high = self.start + begin, self.start + begin + size  # the window's samples in the epoch's sequence
+        pieces = []
+        for rank in range(int(np.searchsorted(self._ends, low, "right")), len(self._order)):
+            shard = int(self._order[rank])
+            shard_end = int(self._ends[rank])
+            shard_start = shard_end - int(self._counts[shard])
+            if shard_start >= high:
+                break
+            chosen = self._sample_order(shard)[max(low, shard_start) - shard_start : min(high, shard_end) - shard_start]
             pieces.append(np.stack([np.full_like(chosen, shard), chosen], axis=1))
-        offset += count
-    plan = np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
-    for begin in range(0, len(plan), window):
-        chunk = plan[begin : begin + window]
-        plan[begin : begin + window] = chunk[
-            np.random.default_rng([seed, _WINDOW, source, epoch, slot, begin]).permutation(len(chunk))
-        ]
-    return plan
+        rows = np.concatenate(pieces) if pieces else np.zeros((0, 2), dtype=np.int64)
+        rows = rows[np.random.default_rng([seed, _WINDOW, source, epoch, slot, begin]).permutation(size)]
+        self._rows = (number, rows)
+        return rows
+
+    def _sample_order(self, shard: int) -> np.ndarray:
+        order = self._sample_orders.pop(shard, None)
+        if order is None:
+            seed, source, epoch, _ = self.key
+            order = np.random.default_rng([seed, _SAMPLE_ORDER, source, epoch, shard]).permutation(self._counts[shard])
+            if len(self._sample_orders) == self.SAMPLE_ORDERS_KEPT:
+                del self._sample_orders[next(iter(self._sample_orders))]
+        self._sample_orders[shard] = order
+        return order
 
 
 def fresh_state(slot: int, sources: int, epoch: int = 0) -> dict[str, Any]:
@@ -210,8 +257,8 @@ class SlotStream:
         draws_per_epoch = min(share / p for share, p in zip(shares, self.probabilities, strict=True))
         pool_batches = max(1, min(settings.bucket_pool, int(draws_per_epoch) // settings.batch_size))
         self.pool_size = min(settings.batch_size * pool_batches, sum(shares))
-        self._plans: dict[int, tuple[int, np.ndarray]] = {}
-        self._old_plans: dict[int, tuple[tuple, np.ndarray]] = {}  # plans of the layout a re-split came from
+        self._plans: dict[int, tuple[int, EpochPlan]] = {}
+        self._old_plans: dict[int, tuple[tuple, EpochPlan]] = {}  # plans of the layout a re-split came from
         self._mix: tuple[int, np.ndarray] | None = None
         self._skipped: list[str] = []
 
@@ -263,7 +310,7 @@ class SlotStream:
             cursor = self.state["sources"][source]
             if folder.remote and not cursor.get("leftover"):
                 plan = self._plan(source, cursor["epoch"])
-                ahead = plan[cursor["position"] : cursor["position"] + self.pool_size, 0]
+                ahead = plan.rows(cursor["position"], cursor["position"] + self.pool_size)[:, 0]
                 folder.prefetch(dict.fromkeys(ahead.tolist()))
 
     def _next_ref(self) -> list[int]:
@@ -291,7 +338,7 @@ class SlotStream:
             key = (source, piece["epoch"], piece["slot"], piece["slots"])
             cached = self._old_plans.get(source)
             if cached is None or cached[0] != key:  # a slot reads its pieces in order: one plan per source
-                plan = epoch_plan(self.folders[source].counts, self.settings.seed, *key, self.settings.shuffle_window)
+                plan = EpochPlan(self.folders[source].counts, self.settings.seed, *key, self.settings.shuffle_window)
                 self._old_plans[source] = cached = (key, plan)
             shard, position = cached[1][piece["start"]]
             piece["start"] += 1
@@ -311,11 +358,11 @@ class SlotStream:
             self._mix = (chunk, rng.choice(len(self.folders), size=MIX_CHUNK, p=self.probabilities))
         return int(self._mix[1][draw % MIX_CHUNK])
 
-    def _plan(self, source: int, epoch: int) -> np.ndarray:
+    def _plan(self, source: int, epoch: int) -> EpochPlan:
         cached = self._plans.get(source)
         if cached is None or cached[0] != epoch:
             counts = self.folders[source].counts
-            plan = epoch_plan(
+            plan = EpochPlan(
                 counts, self.settings.seed, source, epoch, self.slot, self.slots, self.settings.shuffle_window
             )
             self._plans[source] = cached = (epoch, plan)
