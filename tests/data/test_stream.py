@@ -20,6 +20,7 @@ import torch
 from tests.data.corpus import TEXT_COMBINATIONS, make_corpus
 from zidong import ZidongProcessor
 from zidong.data import stream as stream_module
+from zidong.data.saved_stream import RANK_FILE, SavedStreams, layout_entry, write_layout
 from zidong.data.shards import ShardFolder
 from zidong.data.slots import DataError, EpochPlan, SlotStream, StreamSettings, fresh_state
 from zidong.data.stream import StreamLoader
@@ -322,6 +323,68 @@ def test_every_process_computes_the_same_resplit(corpus: Path, processor: Zidong
     assert sum(counts) == 48 - 8  # what is left of the epoch (drawn and not): shared out evenly
     assert max(counts) - min(counts) <= 1
     assert all(w["sources"][0]["epoch"] == 1 for state in states for w in state["workers"])
+
+
+def save_like_a_checkpoint(folder: Path, states: list[dict], layout: bool = True) -> Path:
+    """The files a checkpoint holds for these states (zidong.train.checkpoint.save_checkpoint writes the same)."""
+    folder.mkdir()
+    for rank, state in enumerate(states):
+        (folder / RANK_FILE.format(rank=rank)).write_text(json.dumps(state))
+    if layout:
+        write_layout(folder, [layout_entry(state) for state in states])
+    return folder
+
+
+def test_a_layout_change_reads_only_the_saved_states_a_process_needs(
+    corpus: Path, processor: ZidongProcessor, tmp_path: Path
+) -> None:
+    """4 processes x 1 worker resumed as 8 x 1 from checkpoint files: each new process reads the layout summary
+    and at most two processes' states (not all four), and ends in the same states as from every state in memory;
+    a checkpoint without the summary (written before it existed) gives the same states from every file."""
+    settings = StreamSettings(batch_size=2, bucket_pool=3)  # pools of 3 batches: drawn samples wait in each state
+    pipeline = SamplePipeline(processor, train=False)
+    states = []
+    for rank in range(4):
+        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 4)
+        read(loader, 1)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert all(worker["pending"] for state in states for worker in state["workers"])
+    expected = [StreamLoader([(corpus, 1.0)], settings, pipeline, 0, r, 8, saved=states).state_dict() for r in range(8)]
+    for folder, most in (
+        (save_like_a_checkpoint(tmp_path / "new", states), 3),
+        (save_like_a_checkpoint(tmp_path / "old", states, layout=False), 4),
+    ):
+        for rank in range(8):
+            saved = SavedStreams.in_folder(folder)
+            resumed = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 8, saved=saved)
+            assert resumed.state_dict() == expected[rank]
+            assert 1 <= saved.files_read <= most, (folder.name, rank)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / "data-rank1.json").unlink(), r"processes \[0, 2\], not of 0 to 1"),
+        (lambda folder: (folder / "data-rank0.json").write_text("{trunc"), r"cannot read the data-stream state"),
+        (lambda folder: (folder / "data-layout.json").write_text("{}"), r"is not the data-stream layout"),
+    ],
+    ids=["missing-rank", "truncated-rank", "foreign-layout"],
+)
+def test_a_damaged_saved_stream_is_refused_with_its_file(
+    corpus: Path, processor: ZidongProcessor, tmp_path: Path, damage, message: str
+) -> None:
+    settings = StreamSettings(batch_size=2, bucket_pool=3)
+    pipeline = SamplePipeline(processor, train=False)
+    states = []
+    for rank in range(3):
+        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 3)
+        read(loader, 1)
+        states.append(loader.state_dict())
+    folder = save_like_a_checkpoint(tmp_path / "step", states)
+    damage(folder)
+    with pytest.raises(UserError, match=message) as error:
+        StreamLoader([(corpus, 1.0)], settings, pipeline, 0, 0, 2, saved=SavedStreams.in_folder(folder))
+    assert "checkpoint" in str(error.value)
 
 
 def test_too_few_samples_for_the_slots_is_refused(corpus: Path, processor: ZidongProcessor) -> None:

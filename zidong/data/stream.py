@@ -32,8 +32,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zidong.data.remote import ShardCache
+from zidong.data.saved_stream import SavedStreams
 from zidong.data.shards import ShardFolder
-from zidong.data.slots import SlotStream, StreamSettings, fresh_state, piece_length, resplit
+from zidong.data.slots import SlotStream, StreamSettings, fresh_state, piece_length, ref_pieces, resplit
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.utils.log import EVERY_RANK, get_logger
@@ -124,9 +125,10 @@ class StreamLoader:
         pipeline: measures, decodes and collates samples (in the workers).
         num_workers: DataLoader worker processes (0 reads in this process).
         rank / world_size: this process among the training processes.
-        saved: the `state_dict()` of every process of the run resumed, in rank order. With the same layout
-            this process continues exactly from its own; with another number of processes or workers (or another
-            batch size or bucketing pool) every process re-splits the saved position exactly (module docstring);
+        saved: the `state_dict()` of every process of the run resumed, in rank order, or a checkpoint's
+            `SavedStreams`. With the same layout this process continues exactly from its own; with another number
+            of processes or workers (or another batch size or bucketing pool) every process computes its share of
+            an exact re-split of the saved position (module docstring), reading only the saved states it needs;
             if the sources, seed or shuffle window changed, the stream starts afresh at the epoch after the
             furthest saved one (with a warning). Every process takes, and logs, the same decision.
 
@@ -141,7 +143,7 @@ class StreamLoader:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        saved: list[dict[str, Any]] | None = None,
+        saved: SavedStreams | list[dict[str, Any]] | None = None,
         pin_memory: bool = False,
         cache: ShardCache | None = None,
     ):
@@ -175,41 +177,43 @@ class StreamLoader:
         }
         self.pipeline = pipeline
         self.pin_memory = pin_memory
-        self.worker_states = self._starting_states(saved or [])
+        if not isinstance(saved, SavedStreams):
+            saved = SavedStreams.of(saved or [])
+        self.worker_states = self._starting_states(saved)
         self.consumed = 0
         self.last_refs: list[list[int]] = []  # (source, shard, position) of each sample of the last batch
         self._iterator: Iterator[dict[str, Any]] | None = None
 
-    def _starting_states(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _starting_states(self, saved: SavedStreams) -> list[dict[str, Any]]:
         first_slot = self.rank * self.workers
-        if not saved:
-            return [fresh_state(first_slot + w, len(self.folders)) for w in range(self.workers)]
-        valid = [state for state in saved if state.get("format") == STATE_FORMAT]
-        own = saved[self.rank] if self.rank < len(saved) else {}
-        if len(valid) == len(saved) and own.get("signature") == self.signature:
+        wanted = range(first_slot, first_slot + self.workers)
+        if not len(saved):
+            return [fresh_state(slot, len(self.folders)) for slot in wanted]
+        own = saved.rank(self.rank) if self.rank < len(saved) else {}
+        if own.get("format") == STATE_FORMAT and own.get("signature") == self.signature:
             return copy.deepcopy(own["workers"])
-        if len(valid) == len(saved) and all(self._same_samples(state["signature"]) for state in saved):
-            layout = saved[0]["signature"]
-            old_slots = layout["world_size"] * layout["workers"]
-            states = resplit(
-                [worker for state in saved for worker in state["workers"]],
-                old_slots,
-                self.slots,
-                [len(folder) for folder in self.folders],
-            )
+        layout = saved.layout()
+        if all(entry["format"] == STATE_FORMAT and self._same_samples(entry["signature"]) for entry in layout):
+            old = layout[0]["signature"]
+            old_slots = old["world_size"] * old["workers"]
+            summaries = [worker for entry in layout for worker in entry["workers"]]
+            states = resplit(summaries, old_slots, self.slots, [len(folder) for folder in self.folders], wanted)
+            states = [ref_pieces(state, saved.slot) for state in states]
             waiting = sum(piece_length(p) for state in states for c in state["sources"] for p in c.get("leftover", []))
             logger.info(
                 "the checkpoint's data stream was read by %d process(es) x %d worker(s), this run has %d x %d: "
-                "its position is re-split exactly (%d samples of the epoch(s) in progress come first)",
-                layout["world_size"],
-                layout["workers"],
+                "its position is re-split exactly (%d samples of the epoch(s) in progress come first here; %d "
+                "saved state file(s) read)",
+                old["world_size"],
+                old["workers"],
                 self.slots // self.workers,
                 self.workers,
                 waiting,
+                saved.files_read,
                 extra=EVERY_RANK,
             )
-            return states[first_slot : first_slot + self.workers]
-        epochs = [c["epoch"] for state in saved for w in state.get("workers", []) for c in w.get("sources", [])]
+            return states
+        epochs = [c["epoch"] for entry in layout for w in entry.get("workers", []) for c in w.get("sources", [])]
         epoch = max(epochs, default=-1) + 1
         logger.warning(
             "the data sources, seed or shuffle window changed since the checkpoint; the data stream starts afresh "
@@ -217,7 +221,7 @@ class StreamLoader:
             epoch,
             extra=EVERY_RANK,
         )
-        return [fresh_state(first_slot + w, len(self.folders), epoch) for w in range(self.workers)]
+        return [fresh_state(slot, len(self.folders), epoch) for slot in wanted]
 
     def _same_samples(self, signature: dict[str, Any]) -> bool:
         """Whether a saved stream read the same samples in the same epoch plans (any layout or batching)."""

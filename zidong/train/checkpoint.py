@@ -4,7 +4,8 @@ A checkpoint folder holds what `Accelerator.save_state` writes (model, optimizer
 states; sharded under DeepSpeed) or, under FSDP2, `sharded_model/` and `sharded_optimizer/` written by
 `torch.distributed.checkpoint` (each process writes its own shards; a launch on another number of processes
 reshards them as it loads) beside the scheduler and RNG files Accelerate writes, `trainer.json` (step, counters and the number of processes), one
-`data-rank{r}.json` per process (its data-stream state), and what `describe` adds (the trainer: `model/` with the
+`data-rank{r}.json` per process (its data-stream state) and `data-layout.json` (every process's state in summary,
+written by rank 0; zidong/data/saved_stream.py), and what `describe` adds (the trainer: `model/` with the
 model's `config.json` and processor files, and `recipe.yaml`, so `zidong export` needs nothing else;
 `describe_model` writes them, `model_files`, `read_weights` and `read_recipe` read a checkpoint back).
 Everything is written into `step-N.tmp` first; rank 0 renames it to `step-N` once every process has finished, so
@@ -31,16 +32,15 @@ from accelerate.checkpointing import load_accelerator_state, save_accelerator_st
 from safetensors.torch import load_file
 from transformers import ProcessorMixin
 
+from zidong.data.saved_stream import RANK_FILE, SavedStreams, layout_entry, write_layout
 from zidong.errors import UserError
 
 FOLDER = "checkpoints"
 MODEL_FILES = "model"  # config.json + processor files inside a checkpoint
 RECIPE_FILE = "recipe.yaml"
-DATA_FILE = "data-rank{rank}.json"  # one per process: its data-stream state
 SHARDED_MODEL = "sharded_model"  # FSDP2: torch.distributed.checkpoint folders
 SHARDED_OPTIMIZER = "sharded_optimizer"
 _NAME = re.compile(r"^step-(\d{8})$")
-_DATA_FILE = re.compile(r"^data-rank(\d+)\.json$")
 
 
 @dataclass
@@ -84,8 +84,10 @@ def save_checkpoint(
         accelerator.save_state(str(partial))
     else:
         _save_sharded(accelerator, partial, sharded)
-    (partial / DATA_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(data_state))
+    (partial / RANK_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(data_state))
+    entries = _gather_on_main(accelerator, layout_entry(data_state))
     if accelerator.is_main_process:
+        write_layout(partial, entries)
         (partial / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
         if describe is not None:
             describe(partial)
@@ -97,6 +99,16 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _gather_on_main(accelerator: Accelerator, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every process's `entry`, in rank order, on rank 0 only (the others get an empty list): a gather, not an
+    all-gather, so the bytes moved grow with the number of processes, not with its square."""
+    if accelerator.num_processes == 1:
+        return [entry]
+    gathered: list[Any] | None = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    torch.distributed.gather_object(entry, gathered, dst=0)
+    return gathered or []
 
 
 def _save_sharded(accelerator: Accelerator, folder: Path, parts: ShardedParts) -> None:
@@ -201,9 +213,9 @@ def _read_dcp(folder: Path) -> dict[str, Any]:
 
 def load_checkpoint(
     accelerator: Accelerator, folder: Path, sharded: ShardedParts | None = None
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[dict[str, Any], SavedStreams]:
     """Restore model, optimizer, scheduler and RNG states from `folder` (`sharded`: an FSDP2 run's parts); returns
-    (trainer state, the data-stream state of every process that wrote the checkpoint, in rank order). A process the
+    (trainer state, the data-stream states of the processes that wrote the checkpoint, read lazily). A process the
     checkpoint has no RNG state for (it was written by fewer processes) keeps the seeded one."""
     try:
         trainer_state = json.loads((folder / "trainer.json").read_text())
@@ -229,5 +241,4 @@ def load_checkpoint(
         accelerator.load_state(str(folder))
     else:
         _load_sharded(accelerator, folder, sharded)
-    ranks = sorted(int(match.group(1)) for path in folder.iterdir() if (match := _DATA_FILE.match(path.name)))
-    return trainer_state, [json.loads((folder / DATA_FILE.format(rank=rank)).read_text()) for rank in ranks]
+    return trainer_state, SavedStreams.in_folder(folder)
