@@ -31,8 +31,8 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert len(rows) >= 13  # 14 where CUDA adds the GPU MFU row
+    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert len(rows) >= 15  # 16 where CUDA adds the GPU MFU row
     for row in rows:
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
@@ -52,6 +52,9 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     assert set(built["samples_per_s"]) == {"jsonl", "tsv", "parquet", "webdataset"}
     assert remote["shards"] > 0
     assert remote["local_seconds_per_step"] > 0
+    compiled = next(row for row in rows if row["number"] == 9)["details"]
+    assert compiled["compiled_graphs"] >= 1  # dynamo really traced the layers
+    assert compiled["eager_seconds_per_step"] > 0
     assert report["machine"]["cores"] >= 1
     assert report["quick"] is True
 
@@ -59,8 +62,8 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--only", "9"), "measurement numbers from 1 to 8"),
-        (("--only", "one"), "measurement numbers from 1 to 8"),
+        (("--only", "10"), "measurement numbers from 1 to 9"),
+        (("--only", "one"), "measurement numbers from 1 to 9"),
         (("--out", "."), "is a folder"),
     ],
 )
