@@ -309,14 +309,20 @@ def test_another_process_layout_continues_the_epoch_exactly(
     assert sum(count == 2 for count in counts.values()) == len(seen) - 48 > 0
 
 
+def states_after_one_batch(corpus: Path, settings: StreamSettings, pipeline: SamplePipeline, processes: int):
+    """The `state_dict()` of each of `processes` processes (no workers) after each read one batch."""
+    states = []
+    for rank in range(processes):
+        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, processes)
+        read(loader, 1)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    return states
+
+
 def test_every_process_computes_the_same_resplit(corpus: Path, processor: ZidongProcessor) -> None:
     settings = StreamSettings(batch_size=4, bucket_pool=2)
     pipeline = SamplePipeline(processor, train=False)
-    saved = []
-    for rank in range(2):
-        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 2)
-        read(loader, 1)
-        saved.append(loader.state_dict())
+    saved = states_after_one_batch(corpus, settings, pipeline, 2)
     states = [StreamLoader([(corpus, 1.0)], settings, pipeline, 0, r, 3, saved=saved).state_dict() for r in range(3)]
     leftover = [w["sources"][0]["leftover"] for state in states for w in state["workers"]]
     counts = [sum(len(p["refs"]) if "refs" in p else p["stop"] - p["start"] for p in pieces) for pieces in leftover]
@@ -343,11 +349,7 @@ def test_a_layout_change_reads_only_the_saved_states_a_process_needs(
     a checkpoint without the summary (written before it existed) gives the same states from every file."""
     settings = StreamSettings(batch_size=2, bucket_pool=3)  # pools of 3 batches: drawn samples wait in each state
     pipeline = SamplePipeline(processor, train=False)
-    states = []
-    for rank in range(4):
-        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 4)
-        read(loader, 1)
-        states.append(json.loads(json.dumps(loader.state_dict())))
+    states = states_after_one_batch(corpus, settings, pipeline, 4)
     assert all(worker["pending"] for state in states for worker in state["workers"])
     expected = [StreamLoader([(corpus, 1.0)], settings, pipeline, 0, r, 8, saved=states).state_dict() for r in range(8)]
     for folder, most in (
@@ -375,11 +377,7 @@ def test_a_damaged_saved_stream_is_refused_with_its_file(
 ) -> None:
     settings = StreamSettings(batch_size=2, bucket_pool=3)
     pipeline = SamplePipeline(processor, train=False)
-    states = []
-    for rank in range(3):
-        loader = StreamLoader([(corpus, 1.0)], settings, pipeline, 0, rank, 3)
-        read(loader, 1)
-        states.append(loader.state_dict())
+    states = states_after_one_batch(corpus, settings, pipeline, 3)
     folder = save_like_a_checkpoint(tmp_path / "step", states)
     damage(folder)
     with pytest.raises(UserError, match=message) as error:
