@@ -202,12 +202,15 @@ class StreamLoader:
             waiting = sum(piece_length(p) for state in states for c in state["sources"] for p in c.get("leftover", []))
             logger.info(
                 "the checkpoint's data stream was read by %d process(es) x %d worker(s), this run has %d x %d: "
-                "its position is re-split exactly (%d samples of the epoch(s) in progress come first here; %d "
-                "saved state file(s) read)",
+                "its position is re-split exactly",
                 old["world_size"],
                 old["workers"],
                 self.slots // self.workers,
                 self.workers,
+                extra=EVERY_RANK,
+            )
+            logger.info(
+                "this process reads %d samples of the epoch(s) in progress first (%d saved stream file(s) read)",
                 waiting,
                 saved.files_read,
                 extra=EVERY_RANK,
