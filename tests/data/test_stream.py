@@ -369,8 +369,9 @@ def test_a_layout_change_reads_only_the_saved_states_a_process_needs(
         (lambda folder: (folder / "data-rank1.json").unlink(), r"processes \[0, 2\], not of 0 to 1"),
         (lambda folder: (folder / "data-rank0.json").write_text("{trunc"), r"cannot read the data-stream state"),
         (lambda folder: (folder / "data-layout.json").write_text("{}"), r"is not the data-stream layout"),
+        (lambda folder: (folder / "data-rank0.json").write_text('{"workers": []}'), r"holds no reader slot 0"),
     ],
-    ids=["missing-rank", "truncated-rank", "foreign-layout"],
+    ids=["missing-rank", "truncated-rank", "foreign-layout", "slot-missing"],
 )
 def test_a_damaged_saved_stream_is_refused_with_its_file(
     corpus: Path, processor: ZidongProcessor, tmp_path: Path, damage, message: str

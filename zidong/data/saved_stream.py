@@ -108,8 +108,14 @@ class SavedStreams:
     def slot(self, slot: int) -> dict[str, Any]:
         """The whole saved state of slot `slot` (process slot // workers of the saved layout)."""
         workers = self.layout()[0]["signature"]["workers"]
-        state = self.rank(slot // workers)
-        return next(worker for worker in state["workers"] if worker["slot"] == slot)
+        rank = slot // workers
+        found = [worker for worker in self.rank(rank).get("workers", []) if worker.get("slot") == slot]
+        if not found:
+            raise UserError(
+                f"the data-stream state of process {rank} holds no reader slot {slot}, which the checkpoint's "
+                "data-layout.json lists for it: the checkpoint is damaged. Resume from an earlier checkpoint (resume=PATH)"
+            )
+        return found[0]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
