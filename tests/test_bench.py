@@ -31,8 +31,8 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert len(rows) >= 15  # 16 where CUDA adds the GPU MFU row
+    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert len(rows) >= 26  # 27 where CUDA adds the GPU MFU row
     for row in rows:
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
@@ -55,6 +55,11 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     compiled = next(row for row in rows if row["number"] == 9)["details"]
     assert compiled["compiled_graphs"] >= 1  # dynamo really traced the layers
     assert compiled["eager_seconds_per_step"] > 0
+    growth = {row["name"].split(":")[0]: row["details"] for row in rows if row["number"] == 10 and row["details"]}
+    assert set(growth) == {"data plan", "shard index", "stream state", "shard cache", "build", "checkpoint"}
+    assert growth["data plan"]["memory_slope_vs_slots"] < 0.5  # a slot's plan does not grow with the slots
+    assert [row["files_read"] for row in growth["stream state"]["by_ranks"]] == [2, 2, 2]
+    assert growth["build"]["merge"]["shards"] == 20_000
     assert report["machine"]["cores"] >= 1
     assert report["quick"] is True
 
@@ -62,8 +67,8 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--only", "10"), "measurement numbers from 1 to 9"),
-        (("--only", "one"), "measurement numbers from 1 to 9"),
+        (("--only", "11"), "measurement numbers from 1 to 10"),
+        (("--only", "one"), "measurement numbers from 1 to 10"),
         (("--out", "."), "is a folder"),
     ],
 )

@@ -16,15 +16,16 @@ from zidong.bench.common import Result, Settings, ensure_demo_corpus
 from zidong.bench.compile import compiled_against_eager
 from zidong.bench.distributed import distributed
 from zidong.bench.frontend import frontend
+from zidong.bench.growth import growth
 from zidong.bench.sources import sources
 from zidong.bench.training import TrainingBench, base_mfu, loader_headroom, padding, step_time
 
-MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 logger = logging.getLogger("zidong.bench")
 
 
 def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result]:
-    """The selected measurements (numbers 1-9 of docs/PERFORMANCE.md), cheapest shared work first."""
+    """The selected measurements (numbers 1-10 of docs/PERFORMANCE.md), cheapest shared work first."""
     bench = TrainingBench(settings)
     steps = {
         3: lambda: padding(bench),
@@ -36,6 +37,7 @@ def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result
             base_mfu(settings, torch.device(kind)) for kind in ("cpu", "cuda")[: 1 + torch.cuda.is_available()]
         ],
         9: lambda: compiled_against_eager(bench),
+        10: lambda: growth(settings),
     }
     results: list[Result] = []
     for number, measure in steps.items():

@@ -112,7 +112,7 @@ def build(
     samples = sum(r.get("samples", 0) for r in records)
     rejected = sum(len(r["rejects"]) for r in records)
     shards = sum(1 for r in records if "shard" in r)
-    return BuildResult(part, samples, rejected, shards, _merge_if_complete(out, state, source, settings, count))
+    return BuildResult(part, samples, rejected, shards, merge_if_complete(out, state, source, settings, count))
 
 
 def _claim_output(out: Path, state: Path, source: Source, settings: BuildSettings, parts: int) -> None:
@@ -303,7 +303,7 @@ def _append_record(progress_file: Path, record: dict[str, Any]) -> None:
         os.fsync(stream.fileno())
 
 
-def _merge_if_complete(out: Path, state: Path, source: Source, settings: BuildSettings, parts: int) -> bool:
+def merge_if_complete(out: Path, state: Path, source: Source, settings: BuildSettings, parts: int) -> bool:
     """Write index.json and rejects.jsonl from every part's records once every part is done."""
     all_records = []
     for index in range(parts):
