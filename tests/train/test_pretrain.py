@@ -65,7 +65,7 @@ def write_recipe(folder: Path, corpus: dict[str, Path], **changes) -> Path:
         "loss": {"contrastive": {"weight": 1.0}, "matching": {"weight": 0.5}, "masked_text": {"weight": 0.5}},
     }
     for key, value in changes.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -82,12 +82,12 @@ def launch(recipe: Path) -> subprocess.Popen:
     )
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600, every: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, f"the run ended before {path} appeared:\n{process.stdout.read()}"
         assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

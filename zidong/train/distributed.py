@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     # a rank whose batch lacks a modality does not run that tower
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl"))
+        timeout = timedelta(seconds=recipe.parallel.collective_timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout))
     # no `cpu=` here: it would override a DeepSpeed launch; a CPU box under torchrun needs ACCELERATE_USE_CPU=1
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,

@@ -82,6 +82,7 @@ class DataSection:
     max_bad_fraction: float = 0.01
     cache_dir: str = "~/.cache/zidong/shards"  # where shard folders at URLs are fetched to (per machine)
     cache_gb: float = 20.0  # the most that cache folder holds
+    worker_timeout_s: float = 600.0  # no batch from the data workers for this long ends the run, naming the shard
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "train", "must list at least one {path, weight} source")
@@ -97,6 +98,11 @@ class DataSection:
             f"must be in [0, 1), got {self.max_bad_fraction}",
         )
         _require(self.cache_gb > 0, "cache_gb", f"must be greater than 0, got {self.cache_gb}")
+        _require(
+            self.worker_timeout_s > 0,
+            "worker_timeout_s",
+            f"must be greater than 0 (seconds), got {self.worker_timeout_s}",
+        )
 
 
 @dataclass
@@ -137,15 +143,24 @@ class ParallelSection:
     process holds the whole model. `fsdp`: FSDP2 (`fully_shard`) over all processes, one shard unit per transformer
     layer of every tower and of the fusion encoder, then the rest. `hsdp`: FSDP2 within groups of `shard_size`
     processes (a node), replicated across the groups. `param_dtype` is the dtype a sharded layer is gathered and
-    computed in (bf16 needs `train.mixed_precision=bf16`), `reduce_dtype` the dtype its gradients are reduced in."""
+    computed in (bf16 needs `train.mixed_precision=bf16`), `reduce_dtype` the dtype its gradients are reduced in.
+    `collective_timeout_s`: how long any collective (gradient reduce, gather, the barriers of a checkpoint) waits
+    for every process before the run ends with an error, under every strategy: a process that dies or hangs ends
+    the job instead of stalling it."""
 
     strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"
     shard_size: int | None = None
     reshard_after_forward: bool = True
     param_dtype: Literal["float32", "bf16"] = "float32"
     reduce_dtype: Literal["float32", "bf16"] = "float32"
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _require(
+            self.collective_timeout_s > 0,
+            "collective_timeout_s",
+            f"must be greater than 0 (seconds a collective may wait for every process), got {self.collective_timeout_s}",
+        )
         _require(
             self.shard_size is None or self.shard_size >= 1,
             "shard_size",
