@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -384,6 +385,29 @@ def test_a_damaged_saved_stream_is_refused_with_its_file(
     with pytest.raises(UserError, match=message) as error:
         StreamLoader([(corpus, 1.0)], settings, pipeline, 0, 0, 2, saved=SavedStreams.in_folder(folder))
     assert "checkpoint" in str(error.value)
+
+
+def test_a_read_that_never_returns_ends_with_a_message_naming_the_shard(
+    tmp_path: Path, processor: ZidongProcessor
+) -> None:
+    """One shard is a named pipe nobody writes to: opening it blocks forever, as a read from a hung file system
+    does. One worker reads the whole epoch into its first pool, so it reaches that shard; the loader gives up
+    after `worker_timeout_s` with a DataError naming the shard, instead of waiting forever."""
+    shards = make_corpus(tmp_path, 48, combinations=TEXT_COMBINATIONS)
+    hung = sorted(shards.glob("*.tar"))[1]
+    hung.unlink()
+    os.mkfifo(hung)
+    timeout = 15  # longer than a worker takes to start on a loaded machine: only the hung read can exhaust it
+    settings = StreamSettings(batch_size=4, bucket_pool=16)
+    loader = StreamLoader([(shards, 1.0)], settings, SamplePipeline(processor, train=True), 1, worker_timeout_s=timeout)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataError, match=r"data\.worker_timeout_s\): worker 0 has been reading") as error:
+            next(loader)
+    finally:
+        loader.close()
+    assert f"{hung}, sample " in str(error.value), str(error.value)
+    assert timeout <= time.monotonic() - started < timeout + 30
 
 
 def test_too_few_samples_for_the_slots_is_refused(corpus: Path, processor: ZidongProcessor) -> None:

@@ -29,14 +29,15 @@ from __future__ import annotations
 import bisect
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from zidong.data.batching import cut_into_batches
-from zidong.data.shards import SampleError, ShardFolder
+from zidong.data.shards import RawSample, SampleError, ShardFolder
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 
@@ -314,6 +315,8 @@ class SlotStream:
         self._old_plans: dict[int, tuple[tuple, EpochPlan]] = {}  # plans of the layout a re-split came from
         self._mix: tuple[int, np.ndarray] | None = None
         self._skipped: list[str] = []
+        # told what the slot is about to read ("" once it returned): a hung read can then be named from outside
+        self.reading: Callable[[str], None] = lambda what: None
 
     def __iter__(self) -> Iterator[tuple[list[Any], dict[str, Any], list[str], list[list[int]]]]:
         while True:
@@ -323,7 +326,7 @@ class SlotStream:
             samples, decoded = [], []
             for source, shard, position, draw in refs:
                 try:
-                    raw = self.folders[source].read(shard, position)
+                    raw = self._read(source, shard, position)
                     rng = np.random.default_rng([self.settings.seed, _SAMPLE, self.slot, draw])
                     samples.append(self.pipeline.decode(raw, rng))
                     decoded.append([source, shard, position])
@@ -348,7 +351,7 @@ class SlotStream:
             drawn.add(tuple(ref[:3]))
             self.state["read"] += 1
             try:
-                raw = self.folders[ref[0]].read(ref[1], ref[2], only=self.pipeline.LENGTH_MEMBERS)
+                raw = self._read(ref[0], ref[1], ref[2], only=self.pipeline.LENGTH_MEMBERS)
                 pool.append((ref, self.pipeline.lengths(raw)))
             except SampleError as err:
                 self._count_bad(err)
@@ -356,6 +359,14 @@ class SlotStream:
         rng = np.random.default_rng([self.settings.seed, _POOL, self.slot, self.state["pools"]])
         self.state["pending"] = cut_into_batches(pool, self.settings.batch_size, self.settings.bucket_pool > 0, rng)
         self.state["pools"] += 1
+
+    def _read(self, source: int, shard: int, position: int, only: Collection[str] | None = None) -> RawSample:
+        folder = self.folders[source]
+        self.reading(f"{folder.location(shard)}, sample {position}, since {time.time():.3f}")
+        try:
+            return folder.read(shard, position, only=only)
+        finally:
+            self.reading("")
 
     def _prefetch_next_pool(self) -> None:
         """Have remote sources start fetching the shards the next pool draws from them (local ones ignore it)."""

@@ -19,6 +19,7 @@ rotated so that worker 0 holds the one whose batch comes next.
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zidong.data.remote import ShardCache
 from zidong.data.saved_stream import SavedStreams
 from zidong.data.shards import ShardFolder
-from zidong.data.slots import SlotStream, StreamSettings, fresh_state, piece_length, ref_pieces, resplit
+from zidong.data.slots import DataError, SlotStream, StreamSettings, fresh_state, piece_length, ref_pieces, resplit
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.utils.log import EVERY_RANK, get_logger
@@ -46,18 +47,23 @@ logger = get_logger(__name__)
 class _StreamDataset(IterableDataset):
     """Runs one SlotStream per DataLoader worker and collates its batches there."""
 
-    def __init__(self, folders, weights, settings, slots, pipeline, worker_states):
+    def __init__(self, folders, weights, settings, slots, pipeline, worker_states, reading=None):
         self.folders = folders
         self.weights = weights
         self.settings = settings
         self.slots = slots
         self.pipeline = pipeline
         self.worker_states = worker_states
+        self.reading = reading  # per worker, shared with the training process: what it is reading now
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        state = self.worker_states[info.id if info is not None else 0]
-        stream = SlotStream(self.folders, self.weights, self.settings, self.slots, self.pipeline, state)
+        worker = info.id if info is not None else 0
+        stream = SlotStream(
+            self.folders, self.weights, self.settings, self.slots, self.pipeline, self.worker_states[worker]
+        )
+        if self.reading is not None:
+            stream.reading = functools.partial(_note, self.reading[worker])
         # held here: a generator left open is closed at interpreter exit, after module globals have become None
         user_error = UserError
         try:
@@ -70,6 +76,10 @@ class _StreamDataset(IterableDataset):
 
 def _unchanged(item: Any) -> Any:
     return item
+
+
+def _note(shared: ctypes.Array, what: str) -> None:
+    shared.value = what.encode()[: len(shared) - 1]
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -131,6 +141,8 @@ class StreamLoader:
             an exact re-split of the saved position (module docstring), reading only the saved states it needs;
             if the sources, seed or shuffle window changed, the stream starts afresh at the epoch after the
             furthest saved one (with a warning). Every process takes, and logs, the same decision.
+        worker_timeout_s: with workers, how long to wait for a batch before raising DataError naming the shard
+            each worker is reading (a read that never returns); 0 waits forever.
 
     Raises UserError when a source folder is not a shard folder or has fewer samples than reader slots.
     """
@@ -146,6 +158,7 @@ class StreamLoader:
         saved: SavedStreams | list[dict[str, Any]] | None = None,
         pin_memory: bool = False,
         cache: ShardCache | None = None,
+        worker_timeout_s: float = 0.0,
     ):
         self.folders = [ShardFolder(path, cache) for path, _ in sources]
         self.weights = [float(weight) for _, weight in sources]
@@ -177,6 +190,8 @@ class StreamLoader:
         }
         self.pipeline = pipeline
         self.pin_memory = pin_memory
+        self.worker_timeout_s = worker_timeout_s
+        self._reading: list[ctypes.Array] = []
         if not isinstance(saved, SavedStreams):
             saved = SavedStreams.of(saved or [])
         self.worker_states = self._starting_states(saved)
@@ -247,7 +262,12 @@ class StreamLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = self._start()
-        item = next(self._iterator)
+        try:
+            item = next(self._iterator)
+        except RuntimeError as err:
+            if "DataLoader timed out" not in str(err):
+                raise
+            raise DataError(self._timeout_message()) from None
         for report in item["skipped"]:
             logger.warning("skipped an unreadable sample: %s", report, extra=EVERY_RANK)
         if "error" in item:
@@ -263,13 +283,17 @@ class StreamLoader:
         )
         if self.num_workers == 0:
             return iter(dataset)
+        context = _worker_context()
+        self._reading = [context.Array(ctypes.c_char, 1024, lock=False) for _ in range(self.num_workers)]
+        dataset.reading = self._reading
         loader = DataLoader(
             dataset,
             batch_size=None,
             collate_fn=_unchanged,
             worker_init_fn=functools.partial(_init_worker, trainer_pid=os.getpid()),
             num_workers=self.num_workers,
-            multiprocessing_context=_worker_context(),
+            multiprocessing_context=context,
+            timeout=self.worker_timeout_s,
             persistent_workers=True,
             prefetch_factor=2,
             pin_memory=self.pin_memory,
@@ -278,6 +302,22 @@ class StreamLoader:
             generator=torch.Generator().manual_seed(self.settings.seed),
         )
         return iter(loader)
+
+    def _timeout_message(self) -> str:
+        """What a loader whose workers sent no batch for `worker_timeout_s` says: what each worker is reading."""
+        reads = []
+        for worker, shared in enumerate(self._reading):
+            what = shared.value.decode(errors="replace")
+            if what:
+                where, _, since = what.rpartition(", since ")
+                reads.append(f"worker {worker} has been reading {where} for {time.time() - float(since):.0f} s")
+        doing = "; ".join(reads) or "no worker is inside a shard read (they are decoding or collating)"
+        return (
+            f"no batch came from the {self.num_workers} data worker(s) of this process for {self.worker_timeout_s:.0f} "
+            f"s (data.worker_timeout_s): {doing}. A read that never returns is a hung file system or remote store: "
+            "check that shard and its storage (`zidong data inspect FOLDER --checksums`), or raise "
+            "data.worker_timeout_s if reads there are only slow"
+        )
 
     def close(self) -> None:
         """Stops the worker processes now (not whenever the iterator happens to be garbage-collected)."""

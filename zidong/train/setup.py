@@ -348,6 +348,7 @@ def train_loader(
         saved=saved,
         pin_memory=pin_memory,
         cache=shard_cache(data),
+        worker_timeout_s=data.worker_timeout_s,
     )
 
 
