@@ -34,7 +34,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO_ROOT, accelerate_launch, torchrun
+from tests.helpers import REPO_ROOT, accelerate_launch, free_port, torchrun
 
 SITE = Path(__file__).resolve().parent / "parity_site"
 ENVIRONMENT = "ZIDONG_PARITY"
@@ -141,6 +141,37 @@ def launch(
     result = subprocess.run(arguments, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{launcher} x {processes} failed:\n{result.stderr[-4000:]}"
     return result
+
+
+def launch_nodes(nodes: int, per_node: int, command: list[str], recipe: Path, timeout: float = 1200) -> list[str]:
+    """A parity run on `nodes` "nodes" of this machine: one torchrun per node, `per_node` processes each, meeting
+    through a c10d rendezvous on localhost as the SLURM script's nodes do; returns each node's output (node 0
+    first). Fails the test when a node exits non-zero."""
+    rendezvous = [
+        "--nnodes", str(nodes), "--nproc_per_node", str(per_node), "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "parity",
+    ]  # fmt: skip
+    arguments, env = _command("single", nodes * per_node, command, recipe)
+    env["ACCELERATE_USE_CPU"] = "1"
+    logs = [recipe.parent / f"node{node}.log" for node in range(nodes)]
+    jobs = []
+    for node, log in enumerate(logs):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--node_rank", str(node)]
+        with log.open("w") as stream:
+            jobs.append(
+                subprocess.Popen(
+                    [*torchrun, *arguments[1:]], cwd=REPO_ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT
+                )
+            )
+    try:
+        codes = [job.wait(timeout=timeout) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    outputs = [log.read_text() for log in logs]
+    for node, (code, output) in enumerate(zip(codes, outputs, strict=True)):
+        assert code == 0, f"node {node} of {nodes} failed:\n{output[-4000:]}"
+    return outputs
 
 
 def start(

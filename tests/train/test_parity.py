@@ -208,6 +208,18 @@ def test_hsdp_two_groups_of_two_train_like_one_process(
 
 
 @pytest.mark.slow
+def test_two_nodes_of_two_processes_train_like_one_process(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path
+) -> None:
+    """Two torchrun launches as two nodes (c10d rendezvous on localhost), HSDP with its default shard group: one
+    node. The replicate dimension of the mesh crosses the nodes, the shard dimension stays within each."""
+    recipe = pretrain_recipe(tmp_path, corpus, 4, parallel={"strategy": "hsdp"})
+    outputs = parity.launch_nodes(2, 2, PRETRAIN, recipe)
+    assert "on a cpu mesh of replicate 2 x shard 2" in "".join(outputs)
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)], ids=["2-then-1", "1-then-2", "2-then-4"])
 def test_fsdp_resumes_on_another_process_count_like_one_process(
     corpus: dict[str, Path], one_process: Path, tmp_path: Path, before: int, after: int
