@@ -59,6 +59,10 @@ def test_dry_run_sizes_the_large_recipe_without_allocating_it() -> None:
     assert float(fsdp.group(1)) == pytest.approx(total * 16 / 32 / 2**30, abs=0.006)
     assert float(hsdp.group(1)) == pytest.approx(total * 16 / 8 / 2**30, abs=0.006)
     assert fsdp.group(2) == hsdp.group(2)
+    assert "cluster plan: 32 x H100 SXM" in result.stdout
+    ddp = re.search(r"^  DDP\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d,]+)", result.stdout, re.MULTILINE)
+    flops = float(re.search(r"training FLOPs per sample: (\S+)", result.stdout).group(1))
+    assert float(ddp.group(3)) == pytest.approx(flops * 128 / (989e12 * 0.35), rel=1e-3)  # batch 64 x accum 2
     peak_gib = int(re.search(r"peak_rss_kb (\d+)", result.stdout).group(1)) / 2**20
     assert peak_gib < 2.0  # the fp32 weights alone would take 4.3 GiB
 

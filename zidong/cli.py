@@ -40,6 +40,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _sample_count(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples such as 13e9, got {text!r}") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _part(text: str) -> tuple[int, int]:
     """`i/N`: slice i (counting from 0) of N, as a cluster job array hands out."""
     index, sep, count = text.partition("/")
@@ -98,7 +118,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.dry_run:
         from zidong.train.dry_run import dry_run_report
 
-        print(dry_run_report(recipe, args.gpus))
+        print(dry_run_report(recipe, args.gpus, args.gpu_kind, args.mfu, args.samples))
         return 0
     _quiet_deepspeed_on_cpu()
     from zidong.train.distributed import check_launch
@@ -319,7 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     pretrain.add_argument(
-        "--gpus", type=_positive_int, default=8, metavar="N", help="GPU count for the --dry-run memory estimate"
+        "--gpus", type=_positive_int, default=8, metavar="N", help="GPU count for the --dry-run memory and cluster plan"
+    )
+    pretrain.add_argument(
+        "--gpu-kind", choices=("a100", "h100", "h200"), default="h100", help="GPU kind for the --dry-run cluster plan"
+    )
+    pretrain.add_argument(
+        "--mfu", type=_fraction, default=0.35, metavar="F", help="model FLOPs utilisation the plan assumes (0.35)"
+    )
+    pretrain.add_argument(
+        "--samples", type=_sample_count, metavar="N", help="sample budget for the plan's days (default: the recipe's)"
     )
     pretrain.set_defaults(handler=_pretrain, takes_overrides=True)
 

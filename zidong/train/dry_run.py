@@ -25,6 +25,7 @@ from zidong.models.zidong.towers_zidong import is_convolutional
 from zidong.train.flops import StepFlops
 from zidong.train.optim import freeze_for_good, objective_weights
 from zidong.train.parallelize import shard_units
+from zidong.train.planner import GPU_KINDS, Workload, plan_lines
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.setup import model_config
 
@@ -34,8 +35,11 @@ PARAM_BYTES = {"float32": 4, "bf16": 2}
 GPUS_PER_NODE = 8  # HSDP's shard group when the recipe gives no parallel.shard_size
 
 
-def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
-    """The dry-run table for `recipe` on `gpus` GPUs."""
+def dry_run_report(
+    recipe: PretrainRecipe, gpus: int, gpu_kind: str = "h100", mfu: float = 0.35, samples: float | None = None
+) -> str:
+    """The dry-run table for `recipe` on `gpus` GPUs, with the cluster plan (zidong/train/planner.py) for that many
+    GPUs of `gpu_kind` at `mfu`, and the days `samples` take (default: the recipe's steps x global batch)."""
     config, vocabulary_note = _config(recipe)
     with torch.device("meta"):
         model = ZidongModel(config)
@@ -67,6 +71,19 @@ def dry_run_report(recipe: PretrainRecipe, gpus: int) -> str:
     for stage in range(4):
         lines.append(f"  ZeRO-{stage}: {_state_bytes(total, gpus, stage) / 2**30:8.2f} GiB")
     lines += _fsdp_lines(recipe, model, total, gpus)
+    settings = recipe.train
+    work = Workload(
+        parameters=total,
+        trainable=sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad),
+        flops_per_sample=flops,
+        samples_per_gpu=settings.batch_size * settings.grad_accum,
+        embedding_dim=config.projection_dim,
+        modalities=len(MODALITIES),
+        gather_bytes=PARAM_BYTES[recipe.parallel.param_dtype],
+        reduce_bytes=PARAM_BYTES[recipe.parallel.reduce_dtype],
+    )
+    budget = samples or settings.max_steps * work.samples_per_gpu * gpus
+    lines += ["", *plan_lines(work, GPU_KINDS[gpu_kind], gpus, mfu, budget, GPUS_PER_NODE)]
     return "\n".join(lines)
 
 
