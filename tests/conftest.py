@@ -35,6 +35,14 @@ def demo_corpus() -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def pretrain_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """48 training samples (one epoch = 6 steps of 8), 12 held-out triplets and a tokenizer (tests/pretrain_run.py)."""
+    from tests.pretrain_run import build_pretrain_corpus  # not at the top: torch must load after the thread setting
+
+    return build_pretrain_corpus(tmp_path_factory.mktemp("pretrain"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from tests.data.fixtures import write_audio, write_image
 from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
 from tests.helpers import run_cli, serve_folder
-from tests.train.test_pretrain import corpus  # noqa: F401  (a fixture)
 from zidong.cli import EXIT_USAGE, main
 from zidong.evaluation.retrieval import recall_at_k
 from zidong.evaluation.zero_shot import classify
@@ -87,12 +86,14 @@ PARITY = "field: labels.parity\nclasses:\n  even: [an even item]\n  odd: [an odd
 
 def test_eval_cli_prints_tables_and_writes_json(
     run_dir: Path,  # noqa: F811
-    corpus: dict[str, Path],  # noqa: F811
+    pretrain_corpus: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "metrics.json"
     labels = _label_file(tmp_path, PARITY)
-    result = run_cli("eval", str(run_dir), "--data", str(corpus["eval"]), "--labels", str(labels), "--out", str(out))
+    result = run_cli(
+        "eval", str(run_dir), "--data", str(pretrain_corpus["eval"]), "--labels", str(labels), "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
     assert metrics["samples"] == 12
@@ -111,9 +112,9 @@ def test_eval_cli_prints_tables_and_writes_json(
     assert metrics["classify/speech/count"] == 12
     assert f"{metrics['classify/vision/accuracy']:.3f}" in result.stdout
     # the same folder at a URL: the same numbers
-    with serve_folder(corpus["eval"].parent) as (url, requested):
+    with serve_folder(pretrain_corpus["eval"].parent) as (url, requested):
         remote = run_cli(
-            "eval", str(run_dir), "--data", f"{url}/{corpus['eval'].name}", "--labels", str(labels),
+            "eval", str(run_dir), "--data", f"{url}/{pretrain_corpus['eval'].name}", "--labels", str(labels),
             "--out", str(tmp_path / "remote.json"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
         )  # fmt: skip
     assert remote.returncode == 0, remote.stderr
@@ -135,7 +136,7 @@ def test_eval_cli_prints_tables_and_writes_json(
 )
 def test_bad_label_files_exit_2(
     run_dir: Path,  # noqa: F811
-    corpus: dict[str, Path],  # noqa: F811
+    pretrain_corpus: dict[str, Path],
     tmp_path: Path,
     labels: str,
     message: str,
@@ -143,7 +144,14 @@ def test_bad_label_files_exit_2(
 ) -> None:
     # in-process: any exception but the user error escapes `main` (the console script would print its traceback)
     out = tmp_path / "metrics.json"
-    arguments = ["--data", str(corpus["eval"]), "--labels", str(_label_file(tmp_path, labels)), "--out", str(out)]
+    arguments = [
+        "--data",
+        str(pretrain_corpus["eval"]),
+        "--labels",
+        str(_label_file(tmp_path, labels)),
+        "--out",
+        str(out),
+    ]
     assert main(["eval", str(run_dir), *arguments]) == EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -151,11 +159,11 @@ def test_bad_label_files_exit_2(
 
 def test_a_bad_label_file_exits_2_from_the_command_line(
     run_dir: Path,  # noqa: F811
-    corpus: dict[str, Path],  # noqa: F811
+    pretrain_corpus: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     labels = _label_file(tmp_path, "field: labels.colour\nclasses: {red: x, blue: y}\n")
-    result = run_cli("eval", str(run_dir), "--data", str(corpus["eval"]), "--labels", str(labels))
+    result = run_cli("eval", str(run_dir), "--data", str(pretrain_corpus["eval"]), "--labels", str(labels))
     assert result.returncode == 2
     assert "no sample has a `labels.colour` value" in result.stderr
     assert "Traceback" not in result.stderr

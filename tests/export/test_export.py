@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import run_cli
-from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
+from tests.pretrain_run import write_recipe
 from zidong.export.trained import load_trained
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.train.checkpoint import read_weights
@@ -34,9 +34,9 @@ sys.meta_path.insert(0, NoZidong())
 
 
 @pytest.fixture(scope="module")
-def run_dir(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def run_dir(pretrain_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("trained")
-    recipe = write_recipe(folder, corpus, train={"max_steps": 2}, data={"num_workers": 0})
+    recipe = write_recipe(folder, pretrain_corpus, train={"max_steps": 2}, data={"num_workers": 0})
     result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
     assert result.returncode == 0, result.stderr
     return folder / "run"

@@ -17,8 +17,8 @@ from accelerate.state import AcceleratorState
 
 from tests.helpers import free_port
 from tests.models.test_modeling import ALL_OBJECTIVES, make_inputs, tiny_config
+from tests.pretrain_run import write_recipe
 from tests.train.host_reads import HostReads
-from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
 from zidong.config import load_config
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train import trainer
@@ -30,9 +30,9 @@ OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked
 STEPS = 4
 
 
-def reads_per_step(folder: Path, corpus: dict[str, Path], weights: dict[str, float]) -> list[HostReads]:  # noqa: F811
+def reads_per_step(folder: Path, pretrain_corpus: dict[str, Path], weights: dict[str, float]) -> list[HostReads]:
     loss = {name: {"weight": weights.get(name, 0.0)} for name in OBJECTIVES}
-    recipe = write_recipe(folder, corpus, loss=loss, data={"num_workers": 0, "ledger": False, "eval": None})
+    recipe = write_recipe(folder, pretrain_corpus, loss=loss, data={"num_workers": 0, "ledger": False, "eval": None})
     run = setup(load_config(PretrainRecipe, recipe, ["train.trackers=[]"]), Task())
     try:
         steps = []
@@ -51,11 +51,11 @@ def reads_per_step(folder: Path, corpus: dict[str, Path], weights: dict[str, flo
     "weights", [{"contrastive": 1.0}, dict.fromkeys(OBJECTIVES, 0.5)], ids=["contrastive", "every-objective"]
 )
 def test_a_training_step_reads_the_device_once(
-    corpus: dict[str, Path],  # noqa: F811
+    pretrain_corpus: dict[str, Path],
     tmp_path: Path,
     weights: dict[str, float],
 ) -> None:
-    for reads in reads_per_step(tmp_path, corpus, weights):  # batches mixed differently in every step
+    for reads in reads_per_step(tmp_path, pretrain_corpus, weights):  # batches mixed differently in every step
         assert reads.total == 1, dict(reads.sites)
         assert all(site.startswith("train/trainer.py:") for site in reads.sites)  # `read_once`
 
@@ -126,13 +126,13 @@ def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None
     Path(out, f"{rank}.json").write_text(json.dumps(steps))
 
 
-def test_a_distributed_step_exchanges_presence_once(corpus: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_a_distributed_step_exchanges_presence_once(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
     """Two processes, three micro-batches per step: the presence masks of the whole step travel in one collective
     and one read (they took two of each per micro-batch before), so a step reads the device three times in all:
     the presence exchange, `read_once` (losses and gradient norm) and `agree` (every process's skip and stop)."""
     recipe = write_recipe(
         tmp_path,
-        corpus,
+        pretrain_corpus,
         loss={"contrastive": {"weight": 1.0}},
         data={"num_workers": 0, "ledger": False, "eval": None},
         train={"grad_accum": GRAD_ACCUM},

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from tests.export.test_export import sample_inputs
 from tests.helpers import run_cli
-from tests.train.test_pretrain import corpus, write_recipe  # noqa: F401  (corpus is a fixture)
+from tests.pretrain_run import write_recipe
 from zidong.export.trained import load_trained
 
 STEPS = 30
@@ -28,10 +28,10 @@ QUIET = {"ZIDONG_PROGRESS": "0"}
 RELATIVE_TOLERANCE = 0.03
 
 
-def train(folder: Path, corpus: dict[str, Path], *overrides: str) -> tuple[Path, str]:  # noqa: F811
+def train(folder: Path, pretrain_corpus: dict[str, Path], *overrides: str) -> tuple[Path, str]:
     recipe = write_recipe(
         folder,
-        corpus,
+        pretrain_corpus,
         train={"max_steps": STEPS, "batch_size": BATCH},
         checkpoint={"every_steps": RESUME_FROM, "keep_last": 2},
         data={"num_workers": 0, "ledger": False},
@@ -53,9 +53,9 @@ def dtypes(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:  # noqa: F811
+def runs(pretrain_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     return {
-        precision: train(tmp_path_factory.mktemp(precision), corpus, f"train.mixed_precision={precision}")
+        precision: train(tmp_path_factory.mktemp(precision), pretrain_corpus, f"train.mixed_precision={precision}")
         for precision in ("no", "bf16")
     }
 
@@ -75,12 +75,12 @@ def test_bf16_trains_finite_near_float32_and_says_so(runs: dict[str, tuple[Path,
 
 def test_bf16_resume_is_bitwise(
     runs: dict[str, tuple[Path, str]],
-    corpus: dict[str, Path],  # noqa: F811
+    pretrain_corpus: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     straight = runs["bf16"][0]
     checkpoint = straight / "checkpoints" / f"step-{RESUME_FROM:08d}"
-    resumed, log = train(tmp_path, corpus, "train.mixed_precision=bf16", f"resume={checkpoint}")
+    resumed, log = train(tmp_path, pretrain_corpus, "train.mixed_precision=bf16", f"resume={checkpoint}")
     assert "resumed from" in log
     final = Path("checkpoints") / "step-00000030" / "model.safetensors"
     with safe_open(straight / final, "pt") as expected, safe_open(resumed / final, "pt") as got:
@@ -109,8 +109,8 @@ def test_a_bf16_run_exports_float32_or_the_dtype_asked_for(runs: dict[str, tuple
         assert cosine.min() > 0.98, (modality, cosine)
 
 
-def test_fp16_on_cpu_exits_2_before_any_work(corpus: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
-    recipe = write_recipe(tmp_path, corpus)
+def test_fp16_on_cpu_exits_2_before_any_work(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, pretrain_corpus)
     result = run_cli("pretrain", str(recipe), "train.mixed_precision=fp16", env=QUIET)
     assert result.returncode == 2
     assert "train.mixed_precision=fp16 needs a GPU" in result.stderr

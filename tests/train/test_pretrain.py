@@ -10,16 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
 from tests.helpers import (
     REPO_ROOT,
     accelerate_launch,
@@ -30,45 +26,7 @@ from tests.helpers import (
     serve_folder,
     torchrun,
 )
-from zidong.data.tokenizer import train_tokenizer
-
-STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """48 training samples (one epoch = 6 steps of 8), 12 held-out triplets and a tokenizer."""
-    root = tmp_path_factory.mktemp("pretrain")
-    rng = np.random.default_rng(0)
-    (root / "text.txt").write_text("\n".join(caption_of("s", n, rng) for n in range(3000)) + "\n")
-    return {
-        "train": make_corpus(root / "train", 48, combinations=TEXT_COMBINATIONS),
-        "eval": make_corpus(root / "eval", 12, seed=1, combinations=(("text", "vision", "speech"),)),
-        "tokenizer": train_tokenizer([root / "text.txt"], 400, root / "tokenizer"),
-    }
-
-
-def write_recipe(folder: Path, corpus: dict[str, Path], **changes) -> Path:
-    recipe = {
-        "output_dir": str(folder / "run"),
-        "seed": 3,
-        "model": {"preset": "tiny", "tokenizer": str(corpus["tokenizer"])},
-        "data": {
-            "train": [{"path": str(corpus["train"]), "weight": 1.0}],
-            "eval": str(corpus["eval"]),
-            "num_workers": 2,
-            "ledger": True,
-        },
-        "train": {"max_steps": STEPS, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 2, "log_every": 1},
-        "checkpoint": {"every_steps": 2, "keep_last": 5},
-        "eval": {"every_steps": 0},
-        "loss": {"contrastive": {"weight": 1.0}, "matching": {"weight": 0.5}, "masked_text": {"weight": 0.5}},
-    }
-    for key, value in changes.items():
-        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.pretrain_run import STEPS, TORCHRUN_ENV, final_weights, wait_for, write_recipe
 
 
 def launch(recipe: Path) -> subprocess.Popen:
@@ -82,18 +40,6 @@ def launch(recipe: Path) -> subprocess.Popen:
     )
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the run ended before {path} appeared:\n{process.stdout.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(every)
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
-
-
 def ledger_by_step(run: Path) -> dict[int, list]:
     """The samples of each step; a step run again after a resume counts with its last record."""
     steps: dict[int, list] = {}
@@ -104,18 +50,18 @@ def ledger_by_step(run: Path) -> dict[int, list]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(pretrain_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("straight")
-    result = run_cli("pretrain", str(write_recipe(folder, corpus)), env={"ZIDONG_PROGRESS": "0"})
+    result = run_cli("pretrain", str(write_recipe(folder, pretrain_corpus)), env={"ZIDONG_PROGRESS": "0"})
     assert result.returncode == 0, result.stderr
     assert "held-out retrieval after 6 steps" in result.stderr
     return folder / "run"
 
 
 def test_kill_9_then_relaunch_gives_the_uninterrupted_weights(
-    corpus: dict[str, Path], uninterrupted: Path, tmp_path: Path
+    pretrain_corpus: dict[str, Path], uninterrupted: Path, tmp_path: Path
 ) -> None:
-    recipe = write_recipe(tmp_path, corpus)
+    recipe = write_recipe(tmp_path, pretrain_corpus)
     run = tmp_path / "run"
     process = launch(recipe)
     wait_for(run / "checkpoints" / "step-00000002", process)
@@ -137,8 +83,8 @@ def test_kill_9_then_relaunch_gives_the_uninterrupted_weights(
     assert ledger == ledger_by_step(uninterrupted)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0(corpus: dict[str, Path], tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 200}, checkpoint={"every_steps": 100})
+def test_sigterm_saves_a_checkpoint_and_exits_0(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, pretrain_corpus, train={"max_steps": 200}, checkpoint={"every_steps": 100})
     run = tmp_path / "run"
     process = launch(recipe)
     wait_for(run / "ledger-rank0.jsonl", process)
@@ -153,7 +99,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(corpus: dict[str, Path], tmp_pat
     assert saved[0].name == f"step-{step:08d}"
 
 
-def test_resume_never_refuses_a_run_with_checkpoints(corpus: dict[str, Path], uninterrupted: Path) -> None:
+def test_resume_never_refuses_a_run_with_checkpoints(pretrain_corpus: dict[str, Path], uninterrupted: Path) -> None:
     recipe = uninterrupted.parent / "recipe.yaml"
     result = run_cli("pretrain", str(recipe), "resume=never")
     assert result.returncode == 2
@@ -164,10 +110,10 @@ def test_resume_never_refuses_a_run_with_checkpoints(corpus: dict[str, Path], un
 
 
 def test_training_data_at_an_unreachable_url_exits_2_before_any_checkpoint(
-    corpus: dict[str, Path], tmp_path: Path
+    pretrain_corpus: dict[str, Path], tmp_path: Path
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}/train"
-    recipe = write_recipe(tmp_path, corpus, data={"train": [{"path": url}]})
+    recipe = write_recipe(tmp_path, pretrain_corpus, data={"train": [{"path": url}]})
     result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
     assert result.returncode == 2, result.stderr
     assert f"cannot read {url}/index.json: not found, not permitted, or the server cannot be reached" in result.stderr
@@ -175,20 +121,22 @@ def test_training_data_at_an_unreachable_url_exits_2_before_any_checkpoint(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_missing_tokenizer_folder_exits_2(corpus: dict[str, Path], tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, corpus)
+def test_a_missing_tokenizer_folder_exits_2(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, pretrain_corpus)
     result = run_cli("pretrain", str(recipe), f"model.tokenizer={tmp_path / 'nowhere'}")
     assert result.returncode == 2
     assert f"model.tokenizer={tmp_path / 'nowhere'}: no such folder" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_a_demo_folder_of_another_version_exits_2_and_is_left_alone(corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_a_demo_folder_of_another_version_exits_2_and_is_left_alone(
+    pretrain_corpus: dict[str, Path], tmp_path: Path
+) -> None:
     older = tmp_path / "older"
     older.mkdir()
     stamp = older / "demo.json"
     stamp.write_text('{"seed": 0, "samples": 2400}\n')  # a corpus from before the labels' version 2
-    result = run_cli("pretrain", str(write_recipe(tmp_path, corpus)), f"data.demo={older}")
+    result = run_cli("pretrain", str(write_recipe(tmp_path, pretrain_corpus)), f"data.demo={older}")
     assert result.returncode == 2
     assert f"{older} holds a demo corpus made with" in result.stderr
     assert "delete that one to build it anew" in result.stderr
@@ -198,10 +146,10 @@ def test_a_demo_folder_of_another_version_exits_2_and_is_left_alone(corpus: dict
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_frozen_towers_stay_put_and_a_timed_freeze_ends(corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_frozen_towers_stay_put_and_a_timed_freeze_ends(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
     recipe = write_recipe(
         tmp_path,
-        corpus,
+        pretrain_corpus,
         model={"vision": {"frozen_steps": -1}, "speech": {"frozen_steps": 2}},
         train={"max_steps": 4, "warmup_steps": 0},
         checkpoint={"every_steps": 1, "keep_last": 4},
@@ -232,8 +180,8 @@ def test_frozen_towers_stay_put_and_a_timed_freeze_ends(corpus: dict[str, Path],
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
-def test_a_tracker_that_is_not_installed_exits_2(corpus: dict[str, Path], tmp_path: Path) -> None:
-    result = run_cli("pretrain", str(write_recipe(tmp_path, corpus)), "train.trackers=[tensorboard, wandb]")
+def test_a_tracker_that_is_not_installed_exits_2(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
+    result = run_cli("pretrain", str(write_recipe(tmp_path, pretrain_corpus)), "train.trackers=[tensorboard, wandb]")
     assert result.returncode == 2
     assert "train.trackers lists wandb, but the wandb package is not installed" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -251,12 +199,14 @@ use_cpu: false
 """
 
 
-def test_an_accelerate_fsdp_config_exits_2_naming_the_recipe_key(corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_an_accelerate_fsdp_config_exits_2_naming_the_recipe_key(
+    pretrain_corpus: dict[str, Path], tmp_path: Path
+) -> None:
     # Accelerate would set up FSDP only on GPUs, and on CPU silently prepare DDP instead: zidong refuses the
     # launcher's FSDP wherever it runs, and says how to ask for FSDP2
     config = tmp_path / "fsdp.yaml"
     config.write_text(ACCELERATE_FSDP_CONFIG)
-    command = [*accelerate_launch(config, 2), "-m", "zidong", "pretrain", str(write_recipe(tmp_path, corpus))]
+    command = [*accelerate_launch(config, 2), "-m", "zidong", "pretrain", str(write_recipe(tmp_path, pretrain_corpus))]
     env = {**os.environ, "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode != 0
@@ -267,8 +217,10 @@ def test_an_accelerate_fsdp_config_exits_2_naming_the_recipe_key(corpus: dict[st
     assert not (tmp_path / "run").exists()
 
 
-def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(corpus: dict[str, Path], tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 2}, data={"num_workers": 0, "eval": None})
+def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(
+    pretrain_corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path, pretrain_corpus, train={"max_steps": 2}, data={"num_workers": 0, "eval": None})
     env = {"ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     first = run_cli("pretrain", str(recipe), "parallel.strategy=fsdp", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -282,7 +234,7 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(corpus: dict
     assert {path: path.read_bytes() for path in checkpoint.rglob("*") if path.is_file()} == before
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_non_finite_steps_are_skipped_then_stop_the_run(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
     # the model's loss becomes NaN from step 3 on (a sitecustomize patch in the launched process)
     patch = tmp_path / "patch"
     patch.mkdir()
@@ -298,7 +250,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus: dict[str, Path],
         "    return output\n"
         "m.ZidongModel.forward = forward\n"
     )
-    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 20, "max_bad_steps": 3}, checkpoint={"every_steps": 1})
+    recipe = write_recipe(
+        tmp_path, pretrain_corpus, train={"max_steps": 20, "max_bad_steps": 3}, checkpoint={"every_steps": 1}
+    )
     result = run_cli("pretrain", str(recipe), "data.num_workers=0", env={"PYTHONPATH": f"{patch}:{REPO_ROOT}"})
     assert result.returncode == 2, result.stderr
     assert "3 steps in a row had a non-finite loss or gradient (step 5)" in result.stderr
@@ -337,17 +291,14 @@ def ddp_pretrain(recipe: Path, processes: int = 2) -> list[str]:
     return [*torchrun(processes), "-m", "zidong", "pretrain", str(recipe)]
 
 
-TORCHRUN_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
 def test_another_process_count_continues_the_epoch_exactly(
-    corpus: dict[str, Path], tmp_path: Path, before: int, after: int
+    pretrain_corpus: dict[str, Path], tmp_path: Path, before: int, after: int
 ) -> None:
     # 48 samples, 8 per process and step: the two runs read 16 x before + 16 x after = 48 samples, one epoch.
     # No length bucketing: it mixes an epoch's last samples into one pool with the next epoch's first.
     changes = {"train": {"max_steps": 2}, "data": {"num_workers": 1, "eval": None, "bucket_pool": 0}}
-    recipe = write_recipe(tmp_path, corpus, **changes)
+    recipe = write_recipe(tmp_path, pretrain_corpus, **changes)
     for processes, steps in ((before, 2), (after, 4)):
         result = subprocess.run(
             [*ddp_pretrain(recipe, processes), f"train.max_steps={steps}", f"data.num_workers={processes}"],
@@ -368,7 +319,7 @@ def test_another_process_count_continues_the_epoch_exactly(
 
 
 def test_two_process_ddp_kill_9_then_relaunch_over_http_matches_the_local_straight_run(
-    corpus: dict[str, Path], tmp_path: Path
+    pretrain_corpus: dict[str, Path], tmp_path: Path
 ) -> None:
     # 2 ranks x 8 samples: one epoch of 48 samples is 3 steps; 6 steps cross an epoch boundary.
     # The straight run reads the local folder; the killed one reads the same shards over loopback HTTP, through a
@@ -376,21 +327,25 @@ def test_two_process_ddp_kill_9_then_relaunch_over_http_matches_the_local_straig
     changes = {"train": {"max_steps": 6}, "data": {"num_workers": 1, "eval": None}}
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
-    straight = write_recipe(tmp_path / "straight", corpus, **changes)
+    straight = write_recipe(tmp_path / "straight", pretrain_corpus, **changes)
     result = subprocess.run(
         ddp_pretrain(straight), cwd=REPO_ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=1200
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    sizes = sorted(entry["bytes"] for entry in json.loads((corpus["train"] / "index.json").read_text())["shards"])
+    sizes = sorted(
+        entry["bytes"] for entry in json.loads((pretrain_corpus["train"] / "index.json").read_text())["shards"]
+    )
     bound = sizes[-1] + sizes[-2] + 1
     cache = tmp_path / "cache"
-    with serve_folder(corpus["train"].parent) as (url, requested), CachePeak(cache) as peak:
+    with serve_folder(pretrain_corpus["train"].parent) as (url, requested), CachePeak(cache) as peak:
         remote = {
-            "train": [{"path": f"{url}/{corpus['train'].name}"}],
+            "train": [{"path": f"{url}/{pretrain_corpus['train'].name}"}],
             "cache_dir": str(cache),
             "cache_gb": bound / 1e9,
         }
-        recipe = write_recipe(tmp_path / "killed", corpus, **{**changes, "data": {**changes["data"], **remote}})
+        recipe = write_recipe(
+            tmp_path / "killed", pretrain_corpus, **{**changes, "data": {**changes["data"], **remote}}
+        )
         run = tmp_path / "killed" / "run"
         job = subprocess.Popen(
             ddp_pretrain(recipe), cwd=REPO_ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE,
