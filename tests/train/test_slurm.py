@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from tests.helpers import REPO_ROOT, free_port, resumed_step
-from tests.train.test_pretrain import corpus, wait_for, write_recipe  # noqa: F401  (corpus is a fixture)
+from tests.pretrain_run import wait_for, write_recipe
 
 SCRIPT = REPO_ROOT / "scripts" / "slurm" / "pretrain.sbatch"
 
@@ -51,14 +51,14 @@ def _shims(folder: Path) -> Path:
 
 
 def test_usr1_on_two_nodes_checkpoints_every_process_then_the_requeued_job_resumes(
-    corpus: dict[str, Path],  # noqa: F811
+    pretrain_corpus: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     """Two "nodes" of one process each (the srun shim starts the node command twice, as SLURM would on two
     hosts): USR1 reaches both nodes' training processes, each writes its part of one checkpoint, the script
     requeues, and the requeued job (the same script run again) resumes from that checkpoint to the end."""
-    steps = 24
-    recipe = write_recipe(tmp_path, corpus, train={"max_steps": steps}, data={"num_workers": 0, "eval": None})
+    steps = 10
+    recipe = write_recipe(tmp_path, pretrain_corpus, train={"max_steps": steps}, data={"num_workers": 0, "eval": None})
     shims = _shims(tmp_path / "bin")
     env = {
         **os.environ,
