@@ -307,7 +307,8 @@ def checkpoint_cost(settings: Settings) -> list[Result]:
         "by_preset": rows,
         "write_slope_vs_bytes": slope([row["gb"] for row in rows], [row["write_seconds"] for row in rows])
         if len(rows) > 1 else None,
-        "what": "model weights (safetensors) + AdamW state (two fp32 moments), one process, local disk",
+        "what": "model weights (safetensors) + AdamW state (two fp32 moments), one process, local disk; dcp_*: the "
+        "same state through torch.distributed.checkpoint (FSDP2's format)",
     }  # fmt: skip
     return [
         Result(10, f"checkpoint: write GB/s, {largest['preset']} preset (model + AdamW, one process)",
@@ -344,6 +345,7 @@ def _checkpoint_round_trip(preset: str, output: Path) -> dict[str, Any]:
     started = time.perf_counter()
     load_checkpoint(accelerator, folder)
     read_seconds = time.perf_counter() - started
+    dcp_seconds = _dcp_round_trip(model, optimizer.optimizer, output / "dcp")
     parameters = sum(parameter.numel() for parameter in model.parameters())
     accelerator.free_memory()
     del model, optimizer
@@ -354,4 +356,20 @@ def _checkpoint_round_trip(preset: str, output: Path) -> dict[str, Any]:
         "gb": round(gb, 3),
         "write_seconds": round(write_seconds, 2),
         "read_seconds": round(read_seconds, 2),
+        "dcp_write_seconds": round(dcp_seconds[0], 2),
+        "dcp_read_seconds": round(dcp_seconds[1], 2),
     }
+
+
+def _dcp_round_trip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> tuple[float, float]:
+    """Seconds to write and read the same model and optimizer state with torch.distributed.checkpoint, as an
+    FSDP2 run does (one process here: every shard is this process's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    started = time.perf_counter()
+    dcp.save(state, checkpoint_id=folder)
+    written = time.perf_counter()
+    dcp.load(state, checkpoint_id=folder)
+    return written - started, time.perf_counter() - written
