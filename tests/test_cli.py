@@ -84,6 +84,7 @@ def test_print_config_shows_resolved_defaults(capsys: pytest.CaptureFixture[str]
         (["pretrain", TINY, "oops"], "an override must look like `section.key=value`"),
         (["pretrain", TINY, "train.batch_size=0"], "`train.batch_size`: must be at least 1, got 0"),
         (["pretrain", TINY, "parallel.collective_timeout_s=0"], "`parallel.collective_timeout_s`: must be greater"),
+        (["pretrain", TINY, "data.worker_timeout_s=-1"], "`data.worker_timeout_s`: must be greater than 0"),
         (["pretrain", TINY, "resume= "], "`resume`: must be `auto`"),
     ],
 )

@@ -74,10 +74,6 @@ class StrategyPlan:
     exposed_s: float
     samples_per_s: float
 
-    @property
-    def step_s(self) -> float:
-        return self.compute_s + self.exposed_s
-
 
 def _all_gather(group: int, size: float) -> float:
     return (group - 1) / group * size
