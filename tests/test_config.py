@@ -301,8 +301,7 @@ def test_names_spelled_out_for_light_imports_match_their_owners() -> None:
     # the recipe schema, the CLI and `zidong report` list these without importing the model or trainer
     from dataclasses import fields
 
-    from zidong.cli import EXPORT_DTYPES, FINETUNE_TASKS, SOURCE_KINDS
-    from zidong.data.sources import KINDS
+    from zidong.cli import EXPORT_DTYPES, FINETUNE_TASKS
     from zidong.export.folders import DTYPES
     from zidong.modalities import MODALITIES
     from zidong.models.zidong import configuration_zidong
@@ -315,5 +314,4 @@ def test_names_spelled_out_for_light_imports_match_their_owners() -> None:
     assert ("loss", *OBJECTIVES) == LOSS_KEYS
     assert tuple(TASKS) == FINETUNE_TASKS
     assert tuple(DTYPES) == EXPORT_DTYPES
-    assert KINDS == SOURCE_KINDS
     assert MODALITIES == configuration_zidong.MODALITIES  # the model folder's own copy (it ships as remote code)

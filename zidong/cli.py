@@ -24,7 +24,6 @@ EXIT_USAGE = 2
 DOCS_HINT = "Recipes live in recipes/, guides in docs/ (start with docs/cli.md and docs/recipes.md)."
 FINETUNE_TASKS = ("retrieval", "classify")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # zidong.export.folders.DTYPES
-SOURCE_KINDS = ("jsonl", "csv", "tsv", "hf", "webdataset")  # zidong.data.sources.KINDS
 
 
 # ------------------------------------------------------------------------------------ argument types
@@ -243,6 +242,8 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zidong.data.sources import SOURCE_KINDS  # the registry of source kinds (light: no datasets, no torch)
+
     parser = argparse.ArgumentParser(
         prog="zidong",
         description="Pretrain, evaluate, export and fine-tune a tri-modal (text, speech, vision) encoder stack.",
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which column holds id, text, image, audio, lang (default: the usual names, e.g. caption, jpg, flac)",
     )
     build.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
-    build.add_argument("--source-kind", choices=SOURCE_KINDS, help="instead of detecting it")
+    build.add_argument("--source-kind", choices=tuple(SOURCE_KINDS), help="instead of detecting it")
     build.add_argument(
         "--streaming",
         action="store_true",

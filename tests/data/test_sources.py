@@ -19,6 +19,7 @@ from PIL import Image
 from tests.data.fixtures import write_audio, write_image, write_manifest
 from tests.helpers import run_cli, serve_folder
 from zidong.data.build import names_shard_folder
+from zidong.data.sources import OpenOptions, Source
 from zidong.data.tokenizer import read_sentences
 from zidong.errors import UserError
 
@@ -369,3 +370,50 @@ def test_unusable_sources_exit_2_naming_the_source(tmp_path: Path, make, expecte
     assert str(path) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+class CaptionedImages(Source):
+    """A toy source kind: a folder of NAME.png images, each with its caption in NAME.txt."""
+
+    kind = "captioned-images"
+
+    @classmethod
+    def detects(cls, location: str) -> bool:
+        return Path(location).is_dir() and any(Path(location).glob("*.txt"))
+
+    @classmethod
+    def open(cls, location: str, options: OpenOptions) -> Source:
+        folder = Path(location).resolve()
+        rows = [{"id": t.stem, "text": t.read_text(), "image": f"{t.stem}.png"} for t in sorted(folder.glob("*.txt"))]
+        return cls(str(folder), folder, str(len(rows)), {"id": "id", "text": "text", "image": "image"}, rows)
+
+
+def test_a_new_source_kind_is_one_class_and_one_registration(tmp_path: Path, monkeypatch) -> None:
+    from zidong import cli
+    from zidong.data import sources
+
+    monkeypatch.setattr(sources, "SOURCE_KINDS", dict(sources.SOURCE_KINDS))  # the registration ends with the test
+    sources.register_source_kind(CaptionedImages)
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    for number in range(5):
+        write_image(folder / f"img{number}.png", (24 + number, 20), seed=number)
+        (folder / f"img{number}.txt").write_text(f"caption number {number}")
+
+    assert isinstance(sources.open_source(folder), CaptionedImages)  # detected before the built-in folder kinds
+    with pytest.raises(UserError, match="no such source kind; choose from captioned-images, webdataset, jsonl"):
+        sources.open_source(folder, kind="captioned")
+    out = tmp_path / "out"
+    assert cli.main(["data", "build", str(folder), "--out", str(out), "--source-kind", CaptionedImages.kind]) == 0
+
+    built = read_shards(out)
+    assert len(built) == 5
+    by_id = {sample["meta"]["id"]: sample for sample in built.values()}
+    for number in range(5):
+        sample = by_id[f"img{number}"]
+        assert sample["text"] == f"caption number {number}"
+        expected = np.asarray(Image.open(folder / f"img{number}.png").convert("RGB"))
+        assert np.array_equal(sample["image"][1], expected)
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"] == "captioned-images"
+    assert index["samples"] == 5

@@ -333,8 +333,7 @@ def merge_if_complete(out: Path, state: Path, source: Source, settings: BuildSet
         "rejected": len(rejects),
         "rejected_by_field": dict(sorted(Counter(reject["field"] for reject in rejects).items())),
         "shards": [{k: r[k] for k in ("shard", "samples", "bytes", "sha256")} for r in shards],
-        "manifest": source.location,
-        **({"source": source.kind, "columns": source.columns} if source.kind != "jsonl" else {}),
+        **{key: value for key, value in source.claim().items() if key != "manifest_sha256"},
         "settings": dataclasses.asdict(settings),
     }
     write_index(out, index, rejects)

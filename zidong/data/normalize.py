@@ -102,7 +102,7 @@ def normalize_sample(
     line_number: int, raw: bytes | dict[str, Any], manifest_dir: Path | str, settings: BuildSettings
 ) -> Sample:
     """Decode and normalise the sample on manifest line `line_number` (1-based; a table's or dataset's record
-    number), given as the line's bytes or as a record (zidong/data/sources.py); raises `Rejected`."""
+    number), given as the line's bytes or as a record (zidong/data/sources/); raises `Rejected`."""
     record = parse_line(raw) if isinstance(raw, bytes) else raw
     sample_id = record.get("id")
     if not isinstance(sample_id, str) or not sample_id.strip():

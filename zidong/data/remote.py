@@ -21,11 +21,12 @@ import os
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from filelock import FileLock, Timeout
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from zidong.errors import UserError
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 CHUNK = 1 << 20
 ATTEMPTS = 3  # a fetch that fails this many times in a row is an error
@@ -133,6 +134,8 @@ class ShardCache:
         across the processes sharing the cache."""
         path = self.directory / f"{sha256}.tar"
         self._make_directory()
+        from filelock import FileLock  # imported where used: `zidong --help` reads the source kinds from here
+
         with FileLock(self.directory / f"{sha256}.lock"):
             if path.is_file():
                 return
@@ -153,6 +156,8 @@ class ShardCache:
     def _cache_lock(self) -> FileLock:
         """Held while the folder's content is counted or changed. A fresh lock each time: it may be taken by
         several threads of one process (a prefetch and a read), and the object must pickle to data workers."""
+        from filelock import FileLock
+
         return FileLock(self.directory / ".cache.lock")
 
     def used_bytes(self) -> int:
@@ -284,6 +289,8 @@ def _open_touched(path: Path) -> BinaryIO | None:
 
 def _download_alive(lock_path: Path) -> bool:
     """Does some process hold the lock of this download (a dead one releases it)?"""
+    from filelock import FileLock, Timeout
+
     probe = FileLock(lock_path, timeout=0)
     try:
         probe.acquire()

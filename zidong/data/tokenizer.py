@@ -43,7 +43,7 @@ def read_sentences(
     inputs: list[Path | str], columns: dict[str, str] | None = None, split: str | None = None
 ) -> Iterator[str]:
     """Non-empty lines of text files, the captions of zidong shard folders, and the text field of every other
-    source `zidong data build` reads (zidong/data/sources.py: JSONL manifests, CSV/TSV tables, Hugging Face
+    source `zidong data build` reads (zidong/data/sources/: JSONL manifests, CSV/TSV tables, Hugging Face
     datasets, WebDataset tars; `columns` and `split` as there), NFC-normalised with whitespace collapsed as the
     shard builder does."""
     for location in map(str, inputs):
