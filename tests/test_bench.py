@@ -1,4 +1,4 @@
-"""scripts/bench.py: the quick mode runs every measurement and writes a complete report; bad arguments exit 2.
+"""`python -m benchmarks`: the quick mode runs every measurement and writes a complete report; bad arguments exit 2.
 
 Benchmarks are not timed tests: this checks that each measurement runs and that the equalities it states hold
 (equal contrastive losses and gradients, front-end parity), not how fast anything is.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "scripts" / "bench.py"
 
 
 def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m benchmarks ARGS` from `cwd` (the repository root on the path, as running it from there gives)."""
     return subprocess.run(
-        [sys.executable, str(BENCH), *args], cwd=cwd, capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
 
 

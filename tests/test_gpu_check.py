@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py on a machine without a GPU: its arguments, and `--dry-run`, which checks the plan's
+"""`python -m benchmarks.gpu_check` on a machine without a GPU: its arguments, and `--dry-run`, which checks the plan's
 inputs (the accelerate configs, the base recipe with the check's overrides, the dry-run memory estimate it will
 compare against) and prints every launch. The check itself needs a CUDA device (docs/PERFORMANCE.md)."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
 
 def gpu_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_dry_run_prints_every_launch_with_checked_inputs(tmp_path: Path) -> None:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from zidong import ZidongConfig, ZidongProcessor
-from zidong.bench.training import as_masks, long_tail_lengths, long_tail_padding
-from zidong.data.batching import PaddingMeter, cut_into_batches
+from zidong.data.batching import PaddingMeter, cut_into_batches, long_tail_lengths, padding_efficiency
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
 
@@ -23,11 +22,18 @@ def test_bucketing_keeps_every_sample_once_in_full_batches() -> None:
         batches = cut_into_batches(items, BATCH, bucketing=bucketing, rng=np.random.default_rng(0))
         assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
         assert all(len(batch) == BATCH for batch in batches)
-    assert as_masks([(1.0, 3.0), (0.5, -1.0)])["speech_attention_mask"].sum() == 150
+
+
+def test_padding_efficiency_counts_real_over_computed_positions() -> None:
+    # one batch of two: speech 100 and 50 frames padded to 100 (150 of 200), text 3 tokens and one without text
+    lengths = [(1.0, 3.0), (0.5, -1.0)]
+    efficiency = padding_efficiency(lengths, batch_size=2, bucket_pool=1)
+    assert efficiency["naive"] == {"text": 1.0, "speech": 0.75}
+    assert efficiency["bucketed"] == efficiency["naive"]  # one batch: nothing to reorder
 
 
 def test_long_tail_bucketing_is_at_least_90_percent_efficient() -> None:
-    efficiency = long_tail_padding(BATCH, pools=6)
+    efficiency = padding_efficiency(long_tail_lengths(BATCH * 128 * 6), BATCH)
     print(f"long tail padding efficiency: {efficiency}")
     assert efficiency["naive"]["speech"] < 0.5
     assert efficiency["naive"]["text"] < 0.5

@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from zidong.bench.common import Result, Settings, ensure_demo_corpus
-from zidong.bench.compile import compiled_against_eager
-from zidong.bench.distributed import distributed
-from zidong.bench.frontend import frontend
-from zidong.bench.growth import growth
-from zidong.bench.sources import sources
-from zidong.bench.training import TrainingBench, base_mfu, loader_headroom, padding, step_time
+from benchmarks.common import Result, Settings, ensure_demo_corpus
+from benchmarks.compile import compiled_against_eager
+from benchmarks.distributed import distributed
+from benchmarks.frontend import frontend
+from benchmarks.growth import growth
+from benchmarks.sources import sources
+from benchmarks.training import TrainingBench, base_mfu, loader_headroom, padding, step_time
 
 MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
-logger = logging.getLogger("zidong.bench")
+logger = logging.getLogger("benchmarks")
 
 
 def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result]:

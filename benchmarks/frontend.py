@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torchaudio.compliance.kaldi import fbank
 
-from zidong.bench.common import Result, cpu_seconds
+from benchmarks.common import Result, cpu_seconds
 from zidong.models.zidong.feature_extraction_zidong import BatchedFbank
 
 SpeechBatch = tuple[torch.Tensor, torch.Tensor]  # padded waveforms (n, samples), sample mask (n, samples)

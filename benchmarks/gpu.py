@@ -1,8 +1,8 @@
-"""The in-process measurements of the GPU check (scripts/gpu_check.py): the `base` training step three ways, the
+"""The in-process measurements of the GPU check (`python -m benchmarks.gpu_check`): the `base` training step three ways, the
 host synchronisations of a step, and the audio front end on the GPU.
 
-Each returns `Result` rows (zidong/bench/common.py). They need a CUDA device; on CPU they are only planned
-(`scripts/gpu_check.py --dry-run`).
+Each returns `Result` rows (benchmarks/common.py). They need a CUDA device; on CPU they are only planned
+(`python -m benchmarks.gpu_check --dry-run`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from zidong.bench.common import Result, median, synthetic_batch, timings
-from zidong.bench.training import BASE_LOSS_WEIGHTS
+from benchmarks.common import Result, median, synthetic_batch, timings
+from benchmarks.training import BASE_LOSS_WEIGHTS
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train.flops import StepFlops, measured_peak_flops

@@ -1,8 +1,8 @@
 """The GPU check: one command that exercises, on one CUDA GPU, every path CPU tests cannot, and measures it.
 
-    .venv/bin/python scripts/gpu_check.py                       # everything, about 8 minutes on one H100/H200
-    .venv/bin/python scripts/gpu_check.py --only steps,trainers --out runs/gpu-check
-    .venv/bin/python scripts/gpu_check.py --dry-run             # on any machine: the plan, and its inputs checked
+    .venv/bin/python -m benchmarks.gpu_check                       # everything, about 8 minutes on one H100/H200
+    .venv/bin/python -m benchmarks.gpu_check --only steps,trainers --out runs/gpu-check
+    .venv/bin/python -m benchmarks.gpu_check --dry-run             # on any machine: the plan, and its inputs checked
 
 Rows (pass/fail against a target; docs/PERFORMANCE.md, "The GPU check"):
   steps      bf16 MFU of the `base` step against the bf16 matmul peak measured here (>= 0.35); the same step with
@@ -104,7 +104,7 @@ def dry_run_state_gib(overrides: list[str], stage: int) -> float:
 
 
 def row(number: int, name: str, value: float, target: str, details: dict) -> dict:
-    from zidong.bench.common import Result
+    from benchmarks.common import Result
 
     return Result(number, name, value, target, details).to_dict() | {"details": details}
 
@@ -184,7 +184,7 @@ def _line(text: str, needle: str) -> str:
 
 def plan(work: Path, corpus: Path, only: tuple[str, ...]) -> str:
     """What a run would do, with its inputs checked here (recipes, configs, the dry-run estimate)."""
-    import zidong.bench.gpu  # noqa: F401  (the in-process checks import)
+    import benchmarks.gpu  # noqa: F401  (the in-process checks import)
 
     lines = [f"GPU check plan (work folder {work}, demo corpus {corpus}):"]
     for check in only:
@@ -206,7 +206,7 @@ def plan(work: Path, corpus: Path, only: tuple[str, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", type=parse_only, default=CHECKS, help=f"comma-separated, from {','.join(CHECKS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="folder for the JSON, logs and runs")
     parser.add_argument("--data", type=Path, help="a demo corpus folder (built there if missing; default OUT/demo)")
@@ -223,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("scripts/gpu_check.py: no CUDA device here; --dry-run shows the plan", file=sys.stderr)
+        print("python -m benchmarks.gpu_check: no CUDA device here; --dry-run shows the plan", file=sys.stderr)
         return 2
-    from zidong.bench import gpu
-    from zidong.bench.common import ensure_demo_corpus
+    from benchmarks import gpu
+    from benchmarks.common import ensure_demo_corpus
 
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")

@@ -1,8 +1,8 @@
 """zidong's benchmarks: every measurement side by side in one run, a table of ratios, a JSON report.
 
-    .venv/bin/python scripts/bench.py                      # everything (about 5 minutes on 2 CPU cores)
-    .venv/bin/python scripts/bench.py --only 1,4 --out runs/bench/steps.json
-    .venv/bin/python scripts/bench.py --quick              # about 1.5 minutes: checks that everything runs
+    .venv/bin/python -m benchmarks                      # everything (about 5 minutes on 2 CPU cores)
+    .venv/bin/python -m benchmarks --only 1,4 --out runs/bench/steps.json
+    .venv/bin/python -m benchmarks --quick              # about 1.5 minutes: checks that everything runs
 
 The measurements, their baselines and targets are described in docs/PERFORMANCE.md. Ratios are taken within
 this run (medians after warm-up), so they compare like with like on whatever machine runs them; absolute
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from zidong.utils.log import PROGRESS_ENV, get_logger
 
-logger = get_logger("zidong.bench")
+logger = get_logger("benchmarks")
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "tiny.yaml"
 
 
 def parse_only(text: str) -> tuple[int, ...]:
-    from zidong.bench.runner import MEASUREMENTS
+    from benchmarks.runner import MEASUREMENTS
 
     try:
         numbers = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
@@ -39,7 +39,7 @@ def parse_only(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps, tiny sizes: checks that everything runs")
     parser.add_argument("--only", type=parse_only, help="comma-separated measurement numbers, e.g. 1,4 (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"), help="the JSON report")
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault(PROGRESS_ENV, "0")
-    from zidong.bench.common import Settings
-    from zidong.bench.runner import MEASUREMENTS, ensure_demo_corpus, report, run, table, write_report
+    from benchmarks.common import Settings
+    from benchmarks.runner import MEASUREMENTS, ensure_demo_corpus, report, run, table, write_report
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zidong-bench-") as scratch:

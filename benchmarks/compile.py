@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from zidong.bench.common import Result, median
-from zidong.bench.training import TrainingBench
+from benchmarks.common import Result, median
+from benchmarks.training import TrainingBench
 from zidong.train.metrics import METRICS_FILE
 from zidong.train.trainer import pretrain
 

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zidong.bench.baseline import naive_contrastive_loss
-from zidong.bench.common import Result, median, peak_allocated_bytes, synthetic_batch
+from benchmarks.baseline import naive_contrastive_loss
+from benchmarks.common import Result, median, peak_allocated_bytes, synthetic_batch
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.contrastive_zidong import contrastive_losses
 from zidong.models.zidong.modeling_zidong import ZidongModel

@@ -2,7 +2,7 @@
 
 The zidong side is the real trainer (`pretrain`) on the tiny recipe and the demo corpus, logging every step
 (`seconds_per_step`, `data_wait_fraction`); the objectives are cut to the contrastive loss so both sides train
-the same thing. The naive side (`zidong.bench.baseline`) trains the same towers on the same corpus with a plain
+the same thing. The naive side (`benchmarks.baseline`) trains the same towers on the same corpus with a plain
 loop. Loader passes iterate the recipe's stream alone, with its workers, bucketed and not.
 """
 
@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from zidong.bench.baseline import NaivePipeline, NaiveTriModal
-from zidong.bench.common import Result, Settings, median, synthetic_batch, timings
+from benchmarks.baseline import NaivePipeline, NaiveTriModal
+from benchmarks.common import Result, Settings, median, synthetic_batch, timings
 from zidong.config import load_config
-from zidong.data.batching import PaddingMeter, cut_into_batches
+from zidong.data.batching import PaddingMeter, long_tail_lengths, padding_efficiency
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
@@ -201,45 +199,6 @@ def base_mfu(settings: Settings, device: torch.device) -> Result:
     return Result(2, name, flops / seconds / peak, ">= 0.35", details)
 
 
-def long_tail_lengths(count: int, seed: int = 0) -> list[tuple[float, float]]:
-    """(speech seconds, text tokens), -1 where absent: half triplets, image-text with Pareto-tailed captions,
-    speech-text, image-speech; speech log-normal around 4 s up to 30 s, spoken captions 2.5-4.5 tokens/s."""
-    rng = np.random.default_rng(seed)
-    lengths = []
-    for kind in rng.choice(4, size=count, p=[0.5, 0.2, 0.2, 0.1]):
-        seconds = min(30.0, rng.lognormal(math.log(4), 0.8))
-        tokens = min(64, max(3, int(seconds * rng.uniform(2.5, 4.5)) + 2))
-        if kind == 1:
-            lengths.append((-1.0, float(min(64, 3 + int(rng.pareto(1.5) * 8)))))
-        else:
-            lengths.append((seconds, float(tokens) if kind != 3 else -1.0))
-    return lengths
-
-
-def as_masks(batch: list[tuple[float, float]]) -> dict[str, torch.Tensor]:
-    """The padding masks a collated batch of these lengths would carry (speech in 10 ms frames)."""
-    masks = {}
-    for column, key, unit in ((0, "speech_attention_mask", 100), (1, "text_attention_mask", 1)):
-        sizes = [round(lengths[column] * unit) for lengths in batch if lengths[column] >= 0]
-        if sizes:
-            masks[key] = torch.arange(max(sizes))[None, :] < torch.tensor(sizes)[:, None]
-    return masks
-
-
-def long_tail_padding(batch_size: int, pools: int, bucket_pool: int = 128) -> dict[str, dict[str, float]]:
-    """Padding efficiency of naive and bucketed batches over `pools` pools of long-tailed lengths."""
-    lengths = long_tail_lengths(batch_size * bucket_pool * pools)
-    rng = np.random.default_rng(0)
-    meters = {"naive": PaddingMeter(), "bucketed": PaddingMeter()}
-    pool = batch_size * bucket_pool
-    for start in range(0, len(lengths), pool):
-        items = [(i, lengths[i]) for i in range(start, start + pool)]
-        for name, meter in meters.items():
-            for batch in cut_into_batches(items, batch_size, bucketing=name == "bucketed", rng=rng):
-                meter.add(as_masks([lengths[i] for i in batch]))
-    return {name: meter.efficiency() for name, meter in meters.items()}
-
-
 def padding(bench: TrainingBench) -> list[Result]:
     """Bucketed efficiency per corpus and modality (worst of them), and naive ÷ bucketed padding fractions."""
     corpora = {
@@ -247,7 +206,7 @@ def padding(bench: TrainingBench) -> list[Result]:
             "naive": bench.loader_pass(bucketed=False).padding.efficiency(),
             "bucketed": bench.loader_pass(bucketed=True).padding.efficiency(),
         },
-        "long_tail": long_tail_padding(32, pools=1 if bench.settings.quick else 6),
+        "long_tail": padding_efficiency(long_tail_lengths(32 * 128 * (1 if bench.settings.quick else 6)), 32),
     }
     worst_efficiency = min(eff for corpus in corpora.values() for eff in corpus["bucketed"].values())
     reductions = {

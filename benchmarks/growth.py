@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from zidong.bench.common import Result, Settings, median, timings
-from zidong.bench.sources import write_sources
+from benchmarks.common import Result, Settings, median, timings
+from benchmarks.sources import write_sources
 from zidong.data.build import STATE_DIR, ShardStats, build, merge_if_complete
 from zidong.data.normalize import BuildSettings
 from zidong.data.remote import ShardCache

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from zidong.bench.common import Result, Settings, median
-from zidong.bench.training import CONTRASTIVE_ONLY, TrainingBench
+from benchmarks.common import Result, Settings, median
+from benchmarks.training import CONTRASTIVE_ONLY, TrainingBench
 from zidong.data.build import build
 from zidong.data.normalize import BuildSettings
 from zidong.data.shards import ShardFolder
