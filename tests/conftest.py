@@ -43,6 +43,19 @@ def pretrain_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return build_pretrain_corpus(tmp_path_factory.mktemp("pretrain"))
 
 
+@pytest.fixture(scope="module")
+def trained_run(pretrain_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of a 2-step `zidong pretrain` of the tiny model on `pretrain_corpus` (export, eval)."""
+    from tests.helpers import run_cli
+    from tests.pretrain_run import write_recipe
+
+    folder = tmp_path_factory.mktemp("trained")
+    recipe = write_recipe(folder, pretrain_corpus, train={"max_steps": 2}, data={"num_workers": 0})
+    result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    return folder / "run"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]

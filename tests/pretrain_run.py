@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
+from zidong.config import load_config
 from zidong.data.tokenizer import train_tokenizer
+from zidong.train.recipe import PretrainRecipe
 
 STEPS = 6
 TORCHRUN_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "ZIDONG_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -65,3 +68,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600, every:
 def final_weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     """The weights of the run's checkpoint of `step`."""
     return load_file(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+
+
+_BARE_RECIPE = "output_dir: unused\ndata: {train: [{path: unused}]}\ntrain: {learning_rate: 0.1}\n"
+
+
+def recipe_with(*overrides: str) -> PretrainRecipe:
+    """A pretraining recipe that names no real data, with `overrides` (for tests of what a recipe decides)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "recipe.yaml"
+        path.write_text(_BARE_RECIPE)
+        return load_config(PretrainRecipe, path, overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,14 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def shard_members(folder: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: content} over every shard of a built folder."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                key, extension = member.name.split(".", 1)
+                samples.setdefault(key, {})[extension] = archive.extractfile(member).read()
+    return samples

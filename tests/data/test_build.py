@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +11,13 @@ import pytest
 import soundfile
 from PIL import Image
 
-from tests.data.fixtures import truncate, write_audio, write_image, write_manifest
+from tests.data.fixtures import shard_members, truncate, write_audio, write_image, write_manifest
 from tests.helpers import run_cli
 from zidong.cli import EXIT_USAGE, main
 from zidong.data.build import build
 from zidong.data.inspect import check_shards
 from zidong.data.normalize import BuildSettings
 from zidong.data.shards import load_index
-
-
-def shard_members(folder: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: content} over every shard of a built folder."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as archive:
-            for member in archive.getmembers():
-                key, extension = member.name.split(".", 1)
-                samples.setdefault(key, {})[extension] = archive.extractfile(member).read()
-    return samples
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from tests.data.test_build import shard_members
+from tests.data.fixtures import shard_members
 from zidong.cli import EXIT_USAGE, main
 from zidong.data.demo import Group, caption, ensure_demo, scene_labels
 from zidong.data.inspect import check_shards

@@ -4,130 +4,26 @@ shard folders with identical samples; and each kind of bad source or row is repo
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
-import soundfile
 from PIL import Image
 
-from tests.data.fixtures import write_audio, write_image, write_manifest
+from tests.data.fixtures import write_image, write_manifest
+from tests.data.samples import SAMPLES, as_dataset, assert_same_samples, read_shards
 from tests.helpers import run_cli, serve_folder
 from zidong.data.build import names_shard_folder
 from zidong.data.sources import OpenOptions, Source
 from zidong.data.tokenizer import read_sentences
 from zidong.errors import UserError
 
-SAMPLES = 48
 
-
-def write_samples(folder: Path) -> list[dict]:
-    """48 samples cycling through every combination: PNG and JPEG images, WAV and FLAC audio, Chinese and English."""
-    rng = np.random.default_rng(0)
-    combinations = (("text", "image", "audio"), ("text", "image"), ("text", "audio"), ("image", "audio"))
-    samples = []
-    for number in range(SAMPLES):
-        combination = combinations[number % 4]
-        sample: dict = {"id": f"s{number}", "lang": "zh" if number % 3 == 0 else "en", "source": f"batch-{number % 2}"}
-        if "text" in combination:
-            sample["text"] = f"sample {number} " + ("一个红色的圆" if number % 3 == 0 else "a blue square")
-        if "image" in combination:
-            size = (int(rng.integers(20, 50)), int(rng.integers(20, 50)))
-            sample["image"] = str(write_image(folder / f"{number}.{'png' if number % 2 else 'jpg'}", size, seed=number))
-        if "audio" in combination:
-            path = folder / f"{number}.{'wav' if number % 2 else 'flac'}"
-            sample["audio"] = str(write_audio(path, seconds=float(rng.uniform(0.3, 1.0))))
-        samples.append(sample)
-    return samples
-
-
-def as_dataset(samples: list[dict]) -> datasets.Dataset:
-    """The samples as `datasets` holds such a corpus: Image() and Audio() columns with the files' bytes inside."""
-
-    def embedded(path: str | None) -> dict | None:
-        return None if path is None else {"bytes": Path(path).read_bytes(), "path": Path(path).name}
-
-    stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "caption": datasets.Value("string"),
-            "jpg": stored,
-            "flac": stored,
-            "lang": datasets.Value("string"),
-            "source": datasets.Value("string"),
-        }
-    )
-    columns = {
-        "id": [s["id"] for s in samples],
-        "caption": [s.get("text") for s in samples],
-        "jpg": [embedded(s.get("image")) for s in samples],
-        "flac": [embedded(s.get("audio")) for s in samples],
-        "lang": [s["lang"] for s in samples],
-        "source": [s["source"] for s in samples],
-    }
-    # cast, not encoded: `datasets` encodes Audio() values only through torchcodec, which zidong does without
-    dataset = datasets.Dataset.from_dict(columns, features=features)
-    return dataset.cast_column("jpg", datasets.Image()).cast_column("flac", datasets.Audio())
-
-
-def read_shards(folder: Path) -> dict[str, dict]:
-    """Every sample of a shard folder, decoded: text, pixels, audio, and the id, language and extra fields."""
-    found: dict[str, dict] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as archive:
-            for member in archive.getmembers():
-                key, _, extension = member.name.partition(".")
-                content = archive.extractfile(member).read()
-                sample = found.setdefault(key, {})
-                if extension == "txt":
-                    sample["text"] = content.decode()
-                elif extension in ("jpg", "png"):
-                    sample["image"] = (extension, np.asarray(Image.open(io.BytesIO(content))))
-                elif extension == "flac":
-                    sample["audio"] = soundfile.read(io.BytesIO(content))[0]
-                else:
-                    meta = json.loads(content)
-                    sample["meta"] = {k: meta.get(k) for k in ("id", "lang", "modalities", "extra", "image_size")}
-    return found
-
-
-def assert_same_samples(expected: dict[str, dict], got: dict[str, dict]) -> None:
-    assert expected.keys() == got.keys()
-    for key in expected:
-        want, have = expected[key], got[key]
-        assert want.keys() == have.keys(), key
-        assert want["meta"] == have["meta"], key
-        assert want.get("text") == have.get("text"), key
-        if "image" in want:
-            assert want["image"][0] == have["image"][0], key
-            assert np.array_equal(want["image"][1], have["image"][1]), key
-        if "audio" in want:
-            assert np.array_equal(want["audio"], have["audio"]), key
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    folder = tmp_path_factory.mktemp("sources")
-    return folder, write_samples(folder / "media")
-
-
-@pytest.fixture(scope="module")
-def from_jsonl(corpus: tuple[Path, list[dict]]) -> dict[str, dict]:
-    folder, samples = corpus
-    manifest = write_manifest(folder / "manifest.jsonl", samples)
-    result = run_cli("data", "build", str(manifest), "--out", str(folder / "jsonl"), "shard_size=16")
-    assert result.returncode == 0, result.stderr
-    return read_shards(folder / "jsonl")
-
-
-def test_a_tsv_with_open_clip_columns_gives_the_same_samples(corpus, from_jsonl, tmp_path: Path) -> None:
-    _, samples = corpus
+def test_a_tsv_with_open_clip_columns_gives_the_same_samples(media_samples, from_jsonl, tmp_path: Path) -> None:
+    _, samples = media_samples
     rows = ["id\ttitle\tfilepath\twav\tlang\tsource"]
     for s in samples:
         rows.append(
@@ -148,8 +44,8 @@ def test_a_tsv_with_open_clip_columns_gives_the_same_samples(corpus, from_jsonl,
 
 
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
-def test_a_hugging_face_dataset_gives_the_same_samples(corpus, from_jsonl, tmp_path: Path, layout: str) -> None:
-    _, samples = corpus
+def test_a_hugging_face_dataset_gives_the_same_samples(media_samples, from_jsonl, tmp_path: Path, layout: str) -> None:
+    _, samples = media_samples
     dataset = as_dataset(samples)
     if layout == "save_to_disk":
         source = tmp_path / "dataset"
@@ -166,8 +62,8 @@ def test_a_hugging_face_dataset_gives_the_same_samples(corpus, from_jsonl, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "tsv", "parquet"])
-def test_the_same_sources_at_a_url_give_the_same_samples(corpus, from_jsonl, tmp_path: Path, kind: str) -> None:
-    folder, samples = corpus
+def test_the_same_sources_at_a_url_give_the_same_samples(media_samples, from_jsonl, tmp_path: Path, kind: str) -> None:
+    folder, samples = media_samples
     served = tmp_path / "served"
     served.mkdir()
     shutil.copytree(folder / "media", served / "media")
@@ -204,8 +100,8 @@ def test_the_same_sources_at_a_url_give_the_same_samples(corpus, from_jsonl, tmp
         assert media == {p.name for p in (served / "media").iterdir()}
 
 
-def test_a_missing_media_file_at_a_url_is_a_reject_naming_it(corpus, tmp_path: Path) -> None:
-    folder, samples = corpus
+def test_a_missing_media_file_at_a_url_is_a_reject_naming_it(media_samples, tmp_path: Path) -> None:
+    folder, samples = media_samples
     served = tmp_path / "served"
     shutil.copytree(folder / "media", served / "media")
     first = next(s for s in samples if "image" in s and "text" in s)
@@ -219,9 +115,9 @@ def test_a_missing_media_file_at_a_url_is_a_reject_naming_it(corpus, tmp_path: P
 
 
 def test_a_streamed_dataset_gives_the_same_samples_in_parts_and_after_an_interruption(
-    corpus, from_jsonl, tmp_path: Path
+    media_samples, from_jsonl, tmp_path: Path
 ) -> None:
-    _, samples = corpus
+    _, samples = media_samples
     source = tmp_path / "train.parquet"
     as_dataset(samples).to_parquet(str(source))
     parts = tmp_path / "parts"
@@ -247,8 +143,8 @@ def test_a_streamed_dataset_gives_the_same_samples_in_parts_and_after_an_interru
     assert_same_samples(from_jsonl, read_shards(out))
 
 
-def test_streaming_refuses_a_source_that_is_not_a_dataset(corpus, from_jsonl, tmp_path: Path) -> None:
-    folder, _ = corpus
+def test_streaming_refuses_a_source_that_is_not_a_dataset(media_samples, from_jsonl, tmp_path: Path) -> None:
+    folder, _ = media_samples
     result = run_cli("data", "build", str(folder / "manifest.jsonl"), "--streaming", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "--streaming reads Hugging Face datasets; this is a jsonl source" in result.stderr
@@ -269,9 +165,11 @@ def test_a_hub_dataset_that_cannot_be_reached_exits_2_naming_it(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("field", ["image", "audio"])
-def test_an_imagefolder_or_audiofolder_layout_gives_the_manifests_samples(corpus, tmp_path: Path, field: str) -> None:
+def test_an_imagefolder_or_audiofolder_layout_gives_the_manifests_samples(
+    media_samples, tmp_path: Path, field: str
+) -> None:
     # the layout `datasets` reads as imagefolder / audiofolder: files and a metadata.jsonl naming them
-    _, samples = corpus
+    _, samples = media_samples
     chosen = [s for s in samples if field in s and "text" in s][:8]
     folder = tmp_path / "layout" / "train"
     folder.mkdir(parents=True)
@@ -292,8 +190,8 @@ def test_an_imagefolder_or_audiofolder_layout_gives_the_manifests_samples(corpus
     assert_same_samples(read_shards(tmp_path / "from-manifest"), read_shards(tmp_path / "from-layout"))
 
 
-def test_a_dataset_with_splits_needs_split(corpus, tmp_path: Path) -> None:
-    _, samples = corpus
+def test_a_dataset_with_splits_needs_split(media_samples, tmp_path: Path) -> None:
+    _, samples = media_samples
     dataset = as_dataset(samples[:4])
     datasets.DatasetDict({"train": dataset, "validation": dataset}).save_to_disk(str(tmp_path / "dataset"))
     result = run_cli("data", "build", str(tmp_path / "dataset"), "--out", str(tmp_path / "out"))
@@ -302,8 +200,8 @@ def test_a_dataset_with_splits_needs_split(corpus, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_a_mapped_column_that_does_not_exist_lists_the_columns(corpus, tmp_path: Path) -> None:
-    _, samples = corpus
+def test_a_mapped_column_that_does_not_exist_lists_the_columns(media_samples, tmp_path: Path) -> None:
+    _, samples = media_samples
     as_dataset(samples[:4]).to_parquet(str(tmp_path / "train.parquet"))
     result = run_cli(
         "data", "build", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "out"), "--columns", "text=captoin"
@@ -314,8 +212,8 @@ def test_a_mapped_column_that_does_not_exist_lists_the_columns(corpus, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
-def test_a_column_of_the_wrong_kind_is_refused(corpus, tmp_path: Path) -> None:
-    _, samples = corpus
+def test_a_column_of_the_wrong_kind_is_refused(media_samples, tmp_path: Path) -> None:
+    _, samples = media_samples
     as_dataset(samples[:4]).to_parquet(str(tmp_path / "train.parquet"))
     result = run_cli(
         "data",
@@ -330,8 +228,8 @@ def test_a_column_of_the_wrong_kind_is_refused(corpus, tmp_path: Path) -> None:
     assert "column 'jpg' (Image(mode=None, decode=True)) is mapped to text, which needs strings" in result.stderr
 
 
-def test_rows_that_fail_to_decode_are_rejected_by_row_and_the_build_goes_on(corpus, tmp_path: Path) -> None:
-    _, samples = corpus
+def test_rows_that_fail_to_decode_are_rejected_by_row_and_the_build_goes_on(media_samples, tmp_path: Path) -> None:
+    _, samples = media_samples
     broken = [dict(s) for s in samples[:8]]
     (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
     broken[1]["image"] = str(tmp_path / "broken.jpg")  # row 1 has text and an image

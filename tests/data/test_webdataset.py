@@ -19,14 +19,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from tests.data.fixtures import write_manifest
-from tests.data.test_sources import (  # noqa: F401  (corpus and from_jsonl are fixtures)
-    SAMPLES,
-    as_dataset,
-    assert_same_samples,
-    corpus,
-    from_jsonl,
-    read_shards,
-)
+from tests.data.samples import SAMPLES, as_dataset, assert_same_samples, read_shards
 from tests.helpers import free_port, run_cli, serve_folder
 from zidong.data.tokenizer import train_tokenizer
 
@@ -51,8 +44,8 @@ def write_tars(folder: Path, samples: list[dict], per_tar: int = 16) -> list[Pat
     return tars
 
 
-def test_tars_from_the_webdataset_writer_give_the_same_samples(corpus, from_jsonl, tmp_path: Path) -> None:  # noqa: F811
-    _, samples = corpus
+def test_tars_from_the_webdataset_writer_give_the_same_samples(media_samples, from_jsonl, tmp_path: Path) -> None:
+    _, samples = media_samples
     write_tars(tmp_path / "tars", samples)
     pattern = str(tmp_path / "tars" / "{00000..00002}.tar")
     out = tmp_path / "shards"
@@ -63,8 +56,8 @@ def test_tars_from_the_webdataset_writer_give_the_same_samples(corpus, from_json
 
 
 @pytest.mark.parametrize("form", ["brace pattern", "folder"])
-def test_tars_at_a_url_give_the_same_samples(corpus, from_jsonl, tmp_path: Path, form: str) -> None:  # noqa: F811
-    _, samples = corpus
+def test_tars_at_a_url_give_the_same_samples(media_samples, from_jsonl, tmp_path: Path, form: str) -> None:
+    _, samples = media_samples
     write_tars(tmp_path / "served" / "tars", samples)
     cache = tmp_path / "cache"
     with serve_folder(tmp_path / "served") as (url, requested):
@@ -86,16 +79,16 @@ def test_tars_at_a_url_give_the_same_samples(corpus, from_jsonl, tmp_path: Path,
     )
 
 
-def test_our_shards_build_again_into_the_same_samples(corpus, from_jsonl, tmp_path: Path) -> None:  # noqa: F811
-    folder, _ = corpus
+def test_our_shards_build_again_into_the_same_samples(media_samples, from_jsonl, tmp_path: Path) -> None:
+    folder, _ = media_samples
     out = tmp_path / "again"
     result = run_cli("data", "build", str(folder / "jsonl"), "--out", str(out), "shard_size=16")
     assert result.returncode == 0, result.stderr
     assert_same_samples(from_jsonl, read_shards(out))
 
 
-def test_our_shards_load_with_datasets_and_with_webdataset(corpus, from_jsonl) -> None:  # noqa: F811
-    folder, _ = corpus
+def test_our_shards_load_with_datasets_and_with_webdataset(media_samples, from_jsonl) -> None:
+    folder, _ = media_samples
     tars = sorted(str(p) for p in (folder / "jsonl").glob("*.tar"))
     # members differ between samples (not every sample has an image), so name the features instead of letting
     # `datasets` infer them from the first five samples; audio as bytes (its Audio() encoder needs torchcodec)
@@ -130,8 +123,8 @@ def test_our_shards_load_with_datasets_and_with_webdataset(corpus, from_jsonl) -
         assert json.loads(other["json"])["id"] == want["meta"]["id"]
 
 
-def test_a_sample_split_across_tars_exits_2(corpus, tmp_path: Path) -> None:  # noqa: F811
-    _, samples = corpus
+def test_a_sample_split_across_tars_exits_2(media_samples, tmp_path: Path) -> None:
+    _, samples = media_samples
     tars = write_tars(tmp_path / "tars", samples[:4], per_tar=2)
     with tarfile.open(tars[1], "a") as archive:  # a member of sample s0 (in the first tar) in the second
         info = tarfile.TarInfo("s0.txt")
@@ -144,8 +137,8 @@ def test_a_sample_split_across_tars_exits_2(corpus, tmp_path: Path) -> None:  # 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_member_that_fails_to_decode_is_rejected_by_shard_and_key(corpus, tmp_path: Path) -> None:  # noqa: F811
-    _, samples = corpus
+def test_a_member_that_fails_to_decode_is_rejected_by_shard_and_key(media_samples, tmp_path: Path) -> None:
+    _, samples = media_samples
     broken = [dict(s) for s in samples[:8]]
     (tmp_path / "bad.wav").write_bytes(b"RIFF but not really")
     broken[2]["audio"] = str(tmp_path / "bad.wav")  # sample 2 has text and audio
@@ -170,8 +163,8 @@ def test_a_member_that_fails_to_decode_is_rejected_by_shard_and_key(corpus, tmp_
     ],
     ids=["brace-past-the-end", "empty-folder", "url-past-the-end", "no-server"],
 )
-def test_missing_tars_exit_2(corpus, tmp_path: Path, pattern: str, expected: str) -> None:  # noqa: F811
-    _, samples = corpus
+def test_missing_tars_exit_2(media_samples, tmp_path: Path, pattern: str, expected: str) -> None:
+    _, samples = media_samples
     write_tars(tmp_path / "tars", samples[:8], per_tar=4)
     (tmp_path / "tars" / "none").mkdir()
     with serve_folder(tmp_path) as (url, _):
@@ -189,8 +182,8 @@ def test_missing_tars_exit_2(corpus, tmp_path: Path, pattern: str, expected: str
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tokenizer_trains_alike_from_every_source(corpus, from_jsonl, tmp_path: Path) -> None:  # noqa: F811
-    folder, samples = corpus
+def test_a_tokenizer_trains_alike_from_every_source(media_samples, from_jsonl, tmp_path: Path) -> None:
+    folder, samples = media_samples
     captions = [s["text"] for s in samples if "text" in s]
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
     manifest = write_manifest(tmp_path / "manifest.jsonl", samples)

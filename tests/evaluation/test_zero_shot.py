@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.data.fixtures import write_audio, write_image
-from tests.export.test_export import run_dir  # noqa: F401  (a fixture: a 2-step pretraining run)
 from tests.helpers import run_cli, serve_folder
 from zidong.cli import EXIT_USAGE, main
 from zidong.evaluation.retrieval import recall_at_k
@@ -85,14 +84,14 @@ PARITY = "field: labels.parity\nclasses:\n  even: [an even item]\n  odd: [an odd
 
 
 def test_eval_cli_prints_tables_and_writes_json(
-    run_dir: Path,  # noqa: F811
+    trained_run: Path,
     pretrain_corpus: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "metrics.json"
     labels = _label_file(tmp_path, PARITY)
     result = run_cli(
-        "eval", str(run_dir), "--data", str(pretrain_corpus["eval"]), "--labels", str(labels), "--out", str(out)
+        "eval", str(trained_run), "--data", str(pretrain_corpus["eval"]), "--labels", str(labels), "--out", str(out)
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
@@ -114,7 +113,7 @@ def test_eval_cli_prints_tables_and_writes_json(
     # the same folder at a URL: the same numbers
     with serve_folder(pretrain_corpus["eval"].parent) as (url, requested):
         remote = run_cli(
-            "eval", str(run_dir), "--data", f"{url}/{pretrain_corpus['eval'].name}", "--labels", str(labels),
+            "eval", str(trained_run), "--data", f"{url}/{pretrain_corpus['eval'].name}", "--labels", str(labels),
             "--out", str(tmp_path / "remote.json"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
         )  # fmt: skip
     assert remote.returncode == 0, remote.stderr
@@ -135,7 +134,7 @@ def test_eval_cli_prints_tables_and_writes_json(
     ids=["no classes", "one class", "no prompts", "bad field", "unknown field", "broken yaml"],
 )
 def test_bad_label_files_exit_2(
-    run_dir: Path,  # noqa: F811
+    trained_run: Path,
     pretrain_corpus: dict[str, Path],
     tmp_path: Path,
     labels: str,
@@ -152,35 +151,35 @@ def test_bad_label_files_exit_2(
         "--out",
         str(out),
     ]
-    assert main(["eval", str(run_dir), *arguments]) == EXIT_USAGE
+    assert main(["eval", str(trained_run), *arguments]) == EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_a_bad_label_file_exits_2_from_the_command_line(
-    run_dir: Path,  # noqa: F811
+    trained_run: Path,
     pretrain_corpus: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     labels = _label_file(tmp_path, "field: labels.colour\nclasses: {red: x, blue: y}\n")
-    result = run_cli("eval", str(run_dir), "--data", str(pretrain_corpus["eval"]), "--labels", str(labels))
+    result = run_cli("eval", str(trained_run), "--data", str(pretrain_corpus["eval"]), "--labels", str(labels))
     assert result.returncode == 2
     assert "no sample has a `labels.colour` value" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_a_folder_that_is_not_shards_or_a_model_exits_2(
-    run_dir: Path,  # noqa: F811
+    trained_run: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["eval", str(run_dir), "--data", str(tmp_path)]) == EXIT_USAGE
+    assert main(["eval", str(trained_run), "--data", str(tmp_path)]) == EXIT_USAGE
     assert str(tmp_path) in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--data", str(tmp_path)]) == EXIT_USAGE
     assert "is neither a run folder with checkpoints" in capsys.readouterr().err
 
 
-def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(trained_run: Path, tmp_path: Path) -> None:
     # 8 audio clips with a ClassLabel (an audio classification set) and 8 captioned images, in one parquet file
     stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
     features = datasets.Features(
@@ -206,7 +205,7 @@ def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: P
     source = tmp_path / "bench.parquet"
     dataset.to_parquet(str(source))
     labelled = ["--label-column", "label", "--prompt", "a {} sound", "--prompt", "something {}"]
-    direct = run_cli("eval", str(run_dir), "--data", str(source), *labelled, "--out", str(tmp_path / "direct.json"))
+    direct = run_cli("eval", str(trained_run), "--data", str(source), *labelled, "--out", str(tmp_path / "direct.json"))
     assert direct.returncode == 0, direct.stderr
     assert "zero-shot classification of label (2 classes)" in direct.stdout
     assert "vision->text" in direct.stdout
@@ -217,7 +216,7 @@ def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(run_dir: P
     assert built.returncode == 0, built.stderr
     assert "16 samples in 1 shards, 0 rejected" in built.stdout
     result = run_cli(
-        "eval", str(run_dir), "--data", str(tmp_path / "shards"), *labelled, "--out", str(tmp_path / "shards.json")
+        "eval", str(trained_run), "--data", str(tmp_path / "shards"), *labelled, "--out", str(tmp_path / "shards.json")
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "shards.json").read_text()) == metrics
@@ -243,11 +242,13 @@ def test_contradictory_eval_flags_exit_2(
 
 
 def test_a_label_column_with_one_class_exits_2(
-    run_dir: Path,  # noqa: F811
+    trained_run: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     rows = ["id\ttext\tlabel"] + [f"s{n}\tcaption {n}\tsame" for n in range(4)]
     (tmp_path / "set.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    assert main(["eval", str(run_dir), "--data", str(tmp_path / "set.tsv"), "--label-column", "label"]) == EXIT_USAGE
+    assert (
+        main(["eval", str(trained_run), "--data", str(tmp_path / "set.tsv"), "--label-column", "label"]) == EXIT_USAGE
+    )
     assert "--label-column label: 1 class(es) found" in capsys.readouterr().err

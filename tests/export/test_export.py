@@ -11,14 +11,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import run_cli
-from tests.pretrain_run import write_recipe
+from tests.tiny_model import sample_inputs
 from zidong.export.trained import load_trained
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.train.checkpoint import read_weights
@@ -34,28 +32,11 @@ sys.meta_path.insert(0, NoZidong())
 
 
 @pytest.fixture(scope="module")
-def run_dir(pretrain_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("trained")
-    recipe = write_recipe(folder, pretrain_corpus, train={"max_steps": 2}, data={"num_workers": 0})
-    result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
-    assert result.returncode == 0, result.stderr
-    return folder / "run"
-
-
-@pytest.fixture(scope="module")
-def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
-    result = run_cli("export", str(run_dir), "--out", str(out), "--towers")
+    result = run_cli("export", str(trained_run), "--out", str(out), "--towers")
     assert result.returncode == 0, result.stderr
     return out
-
-
-def sample_inputs(processor) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
-    audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 9000, 12345)]
-    text = ["a red circle", "两个蓝色的方块", "three small green triangles"]
-    return processor(text=text, images=images, audio=audio, sampling_rate=16000, return_tensors="pt")
 
 
 def test_export_folder_has_what_the_hub_needs(exported: Path) -> None:
@@ -81,10 +62,10 @@ def test_export_folder_has_what_the_hub_needs(exported: Path) -> None:
     assert "```yaml" in card  # the recipe
 
 
-def test_reloaded_export_equals_the_checkpoint(run_dir: Path, exported: Path) -> None:
+def test_reloaded_export_equals_the_checkpoint(trained_run: Path, exported: Path) -> None:
     from transformers import AutoModel
 
-    original, processor, _, _ = load_trained(run_dir)
+    original, processor, _, _ = load_trained(trained_run)
     reloaded = AutoModel.from_pretrained(exported).eval()
     inputs = sample_inputs(processor)
     with torch.no_grad():
@@ -180,9 +161,9 @@ def _clean_run(tmp_path: Path, script: str, *args: str) -> None:
 
 
 def test_remote_code_loads_without_zidong_and_gives_the_same_outputs(
-    run_dir: Path, exported: Path, tmp_path: Path
+    trained_run: Path, exported: Path, tmp_path: Path
 ) -> None:
-    original, processor, _, _ = load_trained(run_dir)
+    original, processor, _, _ = load_trained(trained_run)
     inputs = dict(sample_inputs(processor))
     torch.save(inputs, tmp_path / "inputs.pt")
     _clean_run(tmp_path, REMOTE, str(exported), str(tmp_path / "inputs.pt"), str(tmp_path / "remote.pt"))
@@ -194,11 +175,11 @@ def test_remote_code_loads_without_zidong_and_gives_the_same_outputs(
 
 
 def test_a_clip_style_tool_scores_the_export_like_the_joint_model(
-    run_dir: Path, exported: Path, tmp_path: Path
+    trained_run: Path, exported: Path, tmp_path: Path
 ) -> None:
     _clean_run(tmp_path, CLIP_TOOL, str(exported), str(tmp_path / "scores.pt"))
     scores = torch.load(tmp_path / "scores.pt")
-    original, processor, _, _ = load_trained(run_dir)
+    original, processor, _, _ = load_trained(trained_run)
     with torch.no_grad():
         out = original(**sample_inputs(processor))
     for pair, got in scores.items():
@@ -208,11 +189,11 @@ def test_a_clip_style_tool_scores_the_export_like_the_joint_model(
 
 
 def test_each_tower_loads_with_plain_transformers_and_embeds_like_the_joint_model(
-    run_dir: Path, exported: Path, tmp_path: Path
+    trained_run: Path, exported: Path, tmp_path: Path
 ) -> None:
     _clean_run(tmp_path, TOWERS, str(exported), str(tmp_path / "towers.pt"))
     towers = torch.load(tmp_path / "towers.pt")
-    original, processor, _, _ = load_trained(run_dir)
+    original, processor, _, _ = load_trained(trained_run)
     inputs = sample_inputs(processor)
     with torch.no_grad():
         joint = {
@@ -228,25 +209,25 @@ def test_each_tower_loads_with_plain_transformers_and_embeds_like_the_joint_mode
     torch.testing.assert_close(towers["speech"], joint["speech"], rtol=0, atol=2e-3)
 
 
-def test_large_models_are_sharded(run_dir: Path, tmp_path: Path) -> None:
+def test_large_models_are_sharded(trained_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModel
 
     from zidong.export.folders import export
 
-    out = export(run_dir, tmp_path / "sharded", max_shard_size="2MB")
+    out = export(trained_run, tmp_path / "sharded", max_shard_size="2MB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    original, _, _, _ = load_trained(run_dir)
+    original, _, _, _ = load_trained(trained_run)
     reloaded = AutoModel.from_pretrained(out)
     for name, tensor in original.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
 
 
-def test_fsdp_sharded_checkpoints_are_read(run_dir: Path, tmp_path: Path) -> None:
+def test_fsdp_sharded_checkpoints_are_read(trained_run: Path, tmp_path: Path) -> None:
     # the layout Accelerate writes for FSDP's SHARDED_STATE_DICT: torch.distributed.checkpoint of {"model": ...}
     import torch.distributed.checkpoint as dcp
 
-    source = sorted((run_dir / "checkpoints").iterdir())[-1]
+    source = sorted((trained_run / "checkpoints").iterdir())[-1]
     weights = read_weights(source)
     fsdp = tmp_path / "step-00000002"
     shutil.copytree(source, fsdp, ignore=shutil.ignore_patterns("model.safetensors"))
@@ -266,8 +247,8 @@ def test_fsdp_sharded_checkpoints_are_read(run_dir: Path, tmp_path: Path) -> Non
         ("not a run", "is neither a run folder with checkpoints"),
     ],
 )
-def test_a_bad_checkpoint_exits_2(run_dir: Path, tmp_path: Path, breakage: str, message: str) -> None:
-    source = sorted((run_dir / "checkpoints").iterdir())[-1]
+def test_a_bad_checkpoint_exits_2(trained_run: Path, tmp_path: Path, breakage: str, message: str) -> None:
+    source = sorted((trained_run / "checkpoints").iterdir())[-1]
     broken = tmp_path / ("step-00000002.tmp" if breakage == "partial" else "step-00000002")
     shutil.copytree(source, broken)
     if breakage == "no weights":
@@ -290,19 +271,19 @@ def test_a_bad_checkpoint_exits_2(run_dir: Path, tmp_path: Path, breakage: str, 
     assert not (tmp_path / "out.tmp").exists()
 
 
-def test_an_existing_output_folder_is_left_alone(run_dir: Path, tmp_path: Path) -> None:
+def test_an_existing_output_folder_is_left_alone(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = run_cli("export", str(run_dir), "--out", str(out))
+    result = run_cli("export", str(trained_run), "--out", str(out))
     assert result.returncode == 2
     assert "already exists and is not an empty folder" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_a_checkpoint_written_with_tower_poolers_still_loads(run_dir: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_written_with_tower_poolers_still_loads(trained_run: Path, tmp_path: Path) -> None:
     # checkpoints from before the towers lost their unused poolers hold `*_model.pooler.*` tensors
-    source = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    source = sorted((trained_run / "checkpoints").glob("step-*"))[-1]
     old = tmp_path / source.name
     shutil.copytree(source, old)
     weights = load_file(old / "model.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models.test_modeling import make_inputs, tiny_config
+from tests.tiny_model import make_inputs, tiny_config
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.configuration_zidong import MODALITIES
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, ConvNextConfig, ConvNextModel, PreTrainedTokenizerFast
 
-from tests.models.test_modeling import make_inputs, tiny_config
+from tests.tiny_model import make_inputs, tiny_config, word_tokenizer
 from zidong.export.folders import write_tower
 from zidong.models.zidong.masking_zidong import mask_vision
 from zidong.models.zidong.modeling_zidong import ZidongModel
@@ -103,7 +103,7 @@ def test_step_flops_count_three_forwards_of_a_trained_convolutional_tower(model:
 
 
 def test_the_exported_tower_and_its_card_give_the_joint_embeddings(model: ZidongModel, tmp_path: Path) -> None:
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(), pad_token="[PAD]")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_tokenizer(), pad_token="[PAD]")
     processor = ZidongProcessor.for_model(model.config, tokenizer)
     write_tower(model, processor, "vision", tmp_path / "vision")
     rng = np.random.default_rng(0)
@@ -117,14 +117,6 @@ def test_the_exported_tower_and_its_card_give_the_joint_embeddings(model: Zidong
     with torch.no_grad():
         joint = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
     torch.testing.assert_close(scope["embedding"], joint, rtol=0, atol=1e-6)
-
-
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "red": 2}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tokenizer
 
 
 @pytest.mark.parametrize(

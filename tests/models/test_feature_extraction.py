@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchaudio.compliance.kaldi import fbank
 
+from tests.tiny_model import tiny_config
 from zidong.models.zidong.feature_extraction_zidong import BatchedFbank, ZidongFeatureExtractor, normalize_and_stack
 
 LENGTHS = [16000, 12345, 400, 399, 24000]  # includes exactly one window and one sample short of it
@@ -113,7 +114,6 @@ def test_speech_steps_match_the_stock_w2v_bert_feature_extractor() -> None:
     # what an exported speech tower's users get from plain transformers (SeamlessM4TFeatureExtractor, numpy, float64)
     from transformers import SeamlessM4TFeatureExtractor
 
-    from tests.models.test_modeling import tiny_config
     from zidong.models.zidong.modeling_zidong import ZidongModel
 
     model = ZidongModel(tiny_config()).eval()

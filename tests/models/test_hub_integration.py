@@ -27,7 +27,7 @@ from transformers import (
 )
 
 import zidong
-from tests.models.test_modeling import make_inputs, tiny_config
+from tests.tiny_model import make_inputs, tiny_config
 from zidong.models.zidong import ZidongForClassification
 from zidong.models.zidong.configuration_zidong import MODALITIES
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import set_seed
 
-from tests.models.test_modeling import ALL_OBJECTIVES, make_inputs, tiny_config
+from tests.tiny_model import ALL_OBJECTIVES, make_inputs, tiny_config
 from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel
 
 BATCHES = {

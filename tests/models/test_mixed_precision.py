@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from tests.models.test_modeling import ALL_OBJECTIVES, make_inputs, tiny_config
+from tests.tiny_model import ALL_OBJECTIVES, make_inputs, tiny_config
 from zidong.models.zidong.modeling_zidong import ZidongModel
 
 # the functions every objective ends in, and the speech front end's transform

@@ -8,51 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny_model import ALL_OBJECTIVES, make_inputs, tiny_config
 from zidong.models.zidong.arguments_zidong import Presence
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.contrastive_zidong import contrastive_objective
-from zidong.models.zidong.modeling_zidong import MODALITIES, OBJECTIVES, ZidongModel
+from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel
 from zidong.models.zidong.towers_zidong import Encoded
-
-VOCAB = 500
-MASK_TOKEN = 4
-ALL_OBJECTIVES = dict.fromkeys(OBJECTIVES, 1.0)
-
-
-def tiny_config(text: dict | None = None, **overrides) -> ZidongConfig:
-    """The tiny preset; `text` / `vision` / `speech` override fields of the preset's tower (a `*_config` dict
-    replaces the whole tower config with that architecture's defaults, full size)."""
-    overrides = {"mask_token_id": MASK_TOKEN, **overrides}
-    text = {"vocab_size": VOCAB, "pad_token_id": 0, **(text or {})}
-    return ZidongConfig.from_preset("tiny", text=text, **overrides)
 
 
 @pytest.fixture(scope="module")
 def model() -> ZidongModel:
     torch.manual_seed(0)
     return ZidongModel(tiny_config()).eval()
-
-
-def make_inputs(present: dict[str, list[bool]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs for the rows marked present, with ragged text and speech lengths."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs: dict[str, torch.Tensor] = {}
-    count = {m: sum(present[m]) for m in MODALITIES}
-    if count["text"]:
-        inputs["input_ids"] = torch.randint(MASK_TOKEN + 1, VOCAB, (count["text"], 16), generator=generator)
-        mask = torch.ones(count["text"], 16, dtype=torch.long)
-        mask[0, 10:] = 0
-        inputs["text_attention_mask"] = mask
-    if count["vision"]:
-        inputs["pixel_values"] = torch.randn(count["vision"], 3, 64, 64, generator=generator)
-    if count["speech"]:
-        inputs["input_values"] = torch.randn(count["speech"], 16000, generator=generator) * 0.1
-        mask = torch.ones(count["speech"], 16000, dtype=torch.long)
-        mask[0, 9000:] = 0
-        inputs["speech_attention_mask"] = mask
-    for modality in MODALITIES:
-        inputs[f"{modality}_present"] = torch.tensor(present[modality])
-    return inputs
 
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(MODALITIES, r)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.models.test_modeling import ALL_OBJECTIVES, MASK_TOKEN, VOCAB, make_inputs, tiny_config
+from tests.tiny_model import ALL_OBJECTIVES, MASK_TOKEN, VOCAB, make_inputs, tiny_config
 from zidong.models.zidong.masking_zidong import mask_text, mask_vision, modality_level_mask, span_mask
 from zidong.models.zidong.matching_zidong import mine_hard_negatives, multiway_matching_loss
 from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tests.models.test_modeling import ALL_OBJECTIVES, VOCAB, make_inputs, tiny_config
+from tests.tiny_model import ALL_OBJECTIVES, VOCAB, make_inputs, tiny_config
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.configuration_zidong import MODALITIES
 

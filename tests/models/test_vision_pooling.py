@@ -25,8 +25,7 @@ from transformers import (
     ViTModel,
 )
 
-from tests.models.test_convolutional_tower import _word_tokenizer
-from tests.models.test_modeling import tiny_config
+from tests.tiny_model import tiny_config, word_tokenizer
 from zidong.export.folders import write_tower
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
@@ -84,7 +83,7 @@ def test_a_siglip_tower_without_its_head_is_pooled_by_the_mean_of_its_tokens() -
 @pytest.mark.parametrize("model_type", ["clip_vision_model", "swin"])
 def test_the_exported_towers_card_pools_as_the_joint_model(model_type: str, tmp_path: Path) -> None:
     model = joint_model(model_type)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(), pad_token="[PAD]")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_tokenizer(), pad_token="[PAD]")
     processor = ZidongProcessor.for_model(model.config, tokenizer)
     write_tower(model, processor, "vision", tmp_path / "vision")
     rng = np.random.default_rng(0)

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from accelerate.state import AcceleratorState
 
 from tests.helpers import free_port
-from tests.models.test_modeling import ALL_OBJECTIVES, make_inputs, tiny_config
 from tests.pretrain_run import write_recipe
+from tests.tiny_model import ALL_OBJECTIVES, make_inputs, tiny_config
 from tests.train.host_reads import HostReads
 from zidong.config import load_config
 from zidong.models.zidong.modeling_zidong import ZidongModel

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
-from tests.models.test_modeling import make_inputs, tiny_config
-from tests.train.test_optim import recipe
+from tests.pretrain_run import recipe_with
+from tests.tiny_model import make_inputs, tiny_config
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.train.finetune import ClassifyTask
 from zidong.train.flops import CPU_MATMUL_SECONDS, StepFlops, cpu_matmul_size, measured_peak_flops
@@ -45,7 +45,7 @@ def test_a_linear_probe_counts_one_forward_of_its_tower_only() -> None:
     model = ZidongForClassification(tiny_config(classification_modality="speech", id2label={0: "a", 1: "b"}))
     for parameter in model.zidong.speech_model.parameters():
         parameter.requires_grad_(False)
-    weights = objective_weights(recipe(), 1, ClassifyTask.objectives)
+    weights = objective_weights(recipe_with(), 1, ClassifyTask.objectives)
     assert weights == {}
     flops = StepFlops(model.zidong)
     batch = make_inputs({"text": [False, False], "vision": [False, False], "speech": [True, True]})

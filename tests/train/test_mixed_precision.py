@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.export.test_export import sample_inputs
 from tests.helpers import run_cli
 from tests.pretrain_run import write_recipe
+from tests.tiny_model import sample_inputs
 from zidong.export.trained import load_trained
 
 STEPS = 30

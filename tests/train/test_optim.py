@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.models.test_modeling import tiny_config
-from zidong.config import ConfigError, load_config
+from tests.pretrain_run import recipe_with
+from tests.tiny_model import tiny_config
+from zidong.config import ConfigError
 from zidong.models.zidong import OBJECTIVES, ZidongForClassification, ZidongModel
 from zidong.train.optim import (
     build_optimizer,
@@ -21,16 +19,6 @@ from zidong.train.optim import (
     objective_weights,
     parameter_owners,
 )
-from zidong.train.recipe import PretrainRecipe
-
-BASE = "output_dir: unused\ndata: {train: [{path: unused}]}\ntrain: {learning_rate: 0.1}\n"
-
-
-def recipe(*overrides: str) -> PretrainRecipe:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "recipe.yaml"
-        path.write_text(BASE)
-        return load_config(PretrainRecipe, path, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,7 @@ def model() -> ZidongModel:
 
 def test_groups_split_by_tower_and_decay_with_multipliers() -> None:
     model = ZidongModel(tiny_config())
-    optimizer = build_optimizer(model, recipe("model.text.lr_multiplier=0.1"), fused=False)
+    optimizer = build_optimizer(model, recipe_with("model.text.lr_multiplier=0.1"), fused=False)
     seen = set()
     for group in optimizer.param_groups:
         expected_lr = 0.010000000000000002 if group["owner"] == "text" else 0.1
@@ -57,7 +45,7 @@ def test_groups_split_by_tower_and_decay_with_multipliers() -> None:
 
 def test_frozen_for_good_leaves_the_optimizer_and_autograd() -> None:
     model = ZidongModel(tiny_config())
-    settings = recipe("model.vision.frozen_steps=-1")
+    settings = recipe_with("model.vision.frozen_steps=-1")
     assert freeze_for_good(model, settings) == ["vision"]
     optimizer = build_optimizer(model, settings, fused=False)
     assert "vision" not in {group["owner"] for group in optimizer.param_groups}
@@ -68,7 +56,7 @@ def test_frozen_for_good_leaves_the_optimizer_and_autograd() -> None:
 def test_a_classifier_freezes_and_scales_the_tower_it_wraps() -> None:
     # its parameters are named `zidong.speech_model...`: the tower must still be recognised as the speech tower
     model = ZidongForClassification(tiny_config(classification_modality="speech", id2label={0: "a", 1: "b"}))
-    settings = recipe("model.speech.frozen_steps=-1", "model.text.lr_multiplier=0.5")
+    settings = recipe_with("model.speech.frozen_steps=-1", "model.text.lr_multiplier=0.5")
     assert freeze_for_good(model, settings) == ["speech"]
     assert not any(p.requires_grad for p in model.zidong.speech_model.parameters())
     assert all(p.requires_grad for p in model.classifier.parameters())
@@ -84,7 +72,7 @@ def test_a_classifier_freezes_and_scales_the_tower_it_wraps() -> None:
 
 def test_the_schedule_stays_at_zero_after_max_steps() -> None:
     model = ZidongModel(tiny_config())
-    settings = recipe("train.warmup_steps=2", "train.max_steps=6")
+    settings = recipe_with("train.warmup_steps=2", "train.max_steps=6")
     optimizer = build_optimizer(model, settings, fused=False)
     scheduler = build_scheduler(optimizer, settings)
     history = []
@@ -98,7 +86,7 @@ def test_the_schedule_stays_at_zero_after_max_steps() -> None:
 
 def test_timed_freeze_is_a_zero_learning_rate_then_the_schedule() -> None:
     model = ZidongModel(tiny_config())
-    settings = recipe("model.speech.frozen_steps=3", "train.warmup_steps=2", "train.max_steps=10")
+    settings = recipe_with("model.speech.frozen_steps=3", "train.warmup_steps=2", "train.max_steps=10")
     optimizer = build_optimizer(model, settings, fused=False)
     scheduler = build_scheduler(optimizer, settings)
     history = []
@@ -126,7 +114,7 @@ def test_dropped_gradients_do_not_count_or_move(model: ZidongModel) -> None:
 
 
 def test_objective_warmup_ramps_linearly() -> None:
-    settings = recipe("loss.matching.weight=0.5", "loss.matching.warmup_steps=4", "loss.masked_text.weight=0")
+    settings = recipe_with("loss.matching.weight=0.5", "loss.matching.warmup_steps=4", "loss.masked_text.weight=0")
     ramp = [objective_weights(settings, step, OBJECTIVES)["matching"] for step in (1, 2, 4, 9)]
     assert ramp == [0.125, 0.25, 0.5, 0.5]
     assert objective_weights(settings, 1, OBJECTIVES)["contrastive"] == 1.0
@@ -143,4 +131,4 @@ def test_objective_warmup_ramps_linearly() -> None:
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        recipe(override)
+        recipe_with(override)
