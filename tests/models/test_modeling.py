@@ -155,3 +155,14 @@ def test_presence_count_mismatch_is_a_clear_error(model: ZidongModel) -> None:
 def test_bad_config_names_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ZidongConfig.from_preset("tiny", **kwargs)
+
+
+def test_the_forward_changes_no_parameter() -> None:
+    # the temperature is clamped after the optimizer step (zidong/train/optim.py), not inside the forward
+    model = ZidongModel(tiny_config()).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(model.config.logit_scale_max + 1.0)
+    before = {name: parameter.clone() for name, parameter in model.named_parameters()}
+    present = {m: [True, True, False] for m in MODALITIES}
+    model(**make_inputs(present), return_loss=True, loss_weights=ALL_OBJECTIVES)
+    assert all(torch.equal(before[name], parameter) for name, parameter in model.named_parameters())

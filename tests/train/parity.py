@@ -7,6 +7,8 @@ recipe's `parallel` section says, or Accelerate + DeepSpeed) with `tests/train/p
   process whose batch is the global batch (per-process batch x processes), and hands each process its own rows
   (`split_rows`). One process therefore sees exactly the samples, crops and audio windows that N processes see
   together.
+- The loss gains `-logit_scale`, so that the temperature rises to its cap (`TEMPERATURE_CAP`, set by the
+  pretraining recipes) within a few steps and the clamp after each optimizer step takes part in every comparison.
 - The tiny preset loses the randomness each process draws from its own generator over its own rows: dropout in
   the text tower, LayerDrop in the speech tower, SpecAugment. One process drawing masks for 2B rows cannot draw
   what two processes draw for B rows each, so these are off in parity runs (the towers' own code draws them).
@@ -40,6 +42,7 @@ SITE = Path(__file__).resolve().parent / "parity_site"
 ENVIRONMENT = "ZIDONG_PARITY"
 RELATIVE_TOLERANCE = 1e-5
 LEFT_OUT = ("matching", "masked_text", "masked_vision", "masked_speech")  # objectives off in parity runs (above)
+TEMPERATURE_CAP = 2.6612  # `model.config.logit_scale_max` of the pretraining parity runs: the preset's start + 0.002
 CONTRASTIVE_PAIRS = ("contrastive_text_vision", "contrastive_text_speech", "contrastive_vision_speech")
 # (prefix, extra arguments) of each launcher for N processes; under torchrun the recipe's `parallel` section picks
 # DDP or FSDP2
@@ -65,6 +68,25 @@ def install() -> None:
     tiny["speech_config"].update(layerdrop=0.0, conformer_conv_dropout=0.0)
     tiny.update(spec_augment_freq_mask=0, spec_augment_time_mask=0)
     setup.train_loader = _global_batch_loader(setup.train_loader)
+    _push_the_temperature_up()
+
+
+def _push_the_temperature_up() -> None:
+    """Add `-logit_scale` to the loss: left alone, the temperature falls on these tiny runs and its cap (reached
+    only late in a real run) would never act. Pushed up, it reaches `TEMPERATURE_CAP` within a few steps, and
+    every sharding must then clamp it after each step exactly as one process does (the fp32 master copy under
+    DeepSpeed, each process's shard under FSDP2)."""
+    from zidong.models.zidong.modeling_zidong import ZidongModel
+
+    forward = ZidongModel.forward
+
+    def pushed(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if output.loss is not None:
+            output.loss = output.loss - self.logit_scale.sum()
+        return output
+
+    ZidongModel.forward = pushed
 
 
 def _global_batch_loader(train_loader):

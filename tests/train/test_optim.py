@@ -12,6 +12,7 @@ from zidong.models.zidong import OBJECTIVES, ZidongForClassification, ZidongMode
 from zidong.train.optim import (
     build_optimizer,
     build_scheduler,
+    clamp_temperature,
     drop_gradients,
     freeze_for_good,
     frozen_now,
@@ -132,3 +133,16 @@ def test_objective_warmup_ramps_linearly() -> None:
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         recipe_with(override)
+
+
+def test_the_temperature_is_clamped_to_its_maximum_after_the_step() -> None:
+    model = ZidongModel(tiny_config(logit_scale_max=3.0))
+    with torch.no_grad():
+        model.logit_scale.fill_(3.5)
+    clamp_temperature(model, deepspeed=False)
+    assert model.logit_scale.item() == 3.0
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+    clamp_temperature(model, deepspeed=False)
+    assert model.logit_scale.item() == 2.0  # below the maximum: left as it is
+    clamp_temperature(torch.nn.Linear(2, 2), deepspeed=False)  # a model without a temperature: nothing to do

@@ -52,7 +52,11 @@ def pretrain_recipe(
     recipe = {
         "output_dir": str(folder / "run"),
         "seed": 5,
-        "model": {"preset": "tiny", "tokenizer": str(corpus["tokenizer"])},
+        "model": {
+            "preset": "tiny",
+            "tokenizer": str(corpus["tokenizer"]),
+            "config": {"logit_scale_max": parity.TEMPERATURE_CAP},  # reached at step 4: the clamp takes part
+        },
         "data": {
             "train": [{"path": str(corpus["train"])}],
             "eval": str(corpus["eval"]) if evaluate else None,

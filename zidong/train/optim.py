@@ -129,3 +129,33 @@ def objective_weights(recipe: PretrainRecipe, step: int, objectives: Iterable[st
         ramp = min(1.0, step / section.warmup_steps) if section.warmup_steps else 1.0
         weights[name] = section.weight * ramp
     return weights
+
+
+def clamp_temperature(model: torch.nn.Module, deepspeed: bool) -> None:
+    """Keep the contrastive temperature (`logit_scale`) at most `config.logit_scale_max`, after each optimizer
+    step (where open_clip clamps it; the forward mutates no parameter). A no-op for a model without one.
+
+    Under FSDP2 the parameter is a DTensor: each process clamps the shard it holds. Under DeepSpeed the next step
+    starts from the optimizer's fp32 copy, so that is clamped too: under ZeRO-3 each process clamps its own
+    partition of both; under ZeRO-1/2 the fp32 copy is assembled from every process's fragment (a collective:
+    every process calls this after every step)."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None or not scale.requires_grad:
+        return
+    maximum = model.config.logit_scale_max
+    with torch.no_grad():
+        if not deepspeed:
+            scale.clamp_(max=maximum)
+        elif hasattr(scale, "ds_id"):  # ZeRO-3: the padding of a partition is zeros, which the clamp keeps
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            safe_set_local_fp32_param(scale, safe_get_local_fp32_param(scale).clamp(max=maximum))
+            scale.ds_tensor.clamp_(max=maximum)
+            scale.clamp_(max=maximum)  # a parameter this small stays whole on every process (empty when it is not)
+        else:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+            master = safe_get_full_fp32_param(scale)
+            if master is not None:
+                safe_set_full_fp32_param(scale, master.clamp(max=maximum))
+            scale.clamp_(max=maximum)

@@ -26,7 +26,14 @@ from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.contrastive_zidong import RankPresence, exchange_presence
 from zidong.train.checkpoint import save_checkpoint
 from zidong.train.distributed import agree, averaged_over_processes
-from zidong.train.optim import drop_gradients, fill_missing_gradients, frozen_now, learning_rates, objective_weights
+from zidong.train.optim import (
+    clamp_temperature,
+    drop_gradients,
+    fill_missing_gradients,
+    frozen_now,
+    learning_rates,
+    objective_weights,
+)
 from zidong.train.parallelize import gradient_sync
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.setup import Run, setup
@@ -106,6 +113,7 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], f
         counters.skipped_steps += 1
         if not (loss_finite and scale_still_working(accelerator.scaler)):
             counters.bad_steps_in_a_row += 1
+    clamp_temperature(accelerator.unwrap_model(run.model), accelerator.state.deepspeed_plugin is not None)
     rates = learning_rates(run.optimizer)  # those this step used
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

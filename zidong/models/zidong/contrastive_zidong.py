@@ -32,8 +32,6 @@ def contrastive_objective(
 ) -> dict[str, torch.Tensor]:
     """`contrastive_<a>_<b>` for every pair some sample (on any rank) has, and `contrastive`, their mean; `by_rank`
     as in `contrastive_losses`."""
-    with torch.no_grad():
-        model.logit_scale.clamp_(max=model.config.logit_scale_max)
     losses = contrastive_losses(
         encoded.embeds,
         encoded.presence.host,
