@@ -1,4 +1,5 @@
-"""`import zidong` is light yet registers the Auto classes; the data and config commands never load torch."""
+"""`import zidong` is light, `import zidong.models` registers the Auto classes; the data and config commands never
+load torch."""
 
 from __future__ import annotations
 
@@ -27,14 +28,13 @@ def test_import_zidong_loads_no_heavy_package() -> None:
 @pytest.mark.parametrize(
     "code",
     [
-        "import zidong\nfrom transformers import AutoConfig",  # zidong first: registers when Auto loads
-        "from transformers import AutoConfig\nimport zidong",  # transformers first: registers at once
-        # transformers loads its Auto module from inside another of its modules, still half-imported then
-        "import zidong\nfrom transformers import ProcessorMixin\nfrom transformers import AutoConfig",
+        "import zidong.models\nfrom transformers import AutoConfig",
+        "from transformers import AutoConfig\nimport zidong.models",
+        "import zidong\nfrom transformers import AutoConfig\nzidong.ZidongModel",  # a model name's first use
     ],
-    ids=["zidong first", "auto first", "auto inside another import"],
+    ids=["models first", "auto first", "first use of a model name"],
 )
-def test_import_zidong_registers_the_auto_classes_in_any_order(code: str) -> None:
+def test_the_model_package_registers_the_auto_classes_in_any_order(code: str) -> None:
     check = (
         "\nfrom transformers import AutoModel, AutoProcessor, AutoModelForSequenceClassification"
         "\nconfig = AutoConfig.for_model('zidong')"
@@ -42,6 +42,15 @@ def test_import_zidong_registers_the_auto_classes_in_any_order(code: str) -> Non
         " AutoModelForSequenceClassification._model_mapping[type(config)].__name__)"
     )
     assert python(code + check) == "ZidongConfig ZidongModel ZidongForClassification"
+
+
+def test_import_zidong_alone_changes_nothing_in_transformers() -> None:
+    # no import hook: a program that never touches the model gets transformers exactly as it is
+    code = (
+        "import sys, zidong\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING"
+        "\nprint('zidong' in CONFIG_MAPPING, [f for f in sys.meta_path if 'zidong' in type(f).__module__])"
+    )
+    assert python(code) == "False []"
 
 
 def test_model_names_load_on_first_use() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from zidong import __version__
@@ -27,6 +27,21 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # zidong.export.folders.DTYP
 
 
 # ------------------------------------------------------------------------------------ argument types
+
+
+class _SourceKinds:
+    """`--source-kind`'s choices: the registry of source kinds (zidong/data/sources/), read only when argparse
+    checks a value or lists them, so that the other commands start without importing it."""
+
+    def __contains__(self, kind: object) -> bool:
+        from zidong.data.sources import SOURCE_KINDS
+
+        return kind in SOURCE_KINDS
+
+    def __iter__(self) -> Iterator[str]:
+        from zidong.data.sources import SOURCE_KINDS
+
+        return iter(list(SOURCE_KINDS))
 
 
 def _positive_int(text: str) -> int:
@@ -242,8 +257,6 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zidong.data.sources import SOURCE_KINDS  # the registry of source kinds (light: no datasets, no torch)
-
     parser = argparse.ArgumentParser(
         prog="zidong",
         description="Pretrain, evaluate, export and fine-tune a tri-modal (text, speech, vision) encoder stack.",
@@ -279,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="which column holds id, text, image, audio, lang (default: the usual names, e.g. caption, jpg, flac)",
     )
     build.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
-    build.add_argument("--source-kind", choices=tuple(SOURCE_KINDS), help="instead of detecting it")
+    build.add_argument(
+        "--source-kind", choices=_SourceKinds(), metavar="KIND", help="instead of detecting it: %(choices)s"
+    )
     build.add_argument(
         "--streaming",
         action="store_true",

@@ -62,7 +62,7 @@ def model_card(model: ZidongModel, recipe: dict | None, checkpoint: Path, towers
         classes = ", ".join(str(name) for name in config.id2label.values())
         lines += [
             f"A classifier on the {config.classification_modality} tower ({len(config.id2label)} classes: {classes}); "
-            "load it with `ZidongForClassification.from_pretrained(FOLDER)` after `import zidong`, or "
+            "load it with `zidong.ZidongForClassification.from_pretrained(FOLDER)`, or "
             "`AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)`; its `logits` "
             "are (batch, classes).",
             "",
@@ -200,7 +200,7 @@ def _loading_section(towers: bool) -> list[str]:
         "from transformers import AutoModel, AutoProcessor",
         "",
         "model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True).eval()   # no trust_remote_code needed",
-        "processor = AutoProcessor.from_pretrained(FOLDER, trust_remote_code=True)  # after `import zidong`",
+        "processor = AutoProcessor.from_pretrained(FOLDER, trust_remote_code=True)  # after `import zidong.models`",
         'inputs = processor(text=["a red circle", None], images=[image, image], audio=[None, waveform_16khz],',
         '                   sampling_rate=16000, return_tensors="pt")',
         "out = model(**inputs)",
