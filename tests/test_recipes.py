@@ -80,7 +80,7 @@ CONVNEXT = "{model_type: convnext, image_size: 64, hidden_sizes: [32, 64, 128], 
 
 
 def test_a_tower_config_in_the_recipe_builds_that_architecture() -> None:
-    from zidong.train.setup import model_config
+    from zidong.train.builders import model_config
 
     recipe = load_config(PretrainRecipe, PRETRAIN_RECIPES[2], [f"model.vision.config={CONVNEXT}"])
     vision = model_config(recipe).vision_config

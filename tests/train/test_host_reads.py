@@ -24,7 +24,7 @@ from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train import trainer
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.setup import setup
-from zidong.train.task import Task
+from zidong.train.task import PretrainTask
 
 OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
 STEPS = 4
@@ -33,7 +33,7 @@ STEPS = 4
 def reads_per_step(folder: Path, pretrain_corpus: dict[str, Path], weights: dict[str, float]) -> list[HostReads]:
     loss = {name: {"weight": weights.get(name, 0.0)} for name in OBJECTIVES}
     recipe = write_recipe(folder, pretrain_corpus, loss=loss, data={"num_workers": 0, "ledger": False, "eval": None})
-    run = setup(load_config(PretrainRecipe, recipe, ["train.trackers=[]"]), Task())
+    run = setup(load_config(PretrainRecipe, recipe, ["train.trackers=[]"]), PretrainTask())
     try:
         steps = []
         for _ in range(STEPS):
@@ -98,7 +98,7 @@ def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None
         ACCELERATE_USE_CPU="1",
     )
     torch.set_num_threads(1)
-    run = setup(load_config(PretrainRecipe, recipe, ["train.trackers=[]"]), Task())
+    run = setup(load_config(PretrainRecipe, recipe, ["train.trackers=[]"]), PretrainTask())
     calls: Counter[str] = Counter()
     originals = {name: getattr(dist, name) for name in ("all_gather_into_tensor", "all_gather", "all_reduce")}
 

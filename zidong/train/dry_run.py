@@ -22,12 +22,12 @@ from transformers import AutoTokenizer
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.towers_zidong import is_convolutional
+from zidong.train.builders import model_config
 from zidong.train.flops import StepFlops
 from zidong.train.optim import freeze_for_good, objective_weights
 from zidong.train.parallelize import shard_units
 from zidong.train.planner import GPU_KINDS, Workload, plan_lines
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.setup import model_config
 
 BYTES_PER_PARAMETER = {"weights": 2, "gradients": 2, "optimizer": 12}
 FSDP_SHARDED_BYTES = 16  # float32 parameter, gradient and two Adam moments, all sharded

@@ -33,10 +33,9 @@ from zidong.evaluation.classification import accuracy_table, classification_accu
 from zidong.export.trained import load_trained
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.distributed import lockstep_enabled
 from zidong.train.recipe import FinetuneRecipe
-from zidong.train.setup import Run, apply_train_settings
-from zidong.train.task import Task
+from zidong.train.setup import Run
+from zidong.train.task import PretrainTask
 from zidong.train.trainer import train
 from zidong.utils.log import get_logger
 
@@ -49,7 +48,9 @@ def finetune(task_name: str, recipe: FinetuneRecipe) -> dict[str, float]:
     return train(recipe, TASKS[task_name].for_recipe(recipe))
 
 
-class RetrievalTask(Task):
+class RetrievalTask(PretrainTask):
+    """Pretraining's contrastive objective on the pairs of `finetune.modalities`, from a trained model."""
+
     name = "retrieval"
 
     @classmethod
@@ -64,7 +65,7 @@ class RetrievalTask(Task):
         if not isinstance(model, ZidongModel):
             raise UserError(f"finetune.source: {folder} holds a {type(model).__name__}, not a ZidongModel")
         logger.info("fine-tuning %s from %s", self.name, folder)
-        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator, recipe)), processor
+        return model.train(), processor
 
     def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
         return {"modalities": tuple(recipe.finetune.modalities)}
@@ -73,16 +74,15 @@ class RetrievalTask(Task):
         _export_final(run)
 
 
-class ClassifyTask(Task):
+class ClassifyTask:
+    """A linear head on one tower's pooled output, cross-entropy on the labelled samples."""
+
     name = "classify"
     evaluation = "classification"
     objectives = ()  # the classifier's cross-entropy only: the recipe's `loss` section does not apply
 
     def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
         return {}  # the batch's `labels` make the classifier return its loss
-
-    def exchanges_presence(self, weights: dict[str, float]) -> bool:
-        return False
 
     def __init__(self, labels: LabelSet) -> None:
         self.labels = labels
@@ -116,7 +116,7 @@ class ClassifyTask(Task):
             config.classification_modality,
             folder,
         )
-        return apply_train_settings(model.train(), recipe, lockstep_enabled(accelerator, recipe)), processor
+        return model.train(), processor
 
     def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
         return {"modalities": tuple(recipe.finetune.modalities), "label_set": self.labels}

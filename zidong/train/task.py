@@ -1,12 +1,15 @@
-"""`Task`: what a kind of training brings to the shared loop (zidong/train/trainer.py).
+"""`Task`: what a kind of training brings to the shared loop (zidong/train/trainer.py), and pretraining, one task.
 
-The base class is pretraining; fine-tuning tasks (zidong/train/finetune.py) override its hooks. A task is
-complete when it is constructed (`for_recipe` checks the recipe first), so the hooks may be called in any order.
+A task builds its model and processor, says which of the recipe's objectives it trains and what the forward takes
+besides the batch, what the data pipeline reads, how held-out data is scored, and what happens after the last
+step. `setup` (zidong/train/setup.py) applies the recipe's training settings to whatever model a task built, so a
+task never has to. A task is complete once made by `for_recipe` (which checks the recipe first), so its methods
+may be called in any order. Fine-tuning tasks are in zidong/train/finetune.py.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -14,48 +17,76 @@ from accelerate import Accelerator
 from zidong.evaluation.retrieval import retrieval, retrieval_table
 from zidong.models.zidong.modeling_zidong import OBJECTIVES
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.distributed import lockstep_enabled
+from zidong.train.builders import ensure_demo_corpus, load_tokenizer, new_model
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.setup import ensure_demo_corpus, load_tokenizer, pretraining_model
 
 if TYPE_CHECKING:
     from zidong.train.setup import Run
 
 
-class Task:
-    """Pretraining: every weighted objective, evaluated by held-out retrieval."""
+class Task(Protocol):
+    name: str  # as the command line and the logs say it
+    evaluation: str  # what `evaluate` measures, for the log
+    objectives: tuple[str, ...]  # the model objectives the recipe's `loss` section weights (none: the task's own)
 
-    name = "pretrain"
-    evaluation = "retrieval"  # what `evaluate` measures, for the log
-    objectives: tuple[str, ...] = OBJECTIVES  # the model objectives weighted by the recipe's `loss` section
+    @classmethod
+    def for_recipe(cls, recipe: PretrainRecipe) -> Task:
+        """The task, once the recipe suits it (UserError naming the key otherwise)."""
+        ...
 
     def build(self, recipe: PretrainRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
         """The model (not yet prepared) and its processor; runs with DeepSpeed's config unregistered."""
-        ensure_demo_corpus(recipe, accelerator)
-        tokenizer = load_tokenizer(recipe)
-        model = pretraining_model(recipe, tokenizer, lockstep=lockstep_enabled(accelerator, recipe))
-        return model, ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
+        ...
 
     def pipeline_options(self, recipe: PretrainRecipe) -> dict[str, Any]:
         """Extra `SamplePipeline` settings for training and evaluation (modalities read, labels)."""
-        return {}
+        ...
 
     def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
         """What the model's forward takes, besides the batch, to return the training loss."""
-        return {"return_loss": True, "loss_weights": weights}
-
-    def exchanges_presence(self, weights: dict[str, float]) -> bool:
-        """Does a step with these weights need every process's presence masks (the contrastive loss does)? With
-        several processes the trainer then exchanges them once per step and passes `presence_by_rank`."""
-        return bool(weights.get("contrastive"))
+        ...
 
     def evaluate(self, run: Run) -> dict[str, float]:
         """The held-out metrics (collective: every process calls it); only called when `data.eval` is set."""
-        return retrieval(run.model, run.held_out)
+        ...
 
     def report(self, metrics: dict[str, float]) -> str:
         """The end-of-run table (logged as "held-out evaluation after N steps")."""
-        return retrieval_table(metrics)
+        ...
 
     def finish(self, run: Run, metrics: dict[str, float]) -> None:
         """After the last step's checkpoint (every process calls it)."""
+        ...
+
+
+class PretrainTask:
+    """Pretraining: a new model, every weighted objective, evaluated by held-out retrieval."""
+
+    name = "pretrain"
+    evaluation = "retrieval"
+    objectives: tuple[str, ...] = OBJECTIVES
+
+    @classmethod
+    def for_recipe(cls, recipe: PretrainRecipe) -> PretrainTask:
+        return cls()
+
+    def build(self, recipe: PretrainRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
+        ensure_demo_corpus(recipe, accelerator)
+        tokenizer = load_tokenizer(recipe)
+        model = new_model(recipe, tokenizer)
+        return model, ZidongProcessor.for_model(model.config, tokenizer, recipe.model.vision.pretrained)
+
+    def pipeline_options(self, recipe: PretrainRecipe) -> dict[str, Any]:
+        return {}
+
+    def loss_arguments(self, weights: dict[str, float]) -> dict[str, Any]:
+        return {"return_loss": True, "loss_weights": weights}
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        return retrieval(run.model, run.held_out)
+
+    def report(self, metrics: dict[str, float]) -> str:
+        return retrieval_table(metrics)
+
+    def finish(self, run: Run, metrics: dict[str, float]) -> None:
+        pass

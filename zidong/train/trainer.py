@@ -23,7 +23,7 @@ import torch
 
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import MODALITIES
-from zidong.models.zidong.contrastive_zidong import RankPresence, exchange_presence
+from zidong.models.zidong.contrastive_zidong import RankPresence, exchange_presence, needs_presence_by_rank
 from zidong.train.checkpoint import save_checkpoint
 from zidong.train.distributed import agree, averaged_over_processes
 from zidong.train.optim import (
@@ -37,7 +37,7 @@ from zidong.train.optim import (
 from zidong.train.parallelize import gradient_sync
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.setup import Run, setup
-from zidong.train.task import Task
+from zidong.train.task import PretrainTask, Task
 from zidong.utils.log import get_logger, progress
 
 logger = get_logger(__name__)
@@ -49,7 +49,7 @@ class TrainingError(UserError):
 
 def pretrain(recipe: PretrainRecipe) -> dict[str, float]:
     """Pretrain as the recipe says; returns the last retrieval metrics (empty without `data.eval`)."""
-    return train(recipe, Task())
+    return train(recipe, PretrainTask.for_recipe(recipe))
 
 
 def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
@@ -166,7 +166,7 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, to
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
     batches = [_next_batch(run, weights) for _ in range(accumulation)]
     by_rank: list[RankPresence | None] = [None] * accumulation
-    if accelerator.num_processes > 1 and run.task.exchanges_presence(weights):
+    if accelerator.num_processes > 1 and needs_presence_by_rank(weights):
         masks = [{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches]
         by_rank = exchange_presence(masks, accelerator.device, capacity=run.recipe.train.batch_size)
     totals: dict[str, torch.Tensor] = {}

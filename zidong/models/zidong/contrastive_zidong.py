@@ -94,6 +94,12 @@ class RankPresence:
     counts: list[int]
 
 
+def needs_presence_by_rank(loss_weights: Mapping[str, float]) -> bool:
+    """Does a forward with these weights read every rank's presence masks (`presence_by_rank`)? The contrastive
+    loss does: it gathers embeddings from every rank and must know which rows each holds."""
+    return bool(loss_weights.get("contrastive"))
+
+
 def exchange_presence(
     batches: Sequence[Mapping[str, np.ndarray]], device: torch.device, capacity: int | None = None
 ) -> list[RankPresence]:
