@@ -4,23 +4,21 @@
     zidong SUBCOMMAND --help           its arguments
 
 Parsing and validation happen here, before any model or data is built: a wrong argument, path or recipe key exits with
-code 2 and a one-paragraph message, never a traceback. Each subcommand's work lives in its own module and is
-imported only when that subcommand runs. Runs the same under `python -m zidong`, `accelerate launch -m zidong`
+code 2 and a one-paragraph message, never a traceback. What each subcommand then does is in zidong/commands.py,
+which imports its modules only when that subcommand runs. Runs the same under `python -m zidong`, `accelerate launch -m zidong`
 and `torchrun -m zidong`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from zidong import __version__
-from zidong.errors import UserError
+from zidong import __version__, commands
+from zidong.errors import EXIT_USAGE, UserError
 
-EXIT_USAGE = 2
 DOCS_HINT = "Recipes live in recipes/, guides in docs/ (start with docs/cli.md and docs/recipes.md)."
 FINETUNE_TASKS = ("retrieval", "classify")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # zidong.export.folders.DTYPES
@@ -103,154 +101,12 @@ _existing_dir = _existing("folder")
 _existing_path = _existing("file or folder")
 
 
-def _columns(args: argparse.Namespace) -> dict[str, str]:
-    """`--columns text=caption,image=jpg` (repeatable) as a field -> column mapping."""
-    from zidong.data.sources import parse_columns
-
-    return parse_columns([pair for given in args.columns for pair in given.split(",") if pair.strip()])
-
-
 def _source_path(text: str) -> Path | str:
     """An existing path, or a brace pattern of tar files (`shards/{00000..00099}.tar`) or a URL (checked when
     opened)."""
     from zidong.data.remote import is_url
 
     return text if "{" in text or is_url(text) else _existing_path(text)
-
-
-# ----------------------------------------------------------------------------------------- handlers
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from zidong.config import load_config, to_yaml
-    from zidong.train.recipe import PretrainRecipe
-
-    recipe = load_config(PretrainRecipe, args.recipe, args.overrides)
-    if args.print_config:
-        sys.stdout.write(to_yaml(recipe))
-        return 0
-    if args.dry_run:
-        from zidong.train.dry_run import dry_run_report
-
-        print(dry_run_report(recipe, args.gpus, args.gpu_kind, args.mfu, args.samples))
-        return 0
-    _quiet_deepspeed_on_cpu()
-    from zidong.train.distributed import check_launch
-    from zidong.train.trainer import pretrain
-    from zidong.utils.run_info import record_run
-
-    check_launch(recipe)  # before anything is written
-    record_run(recipe.output_dir, recipe)
-    pretrain(recipe)
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    from zidong.config import load_config
-    from zidong.train.recipe import FinetuneRecipe
-    from zidong.utils.run_info import record_run
-
-    recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)  # a bad recipe exits before torch loads
-    _quiet_deepspeed_on_cpu()
-    from zidong.train.distributed import check_launch
-    from zidong.train.finetune import finetune
-
-    check_launch(recipe)  # before anything is written
-    record_run(recipe.output_dir, recipe)
-    finetune(args.task, recipe)
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    _quiet_deepspeed_on_cpu()
-    from zidong.evaluation.zero_shot import DataSpec, evaluate
-
-    if args.labels and args.label_column:
-        raise UserError("give --labels FILE or --label-column COLUMN, not both")
-    if args.prompt and not args.label_column:
-        raise UserError("--prompt goes with --label-column (a label file names its own prompts)")
-    columns = _columns(args)
-    spec = DataSpec(args.data, columns, args.split, args.label_column, tuple(args.prompt or ("{}",)))
-    evaluate(args.model, spec, args.labels, args.out, args.batch_size)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    _quiet_deepspeed_on_cpu()
-    from zidong.export.folders import export
-
-    print(export(args.checkpoint, args.out, args.towers, args.push_to_hub, args.license, dtype=args.dtype))
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from zidong.train.report import write_report
-
-    for path in write_report(args.run_dir):
-        print(path)
-    return 0
-
-
-def _data_build(args: argparse.Namespace) -> int:
-    from zidong.config import config_from_overrides
-    from zidong.data.normalize import BuildSettings
-
-    overrides = list(args.overrides)
-    if args.shard_size:
-        overrides.append(f"shard_size={args.shard_size}")
-    settings = config_from_overrides(BuildSettings, overrides, "build settings")
-    from zidong.data.build import build
-    from zidong.data.sources import open_source
-
-    columns = _columns(args)
-    source = open_source(args.manifest, columns, args.split, args.source_kind, streaming=args.streaming)
-    result = build(source, args.out, settings, workers=args.workers or 1, part=args.part or (0, 1))
-    index, count = result.part
-    scope = f"part {index}/{count}: " if count > 1 else ""
-    print(f"{scope}{result.samples} samples in {result.shards} shards, {result.rejected} rejected")
-    if not result.index_written:
-        print(f"{args.out}/index.json is written when every part has finished")
-        return 0
-    print(f"wrote {args.out}/index.json and {args.out}/rejects.jsonl (see `zidong data inspect {args.out}`)")
-    return 0
-
-
-def _data_demo(args: argparse.Namespace) -> int:
-    from zidong.data.demo import DEFAULT_SAMPLES, make_demo
-
-    indexes = make_demo(args.out, samples=args.samples or DEFAULT_SAMPLES, seed=args.seed)
-    for split, index in indexes.items():
-        mix = ", ".join(f"{name} {count}" for name, count in index["combinations"].items())
-        print(f"{args.out / split}: {index['samples']} samples ({mix}), {index['audio_hours'] * 60:.1f} min of speech")
-    return 0
-
-
-def _tokenizer_train(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from zidong.data.tokenizer import train_tokenizer
-
-    columns = _columns(args)
-    out = train_tokenizer(
-        args.input, args.vocab_size, args.out, exact_size=args.exact_vocab_size, columns=columns, split=args.split
-    )
-    pieces = len(AutoTokenizer.from_pretrained(out))
-    print(f"wrote {out}/spm.model and {out}/tokenizer.json: {pieces} pieces (load with AutoTokenizer.from_pretrained)")
-    if pieces < args.vocab_size:
-        print(
-            f"--vocab-size {args.vocab_size} is an upper bound: this text supports {pieces} pieces (add text for more)"
-        )
-    return 0
-
-
-def _data_inspect(args: argparse.Namespace) -> int:
-    from zidong.data.inspect import check_shards, summary
-    from zidong.data.shards import load_index
-
-    index = load_index(args.folder)
-    problems = check_shards(args.folder, index, checksums=args.checksums)
-    sys.stdout.write(summary(args.folder, index, problems))
-    return EXIT_USAGE if problems else 0
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -263,15 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=DOCS_HINT,
     )
     parser.add_argument("--version", action="version", version=f"zidong {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    data = commands.add_parser("data", help="build, inspect and generate tri-modal shard folders")
+    data = subcommands.add_parser("data", help="build, inspect and generate tri-modal shard folders")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     demo = data_commands.add_parser("demo", help="write the built-in tiny tri-modal demo corpus as shards")
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
     demo.add_argument("--samples", type=_positive_int, metavar="N", help="number of samples (default: built-in)")
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same corpus")
-    demo.set_defaults(handler=_data_demo)
+    demo.set_defaults(handler=commands.data_demo)
 
     build = data_commands.add_parser(
         "build", help="validate a JSONL manifest, a CSV/TSV table or a Hugging Face dataset; write shards"
@@ -307,14 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "overrides", nargs="*", metavar="key=value", help="build settings, e.g. max_audio_seconds=20 (docs/data.md)"
     )
-    build.set_defaults(handler=_data_build, takes_overrides=True)
+    build.set_defaults(handler=commands.data_build, takes_overrides=True)
 
     inspect = data_commands.add_parser("inspect", help="summarise a shard folder and check it against its index")
     inspect.add_argument("folder", type=_existing_dir, metavar="DIR")
     inspect.add_argument("--checksums", action="store_true", help="also verify every shard's sha256")
-    inspect.set_defaults(handler=_data_inspect)
+    inspect.set_defaults(handler=commands.data_inspect)
 
-    tokenizer = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer (Chinese and English)")
+    tokenizer = subcommands.add_parser("tokenizer", help="train a SentencePiece tokenizer (Chinese and English)")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)
     train_tokenizer = tokenizer_commands.add_parser("train", help="train a unigram tokenizer on text files")
     train_tokenizer.add_argument(
@@ -340,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--exact-vocab-size", action="store_true", help="exactly N pieces, or exit 2 if the text cannot support N"
     )
     train_tokenizer.add_argument("--out", required=True, type=Path, metavar="DIR")
-    train_tokenizer.set_defaults(handler=_tokenizer_train)
+    train_tokenizer.set_defaults(handler=commands.tokenizer_train)
 
-    pretrain = commands.add_parser(
+    pretrain = subcommands.add_parser(
         "pretrain",
         help="run a pretraining recipe (also under accelerate/torchrun)",
         epilog="Overrides use the recipe's dotted keys, e.g. train.max_steps=100 "
@@ -366,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--samples", type=_sample_count, metavar="N", help="sample budget for the plan's days (default: the recipe's)"
     )
-    pretrain.set_defaults(handler=_pretrain, takes_overrides=True)
+    pretrain.set_defaults(handler=commands.pretrain, takes_overrides=True)
 
-    evaluate = commands.add_parser(
+    evaluate = subcommands.add_parser(
         "eval", help="zero-shot retrieval and classification on held-out shards or a dataset in another format"
     )
     evaluate.add_argument("model", type=_existing_path, metavar="MODEL_OR_CHECKPOINT")
@@ -394,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
     evaluate.add_argument("--out", type=Path, metavar="metrics.json", help="also write the metrics as JSON")
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="samples per forward")
-    evaluate.set_defaults(handler=_eval)
+    evaluate.set_defaults(handler=commands.evaluate)
 
-    export = commands.add_parser("export", help="write a checkpoint as Hugging Face folders")
+    export = subcommands.add_parser("export", help="write a checkpoint as Hugging Face folders")
     export.add_argument("checkpoint", type=_existing_path, metavar="CHECKPOINT")
     export.add_argument("--out", required=True, type=Path, metavar="DIR")
     export.add_argument("--towers", action="store_true", help="also write one plain transformers folder per tower")
@@ -408,17 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="the weights' dtype (default float32, what training keeps under any autocast precision)",
     )
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=commands.export)
 
-    finetune = commands.add_parser("finetune", help="fine-tune a pretrained model for a downstream task")
+    finetune = subcommands.add_parser("finetune", help="fine-tune a pretrained model for a downstream task")
     finetune.add_argument("task", choices=FINETUNE_TASKS, metavar="TASK", help=" | ".join(FINETUNE_TASKS))
     finetune.add_argument("recipe", type=_existing_file, metavar="RECIPE.yaml")
     finetune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    finetune.set_defaults(handler=_finetune, takes_overrides=True)
+    finetune.set_defaults(handler=commands.finetune, takes_overrides=True)
 
-    report = commands.add_parser("report", help="plot loss and retrieval curves of a run as PNG files")
+    report = subcommands.add_parser("report", help="plot loss and retrieval curves of a run as PNG files")
     report.add_argument("run_dir", type=_existing_dir, metavar="RUN_DIR")
-    report.set_defaults(handler=_report)
+    report.set_defaults(handler=commands.report)
     return parser
 
 
@@ -440,17 +296,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"zidong: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _quiet_deepspeed_on_cpu() -> None:
-    """Without a GPU, tell DeepSpeed so (what it would pick anyway), or it prints a warning on stdout whenever
-    Accelerate imports it, polluting the output of `zidong eval` and friends. Called by the commands that load
-    Accelerate or DeepSpeed only, so the data commands do not pay for importing torch."""
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def run() -> None:
