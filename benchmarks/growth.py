@@ -41,9 +41,10 @@ from benchmarks.sources import write_sources
 from zidong.data.build import STATE_DIR, ShardStats, build, merge_if_complete
 from zidong.data.normalize import BuildSettings
 from zidong.data.remote import ShardCache
+from zidong.data.resplit import ref_pieces, resplit
 from zidong.data.saved_stream import SavedStreams, layout_entry
 from zidong.data.shards import ShardFolder, write_index
-from zidong.data.slots import EpochPlan, fresh_state, ref_pieces, resplit, slot_share
+from zidong.data.slots import EpochPlan, fresh_state, slot_share
 from zidong.data.sources import open_source
 from zidong.data.stream import STATE_FORMAT
 

@@ -3,7 +3,7 @@
 Every process saves its whole stream state (`data-rank{r}.json`: cursors, and the sample references its slots had
 drawn and not yet handed out, tens of thousands per slot with large batches and bucketing pools), and rank 0
 saves one summary of every slot (`data-layout.json`, format `LAYOUT_FORMAT`: cursors and counts, a few hundred
-bytes per slot; zidong.data.slots.summarize). A process resuming on the same layout reads its own file. On
+bytes per slot; zidong.data.resplit.summarize). A process resuming on the same layout reads its own file. On
 another layout it reads the summaries, computes its own share of the re-split, and reads only the saved states
 that share takes references from (one or two when the new layout has at least as many slots). So no process
 reads every process's file: at N ranks that would be N^2 reads of a shared file system. A checkpoint written
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zidong.data.slots import summarize
+from zidong.data.resplit import summarize
 from zidong.errors import UserError
 
 RANK_FILE = "data-rank{rank}.json"

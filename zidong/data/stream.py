@@ -33,9 +33,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zidong.data.remote import ShardCache
+from zidong.data.resplit import piece_length, ref_pieces, resplit
 from zidong.data.saved_stream import SavedStreams
 from zidong.data.shards import ShardFolder
-from zidong.data.slots import DataError, SlotStream, StreamSettings, fresh_state, piece_length, ref_pieces, resplit
+from zidong.data.slots import DataError, SlotStream, StreamSettings, fresh_state
 from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.utils.log import EVERY_RANK, get_logger
