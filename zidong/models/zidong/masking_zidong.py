@@ -42,10 +42,10 @@ def masked_modelling_objective(
     """`masked_<modality>` for every weighted modality some sample of this batch has (0 when none of its tokens
     was drawn)."""
     presence = encoded.presence
-    targets = [m for m in encoded.towers if weights.get(f"masked_{m}")]
+    targets = [m for m in encoded.outputs if weights.get(f"masked_{m}")]
     whole = modality_level_mask(targets, presence, model.config.modality_mask_probability)
     streams, masked = {}, {}
-    for modality, tower_output in encoded.towers.items():
+    for modality, tower_output in encoded.outputs.items():
         if modality in targets:
             real = presence.has(modality)
             if real:

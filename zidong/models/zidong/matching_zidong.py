@@ -25,7 +25,7 @@ MATCHING_CLASSES = ("matched", "text_swapped", "vision_swapped", "speech_swapped
 def matching_objective(model: ZidongModel, encoded: Encoded, lockstep: Lockstep) -> dict[str, torch.Tensor]:
     """`matching`: multi-way matching on each multi-modal sample and one hard negative of it (one modality
     swapped); {} when no sample has two modalities."""
-    streams = {m: model.fusion.stream(m, encoded.towers[m], encoded.presence) for m in encoded.towers}
+    streams = {m: model.fusion.stream(m, encoded.outputs[m], encoded.presence) for m in encoded.outputs}
     present = encoded.present_matrix(MODALITIES)  # (B, 3)
     # which rows are scored, and which get a negative, follows from presence alone: decided on the host
     host_present = np.stack([encoded.presence.host[m] for m in MODALITIES], axis=1)

@@ -343,19 +343,19 @@ class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
 
     def _encode_batch(self, inputs: dict, presence: Presence, steps: Lockstep) -> Encoded:
         """Each tower on the rows that have its modality (in lockstep, an absent one on a placeholder row)."""
-        ran, towers, embeds = {}, {}, dict.fromkeys(MODALITIES)
+        ran, outputs, embeds = {}, {}, dict.fromkeys(MODALITIES)
         for modality in MODALITIES:
             real = presence.has(modality)
             if not (real or steps.enabled):
                 continue
             ran[modality] = inputs[modality] if real else steps.placeholder(modality)
             with steps.idle_work(not real):
-                towers[modality] = self.encode(modality, *ran[modality])
+                outputs[modality] = self.encode(modality, *ran[modality])
             embeds[modality] = scatter_rows(
-                self._embed(modality, towers[modality]), presence[modality], presence.rows[modality]
+                self._embed(modality, outputs[modality]), presence[modality], presence.rows[modality]
             )
             steps.keep(embeds[modality])  # a projection that no pair loss reads still takes part
-        return Encoded(ran, towers, presence, embeds)
+        return Encoded(ran, outputs, presence, embeds)
 
     def encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> TowerOutput:
         """The tower of `modality` on its inputs (`mask`: the text or speech attention mask; vision takes none)."""

@@ -41,13 +41,13 @@ class TowerOutput:
 class Encoded:
     """A batch of B samples after the towers: what every objective reads.
 
-    `inputs[m]` holds the (values, attention mask or None) the tower of `m` ran on, `towers[m]` its output (only
+    `inputs[m]` holds the (values, attention mask or None) the tower of `m` ran on, `outputs[m]` its output (only
     the modalities that ran; under lockstep an absent one ran on a placeholder row), `presence[m]` which of the B
     samples have `m`, and `embeds[m]` the L2-normalised (B, projection_dim) embeddings with zero rows where a
     sample lacks `m` (None where the tower did not run)."""
 
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
-    towers: dict[str, TowerOutput]
+    outputs: dict[str, TowerOutput]  # the towers' outputs (`ZidongModel.towers()` are the modules)
     presence: Presence  # `presence[m]`: the (B,) bool mask on the device; `.host`, `.rows`, `.has(m)`
     embeds: dict[str, torch.Tensor | None]
 
