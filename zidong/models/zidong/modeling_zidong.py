@@ -58,11 +58,11 @@ from .arguments_zidong import (
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .contrastive_zidong import RankPresence, contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
-from .features_zidong import ZidongFeatures
 from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Lockstep
 from .masking_zidong import masked_modelling_objective
 from .matching_zidong import MATCHING_CLASSES, matching_objective
+from .tower_features_zidong import ZidongTowerFeatures
 from .towers_zidong import (
     Encoded,
     TowerOutput,
@@ -120,7 +120,7 @@ class ZidongPreTrainedModel(PreTrainedModel):
             module.reset_buffers()
 
 
-class ZidongModel(ZidongFeatures, ZidongPreTrainedModel):
+class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
     def __init__(self, config: ZidongConfig):
         super().__init__(config)
         self.text_model = build_tower(config, "text")

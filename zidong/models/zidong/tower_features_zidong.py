@@ -19,7 +19,7 @@ from .arguments_zidong import features_arguments
 from .towers_zidong import TowerOutput
 
 
-class ZidongFeatures:
+class ZidongTowerFeatures:
     """Mixed into `ZidongModel`, whose `encode_text` / `encode_vision` / `encode_speech` and `_embed` it calls."""
 
     @can_return_tuple
@@ -64,4 +64,4 @@ class ZidongFeatures:
         )
 
 
-__all__ = ["ZidongFeatures"]
+__all__ = ["ZidongTowerFeatures"]
