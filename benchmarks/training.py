@@ -28,7 +28,7 @@ from zidong.train.checkpoint import MODEL_FILES, checkpoints
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import METRICS_FILE
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.setup import train_loader
+from zidong.train.run import train_loader
 from zidong.train.trainer import pretrain
 
 CONTRASTIVE_ONLY = ("loss.matching.weight=0", "loss.masked_text.weight=0")

@@ -3,7 +3,7 @@
 A parity run launches the real `zidong pretrain` / `zidong finetune` (one process, torchrun with DDP or FSDP2 as the
 recipe's `parallel` section says, or Accelerate + DeepSpeed) with `tests/train/parity_site` on PYTHONPATH. Its `sitecustomize` calls `install()` in every process:
 
-- The set-up's `train_loader` (zidong/train/setup.py) is replaced by one that reads the stream of a *single*
+- The set-up's `train_loader` (zidong/train/run.py) is replaced by one that reads the stream of a *single*
   process whose batch is the global batch (per-process batch x processes), and hands each process its own rows
   (`split_rows`). One process therefore sees exactly the samples, crops and audio windows that N processes see
   together.
@@ -61,13 +61,13 @@ def _accelerate(config: str, processes: int) -> list[str]:
 def install() -> None:
     """Patch the trainer of this process for a parity run (called by parity_site/sitecustomize.py)."""
     from zidong.models.zidong.configuration_zidong import PRESETS
-    from zidong.train import setup
+    from zidong.train import run
 
     tiny = PRESETS["tiny"]
     tiny["text_config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tiny["speech_config"].update(layerdrop=0.0, conformer_conv_dropout=0.0)
     tiny.update(spec_augment_freq_mask=0, spec_augment_time_mask=0)
-    setup.train_loader = _global_batch_loader(setup.train_loader)
+    run.train_loader = _global_batch_loader(run.train_loader)
     _push_the_temperature_up()
 
 

@@ -23,7 +23,7 @@ from zidong.config import load_config
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train import trainer
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.setup import setup
+from zidong.train.run import setup
 from zidong.train.task import PretrainTask
 
 OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")

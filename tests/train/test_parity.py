@@ -280,7 +280,7 @@ def test_the_harness_catches_a_schedule_that_runs_twice_as_fast(one_process: Pat
 
 
 def test_the_launch_environment_reaches_the_processes() -> None:
-    code = "import tests.train.parity as p, zidong.train.setup as t; print(t.train_loader.__name__)"
+    code = "import tests.train.parity as p, zidong.train.run as t; print(t.train_loader.__name__)"
     env = {**os.environ, parity.ENVIRONMENT: "1", "PYTHONPATH": f"{parity.SITE}{os.pathsep}{REPO_ROOT}"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.stdout.strip() == "rows_of_global_batches", result.stderr

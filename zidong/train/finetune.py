@@ -34,7 +34,7 @@ from zidong.export.trained import load_trained
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.train.recipe import FinetuneRecipe
-from zidong.train.setup import Run
+from zidong.train.run import Run
 from zidong.train.task import PretrainTask
 from zidong.train.trainer import train
 from zidong.utils.log import get_logger
@@ -124,7 +124,7 @@ class ClassifyTask:
     def evaluate(self, run: Run) -> dict[str, float]:
         return classification_accuracy(run.model, run.held_out)
 
-    def report(self, metrics: dict[str, float]) -> str:
+    def results_table(self, metrics: dict[str, float]) -> str:
         return accuracy_table(metrics)
 
     def finish(self, run: Run, metrics: dict[str, float]) -> None:

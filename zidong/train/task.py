@@ -2,7 +2,7 @@
 
 A task builds its model and processor, says which of the recipe's objectives it trains and what the forward takes
 besides the batch, what the data pipeline reads, how held-out data is scored, and what happens after the last
-step. `setup` (zidong/train/setup.py) applies the recipe's training settings to whatever model a task built, so a
+step. `setup` (zidong/train/run.py) applies the recipe's training settings to whatever model a task built, so a
 task never has to. A task is complete once made by `for_recipe` (which checks the recipe first), so its methods
 may be called in any order. Fine-tuning tasks are in zidong/train/finetune.py.
 """
@@ -21,7 +21,7 @@ from zidong.train.builders import ensure_demo_corpus, load_tokenizer, new_model
 from zidong.train.recipe import PretrainRecipe
 
 if TYPE_CHECKING:
-    from zidong.train.setup import Run
+    from zidong.train.run import Run
 
 
 class Task(Protocol):
@@ -50,7 +50,7 @@ class Task(Protocol):
         """The held-out metrics (collective: every process calls it); only called when `data.eval` is set."""
         ...
 
-    def report(self, metrics: dict[str, float]) -> str:
+    def results_table(self, metrics: dict[str, float]) -> str:
         """The end-of-run table (logged as "held-out evaluation after N steps")."""
         ...
 
@@ -85,7 +85,7 @@ class PretrainTask:
     def evaluate(self, run: Run) -> dict[str, float]:
         return retrieval(run.model, run.held_out)
 
-    def report(self, metrics: dict[str, float]) -> str:
+    def results_table(self, metrics: dict[str, float]) -> str:
         return retrieval_table(metrics)
 
     def finish(self, run: Run, metrics: dict[str, float]) -> None:

@@ -4,7 +4,7 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m zidong pretrain ...       DDP (gloo on CPU)
     accelerate launch -m zidong pretrain ...                                       DDP / DeepSpeed / FSDP
 
-`train(recipe, task)` sets up a `Run` (zidong/train/setup.py), then loops: one optimizer step = `train.grad_accum`
+`train(recipe, task)` sets up a `Run` (zidong/train/run.py), then loops: one optimizer step = `train.grad_accum`
 micro-batches (gradients are all-reduced on the last one only), clipping, a skipped update when the gradient is
 not finite, logging, evaluation, checkpoints. SIGTERM/SIGUSR1 (cluster preemption) finish the current step, save
 a checkpoint and exit 0; relaunching the same command continues from the latest checkpoint, with the data stream
@@ -36,7 +36,7 @@ from zidong.train.optim import (
 )
 from zidong.train.parallelize import gradient_sync
 from zidong.train.recipe import PretrainRecipe
-from zidong.train.setup import Run, setup
+from zidong.train.run import Run, setup
 from zidong.train.task import PretrainTask, Task
 from zidong.utils.log import get_logger, progress
 
@@ -86,7 +86,7 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
     else:
         task.finish(run, metrics)
         if metrics:
-            logger.info("held-out %s after %d steps:\n%s", task.evaluation, counters.step, task.report(metrics))
+            logger.info("held-out %s after %d steps:\n%s", task.evaluation, counters.step, task.results_table(metrics))
     run.accelerator.end_training()
     return metrics
 
