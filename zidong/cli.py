@@ -5,8 +5,8 @@
 
 Parsing and validation happen here, before any model or data is built: a wrong argument, path or recipe key exits with
 code 2 and a one-paragraph message, never a traceback. What each subcommand then does is in zidong/commands.py,
-which imports its modules only when that subcommand runs. Runs the same under `python -m zidong`, `accelerate launch -m zidong`
-and `torchrun -m zidong`.
+which imports its modules only when that subcommand runs. Runs the same under `python -m zidong`,
+`accelerate launch -m zidong` and `torchrun -m zidong`.
 """
 
 from __future__ import annotations
