@@ -24,9 +24,9 @@ from transformers import AutoModel
 
 from zidong.data.transforms import DecodedSample, SamplePipeline
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
-from zidong.models.zidong.contrastive_zidong import distributed_world_size
 from zidong.models.zidong.feature_extraction_zidong import normalize_and_stack
 from zidong.models.zidong.towers_zidong import masked_mean
+from zidong.train.collectives import distributed_world_size
 
 
 def naive_contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

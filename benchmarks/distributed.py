@@ -32,6 +32,7 @@ from benchmarks.common import Result, median, peak_allocated_bytes, synthetic_ba
 from zidong.models.zidong.configuration_zidong import MODALITIES, ZidongConfig
 from zidong.models.zidong.contrastive_zidong import contrastive_losses
 from zidong.models.zidong.modeling_zidong import ZidongModel
+from zidong.train.collectives import ProcessGather
 
 WORLD = 2
 MICRO = (2, 4)  # samples per micro-batch per rank; the first is the headline (see docs/PERFORMANCE.md)
@@ -110,8 +111,11 @@ def contrastive_memory(rank: int, global_batch: int, width: int) -> dict[str, An
     leaves = [*embeds.values(), logit_scale]
     pairs = list(itertools.combinations(MODALITIES, 2))
     presence = {m: torch.ones(rows, dtype=torch.bool) for m in MODALITIES}
+    gather = ProcessGather(torch.device("cpu"))
     variants = {
-        "zidong": lambda: list(contrastive_losses(embeds, presence, logit_scale, None, "softmax", width).values()),
+        "zidong": lambda: list(
+            contrastive_losses(embeds, presence, logit_scale, None, "softmax", width, gather).values()
+        ),
         "naive": lambda: [naive_contrastive_loss(embeds[a], embeds[b], logit_scale) for a, b in pairs],
     }
     found: dict[str, Any] = {}

@@ -3,6 +3,9 @@ a processor's inputs for three real-looking samples."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from PIL import Image
@@ -61,3 +64,13 @@ def word_tokenizer():
     tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "red": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return tokenizer
+
+
+@contextlib.contextmanager
+def in_lockstep(model: torch.nn.Module, lockstep: bool = True) -> Iterator[torch.nn.Module]:
+    """`model` prepared for lockstep (as the trainer prepares it for DeepSpeed and FSDP2) inside the block."""
+    model.prepare_for_launcher(lockstep=lockstep)
+    try:
+        yield model
+    finally:
+        model.prepare_for_launcher()

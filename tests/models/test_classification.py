@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_model import make_inputs, tiny_config
+from tests.tiny_model import in_lockstep, make_inputs, tiny_config
 from zidong.models.zidong import ZidongForClassification, ZidongModel
 from zidong.models.zidong.configuration_zidong import MODALITIES
 
@@ -37,7 +37,8 @@ def test_a_batch_without_the_modality_still_has_a_graph_and_runs_the_tower_in_lo
     try:
         plain = model(**make_inputs(present), labels=torch.tensor([0, 1]))
         assert calls == []
-        locked = model(**make_inputs(present), labels=torch.tensor([0, 1]), lockstep=True)
+        with in_lockstep(model):
+            locked = model(**make_inputs(present), labels=torch.tensor([0, 1]))
         assert calls == [1]
     finally:
         hook.remove()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import set_seed
 
-from tests.tiny_model import ALL_OBJECTIVES, make_inputs, tiny_config
+from tests.tiny_model import ALL_OBJECTIVES, in_lockstep, make_inputs, tiny_config
 from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel
 
 BATCHES = {
@@ -31,7 +31,8 @@ def _call_sequence(model: ZidongModel, inputs: dict, weights: dict) -> tuple[lis
     hooks = [module.register_forward_pre_hook(lambda m, _: calls.append(names[m])) for module in names]
     try:
         set_seed(1)  # torch and numpy (the speech tower's own time masking draws from numpy)
-        out = model(**inputs, return_loss=True, loss_weights=weights, lockstep=True)
+        with in_lockstep(model):
+            out = model(**inputs, return_loss=True, loss_weights=weights)
     finally:
         for hook in hooks:
             hook.remove()
@@ -73,8 +74,8 @@ def test_an_empty_lockstep_call_runs_every_tower(model: ZidongModel) -> None:
         tower.register_forward_hook(lambda m, *_, name=name: seen.add(name)) for name, tower in model.towers().items()
     ]
     try:
-        with torch.no_grad():
-            out = model(lockstep=True)
+        with torch.no_grad(), in_lockstep(model):
+            out = model()
     finally:
         for hook in hooks:
             hook.remove()

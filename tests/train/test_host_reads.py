@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState
 
 from tests.helpers import free_port
 from tests.pretrain_run import write_recipe
-from tests.tiny_model import ALL_OBJECTIVES, make_inputs, tiny_config
+from tests.tiny_model import ALL_OBJECTIVES, in_lockstep, make_inputs, tiny_config
 from tests.train.host_reads import HostReads
 from zidong.config import load_config
 from zidong.models.zidong.modeling_zidong import ZidongModel
@@ -75,8 +75,8 @@ def test_the_model_reads_nothing_whatever_the_batch_holds(lockstep: bool) -> Non
     for name, mix in MIXES.items():
         inputs = make_inputs({m: [bool(p) for p in rows] for m, rows in mix.items()})
         inputs = {k: v.numpy() if k.endswith("_present") else v for k, v in inputs.items()}  # as the trainer does
-        with HostReads() as reads:
-            output = model(**inputs, return_loss=True, loss_weights=ALL_OBJECTIVES, lockstep=lockstep)
+        with HostReads() as reads, in_lockstep(model, lockstep):
+            output = model(**inputs, return_loss=True, loss_weights=ALL_OBJECTIVES)
             output.loss.backward()
         assert reads.total == 0, (name, dict(reads.sites))
         assert torch.isfinite(output.loss)
@@ -149,7 +149,7 @@ def test_a_distributed_step_exchanges_presence_once(pretrain_corpus: dict[str, P
         for step in steps:
             files = Counter(site.split(":")[0] for site in step["reads"] for _ in range(step["reads"][site]))
             assert files == {
-                "models/zidong/contrastive_zidong.py": 1,  # the presence exchange
+                "train/collectives.py": 1,  # the presence exchange
                 "train/trainer.py": 1,  # read_once
                 "train/distributed.py": 1,  # agree
             }, step

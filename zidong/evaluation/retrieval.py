@@ -38,14 +38,14 @@ logger = get_logger(__name__)
 @dataclass(frozen=True)
 class HeldOut:
     """A held-out shard folder and how to read it: evaluation transforms, batch size, the processes that share
-    it, and `lockstep` (DeepSpeed/FSDP: every process makes the same number of forward calls, idle ones
-    included)."""
+    it, and `collective_forward` (DeepSpeed/FSDP gather parameters inside the forward: every process makes the
+    same number of forward calls, idle ones included)."""
 
     folder: str | Path
     pipeline: SamplePipeline
     batch_size: int
     accelerator: Accelerator
-    lockstep: bool = False
+    collective_forward: bool = False
     cache: ShardCache | None = None  # where a folder at a URL is fetched to (None: the user's default cache)
 
 
@@ -81,13 +81,13 @@ def forward_folder(
     model: torch.nn.Module, held_out: HeldOut
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], Any]]:
     """(rows of this process's block, batch, model output) for each batch of this process's contiguous block of
-    a shard folder, in eval mode; unreadable samples are skipped (collective under `lockstep`: every process makes
+    a shard folder, in eval mode; unreadable samples are skipped (under `collective_forward` every process makes
     the same number of forward calls, idle ones included)."""
-    pipeline, batch_size, accelerator, lockstep = (
+    pipeline, batch_size, accelerator, collective = (
         held_out.pipeline,
         held_out.batch_size,
         held_out.accelerator,
-        held_out.lockstep,
+        held_out.collective_forward,
     )
     shards = ShardFolder(held_out.folder, held_out.cache)
     refs = sample_refs(shards)
@@ -96,7 +96,7 @@ def forward_folder(
     was_training = model.training
     model.eval()
     longest = -(-len(refs) // world)  # blocks differ by at most one sample; every process runs as many batches
-    for start in range(0, longest if lockstep else len(mine), batch_size):
+    for start in range(0, longest if collective else len(mine), batch_size):
         samples, rows = [], []
         for row, (shard, position) in enumerate(mine[start : start + batch_size], start=start):
             try:
@@ -104,13 +104,13 @@ def forward_folder(
                 rows.append(row)
             except SampleError as err:
                 logger.warning("evaluation skipped an unreadable sample: %s", err, extra=EVERY_RANK)
-        if not samples and not lockstep:
+        if not samples and not collective:
             continue
         batch = (
             {key: value.to(accelerator.device) for key, value in pipeline.collate(samples).items()} if samples else {}
         )
         with accelerator.autocast():
-            output = model(**batch, lockstep=lockstep)
+            output = model(**batch)
         yield rows, batch, output
     model.train(was_training)
     shards.close()

@@ -138,16 +138,8 @@ def new_model(recipe: PretrainRecipe, tokenizer) -> ZidongModel:
     return model
 
 
-def apply_train_settings(model: torch.nn.Module, recipe: PretrainRecipe, lockstep: bool) -> torch.nn.Module:
-    """Activation checkpointing as the recipe says; LayerDrop off in lockstep (it skips random layers,
-    differently on each process, and ZeRO/FSDP need the same calls everywhere)."""
-    zidong = model.base_model  # a classifier wraps the joint model
+def apply_train_settings(model: torch.nn.Module, recipe: PretrainRecipe) -> torch.nn.Module:
+    """Activation checkpointing as the recipe says."""
     if recipe.train.activation_checkpointing:
-        zidong.activation_checkpointing_enable()
-    if lockstep:
-        for modality, tower in zidong.towers().items():
-            if getattr(tower.config, "layerdrop", 0.0):
-                logger.info("%s tower: layerdrop %.2f -> 0 (lockstep)", modality, tower.config.layerdrop)
-                tower.config.layerdrop = 0.0
-                getattr(zidong.config, f"{modality}_config").layerdrop = 0.0
+        model.base_model.activation_checkpointing_enable()  # a classifier wraps the joint model
     return model

@@ -1,5 +1,5 @@
-"""The distributed set-up of a training run: the `Accelerator`, DeepSpeed's settings, lockstep, and the few
-decisions every process must take together.
+"""The distributed set-up of a training run: the `Accelerator`, DeepSpeed's settings, how the model is prepared
+for its launcher (lockstep, the contrastive gather), and the few decisions every process must take together.
 
 Launchers (torchrun, `accelerate launch`, SLURM) set the environment; `make_accelerator` turns it into DDP (gloo on
 CPU, NCCL on GPUs) or DeepSpeed ZeRO, and refuses a launch that would leave processes training alone or that
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,15 +22,22 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from transformers.integrations import unset_hf_deepspeed_config
 
 from zidong.errors import UserError
+from zidong.train.collectives import ProcessGather
 from zidong.train.parallelize import check_parallel, shard_group_size
 from zidong.train.recipe import PretrainRecipe
+from zidong.utils.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     cpu = not torch.cuda.is_available()
     check_launch(recipe)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # a rank whose batch lacks a modality does not run that tower
+    # a rank whose batch lacks a modality does not run that tower. Lockstep would run it, but does not let DDP drop
+    # this: measured on the tiny recipe under DDP x2 in lockstep without it, the first step's reduction never
+    # finished ("parameters that were not used in producing loss"): the heads of objectives weighted 0, the
+    # sigmoid loss's bias under softmax, and a speech tower's masked_spec_embed (also with every objective on)
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         timeout = timedelta(seconds=recipe.parallel.collective_timeout_s)
@@ -101,12 +109,36 @@ def precision_in_use(accelerator: Accelerator) -> str:
     )
 
 
-def lockstep_enabled(accelerator: Accelerator, recipe: PretrainRecipe) -> bool:
-    """Under DeepSpeed and FSDP2 every process runs every tower and head on every step (placeholders where its
-    batch has nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers parameters, in
-    the order modules run (FSDP2 likewise gathers and reduce-scatters per sharded layer), so processes whose
-    batches differ in modalities must still make the same calls. DDP instead runs with find_unused_parameters."""
-    return accelerator.distributed_type == DistributedType.DEEPSPEED or recipe.parallel.sharded
+@dataclass(frozen=True)
+class Launched:
+    """What the launcher asks of every forward: `collective_forward` (parameters are gathered inside the
+    forward, so every process makes as many calls, evaluation's idle ones included) and the contrastive loss's
+    `gather` of every process's embeddings (None on one process)."""
+
+    collective_forward: bool
+    gather: ProcessGather | None
+
+
+def prepare_for_launcher(model: torch.nn.Module, accelerator: Accelerator, recipe: PretrainRecipe) -> Launched:
+    """Set, once, how the model runs under this launcher (`ZidongPreTrainedModel.prepare_for_launcher`).
+
+    Under DeepSpeed and FSDP2 every process runs every tower and head on every step, in lockstep (placeholders
+    where its batch has nothing for them, weighted 0): ZeRO reduces gradient buckets, and ZeRO-3 also gathers
+    parameters, in the order modules run (FSDP2 likewise gathers and reduce-scatters per sharded layer), so
+    processes whose batches differ in modalities must still make the same calls; LayerDrop, which skips random
+    layers differently on each process, is turned off there. DDP instead runs with find_unused_parameters. On
+    several processes the contrastive loss gathers every process's embeddings (`ProcessGather`)."""
+    lockstep = accelerator.distributed_type == DistributedType.DEEPSPEED or recipe.parallel.sharded
+    gather = ProcessGather(accelerator.device, recipe.train.batch_size) if accelerator.num_processes > 1 else None
+    zidong = model.base_model  # a classifier wraps the joint model
+    zidong.prepare_for_launcher(lockstep=lockstep, gather=gather)
+    if lockstep:
+        for modality, tower in zidong.towers().items():
+            if getattr(tower.config, "layerdrop", 0.0):
+                logger.info("%s tower: layerdrop %.2f -> 0 (lockstep)", modality, tower.config.layerdrop)
+                tower.config.layerdrop = 0.0
+                getattr(zidong.config, f"{modality}_config").layerdrop = 0.0
+    return Launched(collective_forward=lockstep, gather=gather)
 
 
 def configure_deepspeed(accelerator: Accelerator, recipe: PretrainRecipe) -> None:

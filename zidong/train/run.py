@@ -2,8 +2,8 @@
 
 The task builds the model (zidong/train/task.py, from the builders in zidong/train/builders.py); `setup` applies
 the recipe's training settings to it, then freezes, compiles, shards and prepares it, and builds the optimizer,
-data stream, resume point and held-out set. The distributed side (the `Accelerator`, DeepSpeed, lockstep) is
-zidong/train/distributed.py, FSDP2 zidong/train/parallelize.py.
+data stream, resume point and held-out set. The distributed side (the `Accelerator`, DeepSpeed, how the model is
+prepared for its launcher) is zidong/train/distributed.py, FSDP2 zidong/train/parallelize.py.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from zidong.evaluation.retrieval import HeldOut
 from zidong.train.builders import apply_train_settings
 from zidong.train.checkpoint import ShardedParts, checkpoints, describe_model, load_checkpoint
 from zidong.train.distributed import (
+    Launched,
     built_whole,
     configure_deepspeed,
-    lockstep_enabled,
     make_accelerator,
     precision_in_use,
+    prepare_for_launcher,
     strategy_in_use,
 )
 from zidong.train.flops import StepFlops, measured_peak_flops
@@ -65,6 +66,7 @@ class Run:
     accelerator: Accelerator
     output_dir: Path
     model: torch.nn.Module
+    launched: Launched  # how the launcher runs the model's forward (collective, the contrastive gather)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: StreamLoader
@@ -76,10 +78,6 @@ class Run:
     ledger: Path | None
     describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
     sharded: ShardedParts | None  # under FSDP2: what checkpoints save with torch.distributed.checkpoint
-
-    @property
-    def lockstep(self) -> bool:
-        return lockstep_enabled(self.accelerator, self.recipe)
 
 
 def setup(recipe: PretrainRecipe, task: Task) -> Run:
@@ -96,7 +94,8 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
     set_seed(recipe.seed)
     with built_whole(accelerator):
         model, processor = task.build(recipe, accelerator)
-    apply_train_settings(model, recipe, lockstep_enabled(accelerator, recipe))
+    apply_train_settings(model, recipe)
+    launched = prepare_for_launcher(model, accelerator, recipe)
     frozen = freeze_for_good(model, recipe)
     if frozen:
         logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
@@ -129,6 +128,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         accelerator=accelerator,
         output_dir=output_dir,
         model=model,
+        launched=launched,
         optimizer=optimizer,
         scheduler=scheduler,
         loader=train_loader(
@@ -140,7 +140,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
             options=options,
             pin_memory=accelerator.device.type == "cuda",
         ),
-        held_out=held_out(recipe, processor, accelerator, options),
+        held_out=held_out(recipe, processor, accelerator, options, launched.collective_forward),
         counters=counters,
         step_flops=step_flops,
         log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
@@ -222,8 +222,10 @@ def train_loader(
     )
 
 
-def held_out(recipe: PretrainRecipe, processor, accelerator: Accelerator, options: dict[str, Any]) -> HeldOut | None:
-    """`data.eval` read with evaluation transforms (None without it)."""
+def held_out(
+    recipe: PretrainRecipe, processor, accelerator: Accelerator, options: dict[str, Any], collective_forward: bool
+) -> HeldOut | None:
+    """`data.eval` read with evaluation transforms (None without it); `collective_forward` as in `Launched`."""
     if not recipe.data.eval:
         return None
     pipeline = SamplePipeline(
@@ -233,8 +235,9 @@ def held_out(recipe: PretrainRecipe, processor, accelerator: Accelerator, option
         max_speech_seconds=recipe.data.max_speech_seconds,
         **options,
     )
-    lockstep = lockstep_enabled(accelerator, recipe)
-    return HeldOut(recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, lockstep, shard_cache(recipe.data))
+    return HeldOut(
+        recipe.data.eval, pipeline, recipe.train.batch_size, accelerator, collective_forward, shard_cache(recipe.data)
+    )
 
 
 def shard_cache(data: DataSection) -> ShardCache:

@@ -23,8 +23,8 @@ import torch
 
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import MODALITIES
-from zidong.models.zidong.contrastive_zidong import RankPresence, exchange_presence, needs_presence_by_rank
 from zidong.train.checkpoint import save_checkpoint
+from zidong.train.collectives import needs_exchange
 from zidong.train.distributed import agree, averaged_over_processes
 from zidong.train.optim import (
     clamp_temperature,
@@ -160,31 +160,27 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, to
 
     The step's micro-batches are all read before its first forward: throughput is counted on them while they are
     on the host, and with several processes their presence masks are exchanged in one collective for the whole
-    step (`exchange_presence`), while the device has nothing queued to wait for. The masks stay on the host (as
+    step (`ProcessGather.exchange`), while the device has nothing queued to wait for. The masks stay on the host (as
     arrays, which no wrapper moves): the model decides from them which towers run and which rows a loss reads
     without waiting for the device."""
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
     batches = [_next_batch(run, weights) for _ in range(accumulation)]
-    by_rank: list[RankPresence | None] = [None] * accumulation
-    if accelerator.num_processes > 1 and needs_presence_by_rank(weights):
-        masks = [{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches]
-        by_rank = exchange_presence(masks, accelerator.device, capacity=run.recipe.train.batch_size)
+    if needs_exchange(accelerator.num_processes, weights):
+        run.launched.gather.exchange([{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches])
     totals: dict[str, torch.Tensor] = {}
     samples = 0
-    for batch, presence in zip(batches, by_rank, strict=True):
+    for batch in batches:
         samples += len(batch["text_present"])
         batch = {
             key: value.numpy() if key.endswith("_present") else value.to(accelerator.device, non_blocking=True)
             for key, value in batch.items()
         }
-        if presence is not None:
-            batch["presence_by_rank"] = presence
         with (
             accelerator.accumulate(run.model),
             gradient_sync(run.model, accelerator.sync_gradients),
             accelerator.autocast(),
         ):
-            output = run.model(**batch, **run.task.loss_arguments(weights), lockstep=run.lockstep)
+            output = run.model(**batch, **run.task.loss_arguments(weights))
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + value.detach() / accumulation

@@ -31,8 +31,8 @@ class ZidongForClassification(ZidongPreTrainedModel):
     vision, `vision_pooling`).
 
     Takes the processor's batch (other modalities are ignored) and `labels` (batch,), -1 for unlabelled rows;
-    the loss is the cross-entropy over the rows that have the modality and a label. `lockstep` as in
-    `ZidongModel.forward`: a batch without the modality still runs the tower on a placeholder row.
+    the loss is the cross-entropy over the rows that have the modality and a label. In lockstep
+    (`prepare_for_launcher`) a batch without the modality still runs the tower on a placeholder row.
     """
 
     def __init__(self, config: ZidongConfig):
@@ -61,7 +61,6 @@ class ZidongForClassification(ZidongPreTrainedModel):
         vision_present: torch.Tensor | None = None,
         speech_present: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        lockstep: bool = False,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
@@ -76,20 +75,20 @@ class ZidongForClassification(ZidongPreTrainedModel):
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
         presence = batch_presence(inputs, given, self.device)
         present = presence[modality]
-        steps = Lockstep(self.zidong, lockstep)
+        lockstep = Lockstep(self.zidong, self.launch.lockstep)
         logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
         if presence.has(modality):
             rows = self.classifier(self.zidong.encode(modality, *inputs[modality]).pooled)
             logits = scatter_rows(rows, present, presence.rows[modality])
         else:  # in lockstep the tower still runs, on a placeholder row
-            steps.idle(lambda: self.classifier(self.zidong.encode(modality, *steps.placeholder(modality)).pooled))
+            lockstep.idle(lambda: self.classifier(self.zidong.encode(modality, *lockstep.placeholder(modality)).pooled))
         loss = None
         if labels is not None:
             labels = labels.to(present.device)
             scored = present & (labels >= 0)
             # the mean over scored rows, without reading how many there are (0 scored: a loss of 0 with a graph)
             summed = F.cross_entropy(logits.float(), labels.masked_fill(~scored, -100), reduction="sum")
-            loss = steps.tie(summed / scored.sum().clamp(min=1) + self.classifier.bias.sum() * 0.0)
+            loss = lockstep.tie(summed / scored.sum().clamp(min=1) + self.classifier.bias.sum() * 0.0)
         return ZidongClassifierOutput(
             loss=loss, losses={"classify": loss} if loss is not None else None, logits=logits, present=present
         )

@@ -1,9 +1,13 @@
-"""Lockstep: the one place the model knows it may be sharded (DeepSpeed ZeRO, FSDP).
+"""Lockstep: the one place the model knows it may be sharded (DeepSpeed ZeRO, FSDP) or run on several processes.
+
+How the model runs is set once, where the training side prepares it for its launcher
+(`model.prepare_for_launcher(lockstep=..., gather=...)`, called by zidong/train/distributed.py): a `Launch`
+that every forward reads. Its forward's signature is a transformers user's: it takes no distributed argument.
 
 Sharded training gathers and reduces parameters with collectives as modules are called, so every process must call
-the same modules in the same order, and give every parameter a gradient, whatever its batch holds. The trainer
-asks for lockstep (`model(..., lockstep=True)`); model code then needs three things of a `Lockstep`, and with it
-off (the default) each of them is a no-op:
+the same modules in the same order, and give every parameter a gradient, whatever its batch holds. Under
+`Launch.lockstep` model code needs three things of the forward's `Lockstep`, and with it off (the default) each of
+them is a no-op:
 
 - `placeholder(modality)`: one short valid input row for a tower whose modality the batch lacks (two tokens, a
   blank image, half a second of silence). The tower runs on it; its presence stays all False, so it enters no loss.
@@ -22,10 +26,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .contrastive_zidong import EmbeddingGather
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the model runs: `lockstep` (every process calls every tower and weighted head on every forward) and
+    `gather` (every process's embeddings for the contrastive loss; None: this process's batch only)."""
+
+    lockstep: bool = False
+    gather: EmbeddingGather | None = None
 
 
 class Lockstep:
@@ -79,4 +97,4 @@ class Lockstep:
         return loss
 
 
-__all__ = ["Lockstep"]
+__all__ = ["Launch", "Lockstep"]

@@ -21,8 +21,9 @@ module that reads the towers' output (`Encoded`, towers_zidong.py) and returns n
 - `masked_text` / `masked_vision` / `masked_speech` (masking_zidong.py): one extra pass of the towers on masked
   inputs; the fusion encoder predicts the masked tokens, pixels and filterbank steps.
 
-`lockstep=True` (DeepSpeed, FSDP) makes every call run the same modules in the same order whatever the batch
-holds; lockstep_zidong.py is the one place that knows how.
+How the model runs on several processes is set once, by the training side (`prepare_for_launcher`: lockstep for
+DeepSpeed and FSDP, every call running the same modules in the same order whatever the batch holds, and the
+contrastive loss's gather of every process's embeddings); lockstep_zidong.py is the one place that knows how.
 
 Each tower is wrapped by an adapter that yields `TowerOutput(token_states, attention_mask, pooled)`: text and
 speech pool by masked mean (independent of padding), vision as `vision_pooling` says: the tower's own pooler
@@ -56,10 +57,10 @@ from .arguments_zidong import (
     text_mask_argument,
 )
 from .configuration_zidong import MODALITIES, ZidongConfig
-from .contrastive_zidong import RankPresence, contrastive_objective
+from .contrastive_zidong import EmbeddingGather, contrastive_objective
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
 from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
-from .lockstep_zidong import Lockstep
+from .lockstep_zidong import Launch, Lockstep
 from .masking_zidong import masked_modelling_objective
 from .matching_zidong import MATCHING_CLASSES, matching_objective
 from .tower_features_zidong import ZidongTowerFeatures
@@ -99,6 +100,16 @@ class ZidongPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["ZidongFusionLayer"]
     # the towers' poolers, in checkpoints and exports written before towers were built without them
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"_model\.pooler\."]
+    launch: Launch = Launch()  # one process, no lockstep, until `prepare_for_launcher` says otherwise
+
+    def prepare_for_launcher(self, lockstep: bool = False, gather: EmbeddingGather | None = None) -> None:
+        """How every later forward runs (lockstep_zidong.py): `lockstep` for DeepSpeed and FSDP, where every
+        process must call the same modules whatever its batch holds; `gather`, every process's embeddings for the
+        contrastive loss (zidong's trainer hands one over on several processes). Set on every zidong model inside
+        this one (a classifier's joint model too)."""
+        for module in self.modules():
+            if isinstance(module, ZidongPreTrainedModel):
+                module.launch = Launch(lockstep, gather)
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -290,8 +301,6 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         speech_present: torch.Tensor | None = None,
         return_loss: bool = False,
         loss_weights: Mapping[str, float] | None = None,
-        lockstep: bool = False,
-        presence_by_rank: RankPresence | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
@@ -300,10 +309,6 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         """Embeddings of every given modality and, with `return_loss`, the weighted objectives.
 
         `loss_weights` maps objective names (`OBJECTIVES`) to weights; by default only `contrastive` (1.0).
-        `lockstep=True` runs every tower and every weighted head on every call (see the module docstring).
-        `presence_by_rank`: with several processes, every rank's presence masks for this batch, exchanged by the
-        caller (the trainer does it once per step, `exchange_presence`); without it the contrastive loss exchanges
-        them itself.
         `attention_mask` is accepted for `text_attention_mask` (`model(**tokenizer(texts, padding=True))`); an
         unknown keyword argument raises TypeError.
         """
@@ -313,22 +318,22 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
         presence = batch_presence(inputs, given, self.device)
-        steps = Lockstep(self, lockstep)
-        encoded = self._encode_batch(inputs, presence, steps)
+        lockstep = Lockstep(self, self.launch.lockstep)
+        encoded = self._encode_batch(inputs, presence, lockstep)
         losses: dict[str, torch.Tensor] = {}
         if weights.get("contrastive"):
-            losses.update(contrastive_objective(self, encoded, presence_by_rank))
+            losses.update(contrastive_objective(self, encoded))
         if weights.get("matching"):
-            losses.update(matching_objective(self, encoded, steps))
+            losses.update(matching_objective(self, encoded, lockstep))
         if any(weights.get(f"masked_{modality}") for modality in MODALITIES):
-            losses.update(masked_modelling_objective(self, encoded, weights, steps))
+            losses.update(masked_modelling_objective(self, encoded, weights, lockstep))
         loss = None
         if return_loss:
             loss = self.logit_scale[0] * 0.0  # keeps a graph even when nothing in the batch can be scored
             for objective, weight in weights.items():
                 if objective in losses:
                     loss = loss + weight * losses[objective]
-            loss = steps.tie(loss)
+            loss = lockstep.tie(loss)
         return ZidongOutput(
             loss=loss,
             losses=losses if return_loss else None,
@@ -341,20 +346,20 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
             logit_scale=self.logit_scale,
         )
 
-    def _encode_batch(self, inputs: dict, presence: Presence, steps: Lockstep) -> Encoded:
+    def _encode_batch(self, inputs: dict, presence: Presence, lockstep: Lockstep) -> Encoded:
         """Each tower on the rows that have its modality (in lockstep, an absent one on a placeholder row)."""
         ran, outputs, embeds = {}, {}, dict.fromkeys(MODALITIES)
         for modality in MODALITIES:
             real = presence.has(modality)
-            if not (real or steps.enabled):
+            if not (real or lockstep.enabled):
                 continue
-            ran[modality] = inputs[modality] if real else steps.placeholder(modality)
-            with steps.idle_work(not real):
+            ran[modality] = inputs[modality] if real else lockstep.placeholder(modality)
+            with lockstep.idle_work(not real):
                 outputs[modality] = self.encode(modality, *ran[modality])
             embeds[modality] = scatter_rows(
                 self._embed(modality, outputs[modality]), presence[modality], presence.rows[modality]
             )
-            steps.keep(embeds[modality])  # a projection that no pair loss reads still takes part
+            lockstep.keep(embeds[modality])  # a projection that no pair loss reads still takes part
         return Encoded(ran, outputs, presence, embeds)
 
     def encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> TowerOutput:

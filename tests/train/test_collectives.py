@@ -1,4 +1,5 @@
-"""Two gloo processes: local loss + gather-with-grad equals the naive loss over the global batch, in value and grad.
+"""Two gloo processes: local loss + gather-with-grad (`ProcessGather`) equals the naive loss over the global batch,
+in value and grad.
 
 Each rank holds a slice of one global batch (slices of different sizes, one of them possibly empty; some samples
 lack the second modality) and a copy of a small embedding network. After backward, the gradients are averaged over
@@ -15,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from zidong.models.zidong.contrastive_zidong import contrastive_losses, exchange_presence
+from zidong.models.zidong.contrastive_zidong import contrastive_losses
+from zidong.train.collectives import ProcessGather, exchange_presence
 
 WORLD = 2
 GLOBAL = 7
@@ -73,7 +75,8 @@ def check_case(rank: int, kind: str, split: int, lacks_second: tuple[int, ...]) 
     if not has_second[rows].any():
         b = None  # as the model passes a modality none of this rank's samples has
     presence = {"first": torch.ones(len(a), dtype=torch.bool), "second": has_second[rows]}
-    local = contrastive_losses({"first": a, "second": b}, presence, scale, bias, kind, network.out_features)[
+    gather = ProcessGather(torch.device("cpu"))
+    local = contrastive_losses({"first": a, "second": b}, presence, scale, bias, kind, network.out_features, gather)[
         "contrastive_first_second"
     ]
     grads = gradients(local, network, scale, bias)
@@ -161,17 +164,20 @@ def exchange_worker(rank: int, store: str) -> None:
             }
             scale = torch.tensor(1.0)
             counter.calls = 0
-            given = contrastive_losses(embeds, presence, scale, None, "softmax", WIDTH, by_rank)
+            gather = ProcessGather(torch.device("cpu"))
+            gather.expect([by_rank])
+            given = contrastive_losses(embeds, presence, scale, None, "softmax", WIDTH, gather)
             assert counter.calls == 0
-            asked = contrastive_losses(embeds, presence, scale, None, "softmax", WIDTH)
+            asked = contrastive_losses(embeds, presence, scale, None, "softmax", WIDTH, gather)
             assert counter.calls == 2
             assert given
             assert given.keys() == asked.keys()
             for name in given:
                 torch.testing.assert_close(given[name], asked[name], rtol=0, atol=0)
         # masks exchanged for another batch are refused, on the host, before any collective
+        gather.expect([exchanged[2]])
         with pytest.raises(ValueError, match=f"does not describe this batch on rank {rank}"):
-            contrastive_losses(embeds, mine[0], scale, None, "softmax", WIDTH, exchanged[2])
+            contrastive_losses(embeds, mine[0], scale, None, "softmax", WIDTH, gather)
     finally:
         dist.all_gather_into_tensor = counter.original
         dist.destroy_process_group()
