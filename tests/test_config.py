@@ -306,12 +306,15 @@ def test_names_spelled_out_for_light_imports_match_their_owners() -> None:
     from zidong.modalities import MODALITIES
     from zidong.models.zidong import configuration_zidong
     from zidong.models.zidong.modeling_zidong import OBJECTIVES
+    from zidong.models.zidong.objectives_zidong import objective_names
+    from zidong.objectives import OBJECTIVE_NAMES
     from zidong.train.finetune import TASKS
     from zidong.train.recipe import LossSection
     from zidong.train.report import LOSS_KEYS
 
     assert tuple(field.name for field in fields(LossSection)) == OBJECTIVES
     assert ("loss", *OBJECTIVES) == LOSS_KEYS
+    assert OBJECTIVE_NAMES == objective_names() == OBJECTIVES  # the model registry's names, spelled out torch-free
     assert tuple(TASKS) == FINETUNE_TASKS
     assert tuple(DTYPES) == EXPORT_DTYPES
     assert MODALITIES == configuration_zidong.MODALITIES  # the model folder's own copy (it ships as remote code)

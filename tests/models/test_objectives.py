@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,8 @@ from tests.tiny_model import ALL_OBJECTIVES, MASK_TOKEN, VOCAB, make_inputs, tin
 from zidong.models.zidong.masking_zidong import mask_text, mask_vision, modality_level_mask, span_mask
 from zidong.models.zidong.matching_zidong import mine_hard_negatives, multiway_matching_loss
 from zidong.models.zidong.modeling_zidong import MODALITIES, ZidongModel
+from zidong.models.zidong.objectives_zidong import REGISTRY, Objective, register_objective
+from zidong.train.flops import StepFlops
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +245,36 @@ def test_gradients_are_bitwise_reproducible_with_every_objective() -> None:
 
     first, second = gradients(), gradients()
     assert [name for name in first if not torch.equal(first[name], second[name])] == []
+
+
+def test_a_new_objective_is_one_object_and_one_registration(model: ZidongModel) -> None:
+    # a toy objective: a sample's text and vision embeddings agree (1 - cosine), with no head of its own
+    def agreement(model, encoded, weights, lockstep) -> dict[str, torch.Tensor]:
+        both = encoded.presence["text"] & encoded.presence["vision"]
+        cosine = (encoded.embeds["text"] * encoded.embeds["vision"]).sum(dim=-1)
+        return {"agreement": (1 - cosine)[both].mean()}
+
+    toy = Objective(weights=("agreement",), heads=(), losses=agreement, fusion_tokens=lambda tokens, weights: 7.0)
+    register_objective(toy)
+    try:
+        inputs = make_inputs({m: [True, True, False] for m in MODALITIES})
+        out = model(**inputs, return_loss=True, loss_weights={"contrastive": 1.0, "agreement": 0.5})
+        by_hand = 1 - (out.text_embeds[:2] * out.vision_embeds[:2]).sum(dim=-1)
+        torch.testing.assert_close(out.losses["agreement"], by_hand.mean())
+        torch.testing.assert_close(out.loss, out.losses["contrastive"] + 0.5 * out.losses["agreement"])
+        flops = StepFlops(model)
+        tokens = {m: np.array([3, 0]) for m in MODALITIES}
+        added = flops.of_tokens(tokens, {"agreement": 1.0}) - flops.of_tokens(tokens, {})
+        assert added == 6 * flops.fusion * 7.0
+        with pytest.raises(ValueError, match="agreement are registered already"):
+            register_objective(toy)
+    finally:
+        REGISTRY.remove(toy)
+    with pytest.raises(ValueError, match="unknown objective"):
+        model(**inputs, return_loss=True, loss_weights={"agreement": 1.0})
+
+
+def test_every_head_belongs_to_a_registered_objective(model: ZidongModel) -> None:
+    declared = {head for objective in REGISTRY for head in objective.heads}
+    assert declared == {"fusion", "matching_head", "text_head", "vision_head", "speech_head"}
+    assert all(isinstance(getattr(model, head), torch.nn.Module) for head in declared)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from zidong.models.zidong.contrastive_zidong import GatheredEmbeds
+from zidong.models.zidong.objectives_zidong import REGISTRY
 
 
 def distributed_world_size() -> int:
@@ -72,9 +73,9 @@ class ProcessGather:
 
 
 def needs_exchange(processes: int, loss_weights: Mapping[str, float]) -> bool:
-    """Does a step with these weights on `processes` processes exchange presence masks? The contrastive loss
-    gathers embeddings from every process and must know which rows each holds."""
-    return processes > 1 and bool(loss_weights.get("contrastive"))
+    """Does a step with these weights on `processes` processes exchange presence masks? It does when a weighted
+    objective gathers embeddings from every process (the contrastive loss): it must know which rows each holds."""
+    return processes > 1 and any(o.gathers_embeddings and o.weighted(loss_weights) for o in REGISTRY)
 
 
 def gather_with_grad(tensor: torch.Tensor, counts: list[int] | None = None) -> tuple[torch.Tensor, int]:

@@ -3,12 +3,13 @@
 Model FLOPs count what the model needs for the real (unpadded) content of each batch, the usual
 "6 x parameters x tokens" rule per pass (2 for the forward, 4 for the backward; a tower frozen for the whole run
 has no backward, so 2):
-- each tower over its real tokens (text tokens, image patches + 1, 20 ms speech steps), once more when its
-  masked objective is on (the masked pass); a convolutional vision tower (ConvNeXt, ResNet...) has no tokens:
+- each tower over its real tokens (text tokens, image patches + 1, 20 ms speech steps), once more for each pass
+  a weighted objective adds (`Objective.extra_tower_passes`: the masked pass of a masked objective); a convolutional vision tower (ConvNeXt, ResNet...) has no tokens:
   its forward FLOPs per image are counted once per image size on the meta device (torch's FlopCounterMode) and
   expressed as the tokens that give them under the rule (forward FLOPs / (2 x parameters));
-- the fusion encoder over the real tokens of the samples it reads: twice the multi-modal samples' tokens for
-  `matching` (positives and their hard negatives), and every sample's tokens for the masked objectives.
+- the fusion encoder over the real tokens of the samples it reads, as each weighted objective declares
+  (`Objective.fusion_tokens`): twice the multi-modal samples' tokens for `matching` (positives and their hard
+  negatives), and every sample's tokens for the masked objectives.
 Embedding tables are excluded, and so is attention's quadratic term, so MFU is slightly understated for long
 sequences. Padding is compute the model does not need: it lowers MFU, which is the point.
 
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, PretrainedConfig
 
 from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.objectives_zidong import REGISTRY
 from zidong.models.zidong.towers_zidong import is_convolutional, vision_patch_size
 
 
@@ -59,17 +61,16 @@ class StepFlops:
 
     def of_tokens(self, tokens: dict[str, np.ndarray], weights: dict[str, float]) -> float:
         """Model FLOPs of training on samples with `tokens[modality]` (samples,) tokens each (0: absent)."""
+        passes = dict.fromkeys(MODALITIES, 1)
+        fusion_tokens = 0.0
+        for objective in REGISTRY:  # what each weighted objective adds (zidong/models/zidong/objectives_zidong.py)
+            if objective.weighted(weights):
+                for modality, extra in objective.extra_tower_passes(weights).items():
+                    passes[modality] += extra
+                fusion_tokens += objective.fusion_tokens(tokens, weights)
         flops = 0.0
         for modality, (parameters, trains) in self.towers.items():
-            passes = 1 + bool(weights.get(f"masked_{modality}"))
-            flops += (6 if trains else 2) * parameters * float(tokens[modality].sum()) * passes
-        per_sample = sum(tokens.values())
-        multi_modal = sum((tokens[m] > 0).astype(np.int64) for m in MODALITIES) >= 2
-        fusion_tokens = 0.0
-        if weights.get("matching"):
-            fusion_tokens += 2 * float(per_sample[multi_modal].sum())
-        if any(weights.get(f"masked_{m}") for m in MODALITIES):
-            fusion_tokens += float(per_sample.sum())
+            flops += (6 if trains else 2) * parameters * float(tokens[modality].sum()) * passes[modality]
         return flops + 6 * self.fusion * fusion_tokens
 
     def _tokens_per_sample(self, batch: dict[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,11 +7,12 @@ See docs/recipes.md for the grammar and a description of every section.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Literal
 
 from zidong.config import InvalidValue
 from zidong.modalities import MODALITIES
+from zidong.objectives import OBJECTIVE_NAMES
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:
@@ -220,13 +221,12 @@ class ObjectiveSection:
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
 
 
-@dataclass
-class LossSection:
-    contrastive: ObjectiveSection = field(default_factory=ObjectiveSection)
-    matching: ObjectiveSection = field(default_factory=ObjectiveSection)
-    masked_text: ObjectiveSection = field(default_factory=ObjectiveSection)
-    masked_vision: ObjectiveSection = field(default_factory=ObjectiveSection)
-    masked_speech: ObjectiveSection = field(default_factory=ObjectiveSection)
+# one section per objective, from the registry's names (zidong/objectives.py)
+LossSection = make_dataclass(
+    "LossSection",
+    [(name, ObjectiveSection, field(default_factory=ObjectiveSection)) for name in OBJECTIVE_NAMES],
+)
+LossSection.__module__ = __name__  # (make_dataclass takes `module=` from Python 3.12 on)
 
 
 @dataclass(kw_only=True)

@@ -18,9 +18,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from zidong.errors import UserError
+from zidong.objectives import OBJECTIVE_NAMES
 from zidong.train.metrics import METRICS_FILE
 
-LOSS_KEYS = ("loss", "contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
+LOSS_KEYS = ("loss", *OBJECTIVE_NAMES)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -1,6 +1,6 @@
 """How `ZidongModel.forward` and `ZidongForClassification.forward` read their arguments: the inputs grouped by
-modality and checked against the presence masks, the text mask under either of its names, the objectives' weights,
-and the output switches they refuse or pass to a tower.
+modality and checked against the presence masks, the text mask under either of its names, and the output switches
+they refuse or pass to a tower.
 
 Imports only torch and numpy so exported folders load with `trust_remote_code=True`.
 """
@@ -14,8 +14,6 @@ import numpy as np
 import torch
 
 from .configuration_zidong import MODALITIES
-
-OBJECTIVES = ("contrastive", "matching", "masked_text", "masked_vision", "masked_speech")
 
 
 def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask) -> dict:
@@ -79,15 +77,6 @@ def features_arguments(
     return (own_mask if own_mask is not None else attention_mask), switches
 
 
-def checked_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-    if loss_weights is None:
-        return {"contrastive": 1.0}
-    unknown = sorted(set(loss_weights) - set(OBJECTIVES))
-    if unknown:
-        raise ValueError(f"unknown objective(s) {', '.join(unknown)} in loss_weights; known: {', '.join(OBJECTIVES)}")
-    return {name: float(weight) for name, weight in loss_weights.items() if weight}
-
-
 @dataclass
 class Presence:
     """Which of a batch's B samples have each modality, on the device and on the host.
@@ -146,10 +135,8 @@ def batch_presence(inputs: dict, given: dict, device: torch.device) -> Presence:
 
 
 __all__ = [
-    "OBJECTIVES",
     "Presence",
     "batch_presence",
-    "checked_loss_weights",
     "given_switches",
     "modality_inputs",
     "refuse_output_switches",

@@ -13,8 +13,9 @@ speech). Each tower runs on its present rows only; the embeddings are scattered 
 absent rows, a pair loss uses only the samples that have both modalities, and the fusion encoder masks out the
 modalities a sample lacks, so a missing modality never contributes a gradient.
 
-Objectives (`loss_weights`; a weight of 0 or a missing key skips that objective's compute), each in its own
-module that reads the towers' output (`Encoded`, towers_zidong.py) and returns named losses:
+Objectives (`loss_weights`; a weight of 0 or a missing key skips that objective's compute), each one `Objective`
+in the registry of objectives_zidong.py, its losses in its own module that reads the towers' output (`Encoded`,
+towers_zidong.py) and returns named losses:
 - `contrastive` (contrastive_zidong.py): symmetric loss for every present modality pair, negatives from all ranks.
 - `matching` (matching_zidong.py): the fusion encoder tells "matched" from "text / vision / speech was swapped"
   on hard negatives mined from the contrastive scores.
@@ -47,22 +48,20 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .arguments_zidong import (
-    OBJECTIVES,
     Presence,
     batch_presence,
-    checked_loss_weights,
     given_switches,
     modality_inputs,
     refuse_output_switches,
     text_mask_argument,
 )
 from .configuration_zidong import MODALITIES, ZidongConfig
-from .contrastive_zidong import EmbeddingGather, contrastive_objective
+from .contrastive_zidong import EmbeddingGather
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
 from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Launch, Lockstep
-from .masking_zidong import masked_modelling_objective
-from .matching_zidong import MATCHING_CLASSES, matching_objective
+from .matching_zidong import MATCHING_CLASSES
+from .objectives_zidong import OBJECTIVES, REGISTRY, checked_loss_weights
 from .tower_features_zidong import ZidongTowerFeatures
 from .towers_zidong import (
     Encoded,
@@ -321,12 +320,9 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         lockstep = Lockstep(self, self.launch.lockstep)
         encoded = self._encode_batch(inputs, presence, lockstep)
         losses: dict[str, torch.Tensor] = {}
-        if weights.get("contrastive"):
-            losses.update(contrastive_objective(self, encoded))
-        if weights.get("matching"):
-            losses.update(matching_objective(self, encoded, lockstep))
-        if any(weights.get(f"masked_{modality}") for modality in MODALITIES):
-            losses.update(masked_modelling_objective(self, encoded, weights, lockstep))
+        for objective in REGISTRY:  # objectives_zidong.py
+            if objective.weighted(weights):
+                losses.update(objective.losses(self, encoded, weights, lockstep))
         loss = None
         if return_loss:
             loss = self.logit_scale[0] * 0.0  # keeps a graph even when nothing in the batch can be scored
