@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unittest
+from typing import ClassVar
 
 import torch
 from hf_tests.test_configuration_common import ConfigTester
@@ -45,6 +46,10 @@ class ZidongModelTester:
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.is_training = True
+        # what the common tests read of a single encoder: here every tower's, and the classifier's text tower
+        self.hidden_size = TOWER["hidden_size"]
+        self.num_hidden_layers = LAYERS
+        self.num_attention_heads = TOWER["num_attention_heads"]
         text_mask = torch.ones(batch_size, seq_length, dtype=torch.long, device=torch_device)
         text_mask[0, seq_length // 2 :] = 0
         speech_mask = torch.ones(batch_size, SAMPLES, dtype=torch.long, device=torch_device)
@@ -86,36 +91,47 @@ class ZidongModelTester:
 
 
 # Tests that do not apply, with the reason (docs/model.md lists the same). The names of parameterized tests match
-# with their generated suffixes (`test_eager_matches_sdpa_inference_00_fp16_pad_left_sdpa_kernels`, ...).
-REFUSED = "the joint forward refuses output_hidden_states and output_attentions with a TypeError"
+# with their generated suffixes (`test_eager_matches_sdpa_inference_16_bf16_pad_left_sdpa_kernels`, ...).
 SKIPS = {
-    "test_hidden_states_output": f"{REFUSED}: hidden states belong to three towers and the fusion encoder; each "
-    "tower's come from get_*_features, tested by test_get_*_features_hidden_states (CLIP: 'Hidden_states is "
-    "tested in individual model tests')",
-    "test_attention_outputs": f"{REFUSED}; each tower's attentions come from get_*_features, tested by "
-    "test_get_*_features_attentions",
-    "test_retain_grad_hidden_states_attentions": f"{REFUSED} (CLIP: 'Retain_grad is tested in individual model tests')",
-    "test_capture_outputs_decorator": f"asks the joint forward for hidden states: {REFUSED}",
-    "test_can_capture_specific_layers_hidden_states": f"asks the joint forward for hidden states: {REFUSED}",
-    "test_eager_matches_sdpa_inference": f"compares hidden_states[-1] of the joint forward: {REFUSED}; the towers "
-    "are transformers' BERT, ViT and Wav2Vec2-BERT, whose own tests run it, and the fusion encoder calls SDPA only",
     "test_model_outputs_equivalence": "subtracts every output, and the outputs hold boolean presence masks; tuple "
     "and object outputs are compared by tests/models/test_transformers_api.py",
 }
+PER_TOWER = (
+    "reads one top-level `hidden_states` / `attentions`; the joint output holds them per tower "
+    "(text_model_output, vision_model_output, speech_model_output: CLIP's layout, and CLIP skips this test too); "
+    "ZidongForClassification, which has one encoder, runs it"
+)
+JOINT_SKIPS = {
+    **SKIPS,
+    "test_hidden_states_output": PER_TOWER,
+    "test_attention_outputs": PER_TOWER,
+    "test_retain_grad_hidden_states_attentions": PER_TOWER,
+    # measured: the bf16 towers' eager and SDPA outputs differ by about one bf16 step (0.3-0.5 % of a vision
+    # embedding), which on this random-init model's small logits (magnitude ~0.5) passes the test's 3e-2 x magnitude
+    # tolerance in most draws only (three runs of the 8 bf16 cases: one failed, one failed, none failed; a
+    # different case each time). The fp32 and fp16 cases compare logits_per_text and run.
+    "test_eager_matches_sdpa_inference_\\d+_bf16": "flaky in bf16 on CPU at this model's logit magnitudes (see the "
+    "comment in test_zidong_common.py); its fp32 and fp16 cases run",
+}
 
 
-def skip_what_does_not_apply(test_class: type) -> type:
-    for name in dir(test_class):
-        for test, reason in SKIPS.items():
-            if name == test or re.fullmatch(rf"{test}_\d+\w*", name):
-                setattr(test_class, name, unittest.skip(reason)(getattr(test_class, name)))
-    return test_class
+def skip_what_does_not_apply(skips: dict[str, str]):
+    def apply(test_class: type) -> type:
+        for name in dir(test_class):
+            for test, reason in skips.items():
+                if name == test or re.fullmatch(rf"{test}(_\d+)?\w*", name):
+                    setattr(test_class, name, unittest.skip(reason)(getattr(test_class, name)))
+        return test_class
+
+    return apply
 
 
-@skip_what_does_not_apply
+@skip_what_does_not_apply(JOINT_SKIPS)
 class ZidongModelTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (ZidongModel,)
     _is_composite = True
+    # what test_eager_matches_sdpa_inference passes besides input_ids (CLIP's tester names pixel_values)
+    additional_model_inputs: ClassVar[list[str]] = ["pixel_values", "input_values"]
     # The common inputs weight the contrastive objective only: the others draw random masks and negatives, which
     # the determinism and equivalence tests would see. So the other objectives' heads, the sigmoid loss's
     # logit_bias and the speech tower's unused SpecAugment embedding get no gradient here;
@@ -141,7 +157,7 @@ class ZidongForClassificationTester(ZidongModelTester):
         return config, {**inputs, "labels": ids_tensor([self.batch_size], 3)}
 
 
-@skip_what_does_not_apply
+@skip_what_does_not_apply(SKIPS)
 class ZidongForClassificationTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (ZidongForClassification,)
     _is_composite = True

@@ -121,7 +121,7 @@ def test_a_weight_missing_from_a_checkpoint_gets_its_towers_own_initialisation(t
     assert torch.equal(reloaded.bias, projection.bias)  # present in the checkpoint: loaded, not re-initialised
 
 
-def test_return_dict_false_gives_tuples_and_unsupported_output_switches_are_refused() -> None:
+def test_return_dict_false_gives_tuples() -> None:
     torch.manual_seed(0)
     model = ZidongModel(tiny_config()).eval()
     inputs = make_inputs({m: [True, True] for m in MODALITIES})
@@ -134,10 +134,6 @@ def test_return_dict_false_gives_tuples_and_unsupported_output_switches_are_refu
     with torch.no_grad():
         assert isinstance(model(**inputs), tuple)
     model.config.return_dict = True
-    for switch in ("output_hidden_states", "output_attentions"):
-        with pytest.raises(TypeError, match=switch):
-            model(**inputs, **{switch: True})
-        model(**inputs, **{switch: False})  # the default, accepted
     classifier = ZidongForClassification(tiny_config(classification_modality="text", id2label={0: "a", 1: "b"})).eval()
     with torch.no_grad():
         as_tuple = classifier(**inputs, labels=torch.tensor([0, 1]), return_dict=False)
@@ -145,6 +141,41 @@ def test_return_dict_false_gives_tuples_and_unsupported_output_switches_are_refu
     assert torch.equal(as_tuple[0], as_object.loss)
     assert torch.equal(as_tuple[2], as_object.logits)
     assert as_tuple[2].shape == (2, 2)
+
+
+def test_the_joint_forward_returns_each_towers_outputs_as_clip_does() -> None:
+    torch.manual_seed(0)
+    model = ZidongModel(tiny_config()).eval()
+    present = {"text": [True, True, False], "vision": [True, False, True], "speech": [False, False, False]}
+    inputs = make_inputs(present)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        text = model.text_model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["text_attention_mask"],
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+        vision = model.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        text_features = model.get_text_features(inputs["input_ids"], inputs["text_attention_mask"]).pooler_output
+        image_features = model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert out.speech_model_output is None  # no sample has speech
+    assert len(out.text_model_output.hidden_states) == model.config.text_config.num_hidden_layers + 1
+    for got, want in zip(out.text_model_output.hidden_states, text.hidden_states, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(out.text_model_output.attentions, text.attentions, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(out.vision_model_output.hidden_states[-1], vision.hidden_states[-1], rtol=0, atol=0)
+    # CLIP's logits over the whole batch: zero where a sample lacks text or vision
+    expected = torch.zeros(3, 3)
+    expected[:2][:, [0, 2]] = model.logit_scale.exp() * text_features @ image_features.T
+    torch.testing.assert_close(out.logits_per_text, expected)
+    torch.testing.assert_close(out.logits_per_image, expected.T)
+    classifier = ZidongForClassification(tiny_config(classification_modality="text", id2label={0: "a", 1: "b"}))
+    with torch.no_grad():
+        classified = classifier.eval()(**inputs, output_hidden_states=True)
+    assert len(classified.hidden_states) == model.config.text_config.num_hidden_layers + 1
+    assert classified.hidden_states[0].shape[0] == 2  # the rows that have text
 
 
 def test_features_follow_the_transformers_convention() -> None:

@@ -1,6 +1,6 @@
 """How `ZidongModel.forward` and `ZidongForClassification.forward` read their arguments: the inputs grouped by
 modality and checked against the presence masks, the text mask under either of its names, and the output switches
-they refuse or pass to a tower.
+they pass to a tower.
 
 Imports only torch and numpy so exported folders load with `trust_remote_code=True`.
 """
@@ -23,16 +23,6 @@ def modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, 
         "vision": (pixel_values, None),
         "speech": (input_values, speech_attention_mask),
     }
-
-
-def refuse_output_switches(output_hidden_states: bool | None, output_attentions: bool | None) -> None:
-    """The joint forward does not return the towers' hidden states or attentions: say so instead of ignoring it."""
-    for name, value in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
-        if value:
-            raise TypeError(
-                f"{name}=True is not supported by the joint forward; call get_text_features / "
-                f"get_vision_features / get_speech_features(..., {name}=True) for one tower's"
-            )
 
 
 def given_switches(switches: dict[str, bool | None]) -> dict[str, bool]:
@@ -139,6 +129,5 @@ __all__ = [
     "batch_presence",
     "given_switches",
     "modality_inputs",
-    "refuse_output_switches",
     "text_mask_argument",
 ]

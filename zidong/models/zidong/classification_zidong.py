@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .arguments_zidong import batch_presence, modality_inputs, refuse_output_switches, text_mask_argument
+from .arguments_zidong import batch_presence, modality_inputs, text_mask_argument
 from .configuration_zidong import MODALITIES, ZidongConfig
 from .lockstep_zidong import Lockstep
 from .modeling_zidong import ZidongModel, ZidongPreTrainedModel
@@ -23,6 +23,9 @@ class ZidongClassifierOutput(ModelOutput):
     losses: dict[str, torch.Tensor] | None = None
     logits: torch.Tensor | None = None  # (batch, classes); zero rows where a sample lacks the modality
     present: torch.Tensor | None = None  # (batch,) bool: the rows that were classified
+    # the classified tower's, on those rows, when asked for (as a transformers classifier returns its encoder's)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class ZidongForClassification(ZidongPreTrainedModel):
@@ -66,9 +69,9 @@ class ZidongForClassification(ZidongPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> ZidongClassifierOutput:
-        """Logits for the rows that have the classified modality and, with `labels`, their cross-entropy.
+        """Logits for the rows that have the classified modality and, with `labels`, their cross-entropy; the
+        classified tower's hidden states and attentions with `output_hidden_states` / `output_attentions`.
         `attention_mask` is accepted for `text_attention_mask`; an unknown keyword argument raises TypeError."""
-        refuse_output_switches(output_hidden_states, output_attentions)
         text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
         modality = self.config.classification_modality
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
@@ -77,9 +80,11 @@ class ZidongForClassification(ZidongPreTrainedModel):
         present = presence[modality]
         lockstep = Lockstep(self.zidong, self.launch.lockstep)
         logits = self.classifier.weight.new_zeros(present.shape[0], self.config.num_labels)
+        tower_output = None
         if presence.has(modality):
-            rows = self.classifier(self.zidong.encode(modality, *inputs[modality]).pooled)
-            logits = scatter_rows(rows, present, presence.rows[modality])
+            switches = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+            tower_output = self.zidong.encode(modality, *inputs[modality], **switches)
+            logits = scatter_rows(self.classifier(tower_output.pooled), present, presence.rows[modality])
         else:  # in lockstep the tower still runs, on a placeholder row
             lockstep.idle(lambda: self.classifier(self.zidong.encode(modality, *lockstep.placeholder(modality)).pooled))
         loss = None
@@ -90,7 +95,12 @@ class ZidongForClassification(ZidongPreTrainedModel):
             summed = F.cross_entropy(logits.float(), labels.masked_fill(~scored, -100), reduction="sum")
             loss = lockstep.tie(summed / scored.sum().clamp(min=1) + self.classifier.bias.sum() * 0.0)
         return ZidongClassifierOutput(
-            loss=loss, losses={"classify": loss} if loss is not None else None, logits=logits, present=present
+            loss=loss,
+            losses={"classify": loss} if loss is not None else None,
+            logits=logits,
+            present=present,
+            hidden_states=tower_output.hidden_states if tower_output is not None else None,
+            attentions=tower_output.attentions if tower_output is not None else None,
         )
 
 

@@ -45,6 +45,7 @@ import torchaudio
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .arguments_zidong import (
@@ -52,7 +53,6 @@ from .arguments_zidong import (
     batch_presence,
     given_switches,
     modality_inputs,
-    refuse_output_switches,
     text_mask_argument,
 )
 from .configuration_zidong import MODALITIES, ZidongConfig
@@ -87,6 +87,26 @@ class ZidongOutput(ModelOutput):
     vision_present: torch.Tensor | None = None
     speech_present: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
+    # CLIP's names: (B, B) text x vision similarity logits (exp(logit_scale) x cosine, + logit_bias for the sigmoid
+    # loss; 0 or the bias where a sample lacks either), and its transpose
+    logits_per_text: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    # each tower's own output on the rows that have its modality (None where no sample has it), as CLIP's
+    # text_model_output: last_hidden_state, pooler_output (before the projection), and hidden states and
+    # attentions when asked for (`output_hidden_states` / `output_attentions`, or the tower's config)
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    speech_model_output: BaseModelOutputWithPooling | None = None
+
+
+def tower_model_output(tower_output: TowerOutput) -> BaseModelOutputWithPooling:
+    """One tower's `TowerOutput` as transformers returns a tower's output."""
+    return BaseModelOutputWithPooling(
+        last_hidden_state=tower_output.token_states,
+        pooler_output=tower_output.pooled,
+        hidden_states=tower_output.hidden_states,
+        attentions=tower_output.attentions,
+    )
 
 
 class ZidongPreTrainedModel(PreTrainedModel):
@@ -309,16 +329,17 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
 
         `loss_weights` maps objective names (`OBJECTIVES`) to weights; by default only `contrastive` (1.0).
         `attention_mask` is accepted for `text_attention_mask` (`model(**tokenizer(texts, padding=True))`); an
-        unknown keyword argument raises TypeError.
+        unknown keyword argument raises TypeError. `output_hidden_states` / `output_attentions` reach every tower:
+        each tower's come back in `text_model_output`, `vision_model_output`, `speech_model_output` (CLIP's layout).
         """
-        refuse_output_switches(output_hidden_states, output_attentions)
         text_attention_mask = text_mask_argument(text_attention_mask, attention_mask, token_type_ids)
+        switches = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
         weights = checked_loss_weights(loss_weights) if return_loss else {}
         inputs = modality_inputs(input_ids, text_attention_mask, pixel_values, input_values, speech_attention_mask)
         given = {"text": text_present, "vision": vision_present, "speech": speech_present}
         presence = batch_presence(inputs, given, self.device)
         lockstep = Lockstep(self, self.launch.lockstep)
-        encoded = self._encode_batch(inputs, presence, lockstep)
+        encoded = self._encode_batch(inputs, presence, lockstep, switches)
         losses: dict[str, torch.Tensor] = {}
         for objective in REGISTRY:  # objectives_zidong.py
             if objective.weighted(weights):
@@ -340,9 +361,26 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
             vision_present=presence["vision"],
             speech_present=presence["speech"],
             logit_scale=self.logit_scale,
+            **self._text_vision_logits(encoded.embeds),
+            **{
+                f"{modality}_model_output": tower_model_output(encoded.outputs[modality])
+                for modality in MODALITIES
+                if presence.has(modality)
+            },
         )
 
-    def _encode_batch(self, inputs: dict, presence: Presence, lockstep: Lockstep) -> Encoded:
+    def _text_vision_logits(self, embeds: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """CLIP's `logits_per_text` and `logits_per_image` (SigLIP's, with the bias, for the sigmoid loss)."""
+        if embeds["text"] is None or embeds["vision"] is None:
+            return {}
+        logits = self.logit_scale.exp() * (embeds["text"].float() @ embeds["vision"].float().T)
+        if self.config.contrastive_loss == "sigmoid":
+            logits = logits + self.logit_bias
+        return {"logits_per_text": logits, "logits_per_image": logits.T}
+
+    def _encode_batch(
+        self, inputs: dict, presence: Presence, lockstep: Lockstep, switches: Mapping[str, bool | None]
+    ) -> Encoded:
         """Each tower on the rows that have its modality (in lockstep, an absent one on a placeholder row)."""
         ran, outputs, embeds = {}, {}, dict.fromkeys(MODALITIES)
         for modality in MODALITIES:
@@ -351,20 +389,23 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
                 continue
             ran[modality] = inputs[modality] if real else lockstep.placeholder(modality)
             with lockstep.idle_work(not real):
-                outputs[modality] = self.encode(modality, *ran[modality])
+                outputs[modality] = self.encode(modality, *ran[modality], **switches)
             embeds[modality] = scatter_rows(
                 self._embed(modality, outputs[modality]), presence[modality], presence.rows[modality]
             )
             lockstep.keep(embeds[modality])  # a projection that no pair loss reads still takes part
         return Encoded(ran, outputs, presence, embeds)
 
-    def encode(self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> TowerOutput:
-        """The tower of `modality` on its inputs (`mask`: the text or speech attention mask; vision takes none)."""
+    def encode(
+        self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> TowerOutput:
+        """The tower of `modality` on its inputs (`mask`: the text or speech attention mask; vision takes none);
+        `switches`: the tower's `output_hidden_states` / `output_attentions`."""
         if modality == "text":
-            return self.encode_text(values, mask)
+            return self.encode_text(values, mask, **switches)
         if modality == "vision":
-            return self.encode_vision(values)
-        return self.encode_speech(values, mask)
+            return self.encode_vision(values, **switches)
+        return self.encode_speech(values, mask, **switches)
 
     def prediction_heads(self) -> dict[str, nn.Module | None]:
         """The masked-modelling head of each modality (vision: None for a tower without patches)."""
