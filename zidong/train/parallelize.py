@@ -9,8 +9,8 @@ same on a CPU mesh over gloo as on GPUs over NCCL, so the tests train this exact
 
 The shard units are every transformer layer of each tower and of the fusion encoder (in transformers 5 every
 such layer subclasses `GradientCheckpointingLayer`), then the root: what is left (embeddings, the audio front
-end, pooling, projections, heads, `logit_scale`) is gathered once per forward. The model learns nothing of this:
-prepared for lockstep (`prepare_for_launcher`, zidong/train/distributed.py), every process makes the same calls.
+end, pooling, projections, heads, `logit_scale`) is gathered once per forward. The model learns nothing of this;
+`prepare_for_launcher` (zidong/train/distributed.py) makes every process call the same modules.
 """
 
 from __future__ import annotations

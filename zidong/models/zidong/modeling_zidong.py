@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -45,8 +44,7 @@ import torchaudio
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import can_return_tuple
 
 from .arguments_zidong import (
     Presence,
@@ -62,6 +60,7 @@ from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Launch, Lockstep
 from .matching_zidong import MATCHING_CLASSES
 from .objectives_zidong import OBJECTIVES, REGISTRY, checked_loss_weights
+from .outputs_zidong import ZidongOutput, text_vision_logits, tower_model_output
 from .tower_features_zidong import ZidongTowerFeatures
 from .towers_zidong import (
     Encoded,
@@ -74,39 +73,6 @@ from .towers_zidong import (
     vision_patch_size,
     vision_pooling,
 )
-
-
-@dataclass
-class ZidongOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    losses: dict[str, torch.Tensor] | None = None
-    text_embeds: torch.Tensor | None = None
-    vision_embeds: torch.Tensor | None = None
-    speech_embeds: torch.Tensor | None = None
-    text_present: torch.Tensor | None = None
-    vision_present: torch.Tensor | None = None
-    speech_present: torch.Tensor | None = None
-    logit_scale: torch.Tensor | None = None
-    # CLIP's names: (B, B) text x vision similarity logits (exp(logit_scale) x cosine, + logit_bias for the sigmoid
-    # loss; 0 or the bias where a sample lacks either), and its transpose
-    logits_per_text: torch.Tensor | None = None
-    logits_per_image: torch.Tensor | None = None
-    # each tower's own output on the rows that have its modality (None where no sample has it), as CLIP's
-    # text_model_output: last_hidden_state, pooler_output (before the projection), and hidden states and
-    # attentions when asked for (`output_hidden_states` / `output_attentions`, or the tower's config)
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPooling | None = None
-    speech_model_output: BaseModelOutputWithPooling | None = None
-
-
-def tower_model_output(tower_output: TowerOutput) -> BaseModelOutputWithPooling:
-    """One tower's `TowerOutput` as transformers returns a tower's output."""
-    return BaseModelOutputWithPooling(
-        last_hidden_state=tower_output.token_states,
-        pooler_output=tower_output.pooled,
-        hidden_states=tower_output.hidden_states,
-        attentions=tower_output.attentions,
-    )
 
 
 class ZidongPreTrainedModel(PreTrainedModel):
@@ -361,22 +327,13 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
             vision_present=presence["vision"],
             speech_present=presence["speech"],
             logit_scale=self.logit_scale,
-            **self._text_vision_logits(encoded.embeds),
+            **text_vision_logits(encoded.embeds, self.logit_scale, self.logit_bias, self.config.contrastive_loss),
             **{
                 f"{modality}_model_output": tower_model_output(encoded.outputs[modality])
                 for modality in MODALITIES
                 if presence.has(modality)
             },
         )
-
-    def _text_vision_logits(self, embeds: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """CLIP's `logits_per_text` and `logits_per_image` (SigLIP's, with the bias, for the sigmoid loss)."""
-        if embeds["text"] is None or embeds["vision"] is None:
-            return {}
-        logits = self.logit_scale.exp() * (embeds["text"].float() @ embeds["vision"].float().T)
-        if self.config.contrastive_loss == "sigmoid":
-            logits = logits + self.logit_bias
-        return {"logits_per_text": logits, "logits_per_image": logits.T}
 
     def _encode_batch(
         self, inputs: dict, presence: Presence, lockstep: Lockstep, switches: Mapping[str, bool | None]
