@@ -37,11 +37,12 @@ class ZidongOutput(ModelOutput):
     speech_model_output: BaseModelOutputWithPooling | None = None
 
 
-def tower_model_output(tower_output: TowerOutput) -> BaseModelOutputWithPooling:
-    """One tower's `TowerOutput` as transformers returns a tower's output."""
+def tower_model_output(tower_output: TowerOutput, pooled: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+    """One tower's `TowerOutput` as transformers returns a tower's output; `pooled` stands for its pooled state
+    where given (the features methods put the embedding there, as CLIP's do)."""
     return BaseModelOutputWithPooling(
         last_hidden_state=tower_output.token_states,
-        pooler_output=tower_output.pooled,
+        pooler_output=tower_output.pooled if pooled is None else pooled,
         hidden_states=tower_output.hidden_states,
         attentions=tower_output.attentions,
     )

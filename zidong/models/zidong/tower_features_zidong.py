@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple
 
 from .arguments_zidong import features_arguments
+from .outputs_zidong import tower_model_output
 from .towers_zidong import TowerOutput
 
 
@@ -56,12 +57,7 @@ class ZidongTowerFeatures:
         return self.get_speech_features(input_values, attention_mask, return_dict=True, **batch)
 
     def _features(self, modality: str, tower_output: TowerOutput) -> BaseModelOutputWithPooling:
-        return BaseModelOutputWithPooling(
-            last_hidden_state=tower_output.token_states,
-            pooler_output=self._embed(modality, tower_output),
-            hidden_states=tower_output.hidden_states,
-            attentions=tower_output.attentions,
-        )
+        return tower_model_output(tower_output, self._embed(modality, tower_output))
 
 
 __all__ = ["ZidongTowerFeatures"]
