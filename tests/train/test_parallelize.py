@@ -10,8 +10,9 @@ from zidong.config import ConfigError, load_config
 from zidong.errors import UserError
 from zidong.models.zidong.configuration_zidong import ZidongConfig
 from zidong.models.zidong.modeling_zidong import ZidongModel
-from zidong.train.parallelize import check_parallel, shard_units
+from zidong.train.parallelize import shard_units
 from zidong.train.recipe import PretrainRecipe
+from zidong.train.strategies import chosen_strategy
 
 TINY = "recipes/pretrain/tiny.yaml"
 
@@ -70,7 +71,7 @@ def test_settings_that_cannot_run_as_written_are_refused(
     overrides: list[str], world_size: int, deepspeed: bool, message: str
 ) -> None:
     with pytest.raises(UserError, match=message):
-        check_parallel(recipe(*overrides), world_size, deepspeed)
+        chosen_strategy(recipe(*overrides), world_size, deepspeed)
 
 
 @pytest.mark.parametrize(
@@ -83,19 +84,19 @@ def test_settings_that_cannot_run_as_written_are_refused(
     ],
 )
 def test_settings_that_can_run_pass(overrides: list[str], world_size: int, deepspeed: bool) -> None:
-    check_parallel(recipe(*overrides), world_size, deepspeed)
+    chosen_strategy(recipe(*overrides), world_size, deepspeed)
 
 
 def test_hsdp_groups_default_to_the_processes_of_a_node(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(UserError, match="whole groups of 3; use a shard size that divides 8"):
-        check_parallel(recipe("parallel.strategy=hsdp"), 8, deepspeed=False)
+        chosen_strategy(recipe("parallel.strategy=hsdp"), 8, deepspeed=False)
 
 
 def test_fsdp_asked_of_accelerate_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match=r"set parallel\.strategy=fsdp in the recipe"):
-        check_parallel(recipe(), 2, deepspeed=False)
+        chosen_strategy(recipe(), 2, deepspeed=False)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
-"""The distributed set-up of a training run: the `Accelerator`, DeepSpeed's settings, how the model is prepared
+"""The distributed set-up of a training run: the `Accelerator`, the strategy in use, how the model is prepared
 for its launcher (lockstep, the contrastive gather), and the few decisions every process must take together.
 
 Launchers (torchrun, `accelerate launch`, SLURM) set the environment; `make_accelerator` turns it into DDP (gloo on
 CPU, NCCL on GPUs) or DeepSpeed ZeRO, and refuses a launch that would leave processes training alone or that
-disagrees with the recipe's `parallel` section. FSDP2 (`parallel.strategy=fsdp|hsdp`) runs over the same process
-group, applied by zidong/train/parallelize.py rather than by Accelerate.
+disagrees with the recipe's `parallel` section. Each `parallel.strategy` is one `Strategy` (zidong/train/strategies.py);
+FSDP2 (`fsdp`, `hsdp`) runs over the same process group, applied by zidong/train/parallelize.py rather than by
+Accelerate.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from transformers.integrations import unset_hf_deepspeed_config
 
 from zidong.errors import UserError
 from zidong.train.collectives import ProcessGather
-from zidong.train.parallelize import check_parallel, shard_group_size
 from zidong.train.recipe import PretrainRecipe
+from zidong.train.strategies import Strategy, chosen_strategy, launched_with_deepspeed
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -65,23 +66,17 @@ def make_accelerator(recipe: PretrainRecipe, output_dir: Path) -> Accelerator:
     return accelerator
 
 
-def strategy_in_use(accelerator: Accelerator, recipe: PretrainRecipe) -> str:
-    """The start-up log's account of how the model is spread over the processes (FSDP2 adds its mesh later)."""
-    if accelerator.state.deepspeed_plugin is not None:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage} over {accelerator.num_processes}"
-    if recipe.parallel.sharded:
-        groups = accelerator.num_processes // shard_group_size(recipe.parallel, accelerator.num_processes)
-        return f"FSDP2 ({recipe.parallel.strategy}) over {accelerator.num_processes}, {groups} replica group(s)"
-    if accelerator.num_processes > 1:
-        return f"DDP over {accelerator.num_processes}"
-    return "one process, whole model"
+def strategy_in_use(accelerator: Accelerator, recipe: PretrainRecipe) -> Strategy:
+    """The strategy of the run as Accelerate actually set it up (DeepSpeed where it prepared DeepSpeed)."""
+    return chosen_strategy(recipe, accelerator.num_processes, accelerator.state.deepspeed_plugin is not None)
 
 
-def check_launch(recipe: PretrainRecipe) -> None:
+def check_launch(recipe: PretrainRecipe) -> Strategy:
     """Refuse settings this machine or launch cannot train with, before anything is written: a
-    `train.mixed_precision` it cannot do (instead of training in float32 unasked), and a `parallel` section the launcher disagrees with (`check_parallel`)."""
+    `train.mixed_precision` it cannot do (instead of training in float32 unasked), and a `parallel` section the
+    launcher disagrees with (`chosen_strategy`). Returns the strategy the launch runs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_parallel(recipe, world, deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
+    strategy = chosen_strategy(recipe, world, launched_with_deepspeed())
     settings, cpu = recipe.train, not torch.cuda.is_available()
     if settings.mixed_precision == "fp16" and cpu:
         raise UserError(
@@ -93,6 +88,7 @@ def check_launch(recipe: PretrainRecipe) -> None:
             f"train.mixed_precision=bf16: {torch.cuda.get_device_name()} has no bf16 support; use "
             "train.mixed_precision=fp16 (loss scaling) or no"
         )
+    return strategy
 
 
 def precision_in_use(accelerator: Accelerator) -> str:
@@ -119,7 +115,9 @@ class Launched:
     gather: ProcessGather | None
 
 
-def prepare_for_launcher(model: torch.nn.Module, accelerator: Accelerator, recipe: PretrainRecipe) -> Launched:
+def prepare_for_launcher(
+    model: torch.nn.Module, accelerator: Accelerator, recipe: PretrainRecipe, strategy: Strategy
+) -> Launched:
     """Set, once, how the model runs under this launcher (`ZidongPreTrainedModel.prepare_for_launcher`).
 
     Under DeepSpeed and FSDP2 every process runs every tower and head on every step, in lockstep (placeholders
@@ -128,7 +126,7 @@ def prepare_for_launcher(model: torch.nn.Module, accelerator: Accelerator, recip
     processes whose batches differ in modalities must still make the same calls; LayerDrop, which skips random
     layers differently on each process, is turned off there. DDP instead runs with find_unused_parameters. On
     several processes the contrastive loss gathers every process's embeddings (`ProcessGather`)."""
-    lockstep = accelerator.distributed_type == DistributedType.DEEPSPEED or recipe.parallel.sharded
+    lockstep = strategy.lockstep
     gather = ProcessGather(accelerator.device, recipe.train.batch_size) if accelerator.num_processes > 1 else None
     zidong = model.base_model  # a classifier wraps the joint model
     zidong.prepare_for_launcher(lockstep=lockstep, gather=gather)
@@ -139,21 +137,6 @@ def prepare_for_launcher(model: torch.nn.Module, accelerator: Accelerator, recip
                 tower.config.layerdrop = 0.0
                 getattr(zidong.config, f"{modality}_config").layerdrop = 0.0
     return Launched(collective_forward=lockstep, gather=gather)
-
-
-def configure_deepspeed(accelerator: Accelerator, recipe: PretrainRecipe) -> None:
-    """Under DeepSpeed, batch size, accumulation and clipping come from the recipe (we prepare no DataLoader
-    from which Accelerate could read the batch size)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        plugin.deepspeed_config.update(
-            {
-                "train_micro_batch_size_per_gpu": recipe.train.batch_size,
-                "train_batch_size": recipe.train.batch_size * recipe.train.grad_accum * accelerator.num_processes,
-                "gradient_accumulation_steps": recipe.train.grad_accum,
-                "gradient_clipping": recipe.train.max_grad_norm,
-            }
-        )
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """FSDP2 and compilation for the trainer: the one module that knows how a zidong model is split into blocks, sharded
-(`parallel.strategy=fsdp|hsdp`) and compiled (`train.compile`).
+(`parallel.strategy=fsdp|hsdp`, whose `Strategy` in zidong/train/strategies.py calls it) and compiled
+(`train.compile`).
 
 zidong applies PyTorch's `fully_shard` itself instead of driving Accelerate's FSDP plugin, for three reasons
 measured with accelerate 1.16 and torch 2.11 (docs/architecture.md): Accelerate sets up FSDP only on accelerator
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,51 +27,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from zidong.errors import UserError
-from zidong.train.recipe import ParallelSection, PretrainRecipe
+from zidong.train.recipe import ParallelSection
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_parallel(recipe: PretrainRecipe, world_size: int, deepspeed: bool) -> None:
-    """Refuse a `parallel` section that cannot run as written under this launch, before any work: DeepSpeed
-    chosen by the launcher together with another strategy, an HSDP shard size that does not divide the processes,
-    FSDP asked of Accelerate's launcher config, bf16 layers without bf16 autocast."""
-    settings = recipe.parallel
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        raise UserError(
-            "the launcher asks Accelerate for FSDP (an Accelerate config with `distributed_type: FSDP`, or "
-            "ACCELERATE_USE_FSDP=true): zidong shards with FSDP2 itself, on CPU and GPUs alike. Launch without it "
-            "(torchrun, or `accelerate launch` with no FSDP config) and set parallel.strategy=fsdp in the recipe "
-            "(parallel.strategy=hsdp across nodes)"
-        )
-    if deepspeed and settings.strategy != "auto":
-        raise UserError(
-            f"parallel.strategy={settings.strategy}, but the launcher's Accelerate config chose DeepSpeed: the two "
-            "disagree. Keep the DeepSpeed config and set parallel.strategy=auto, or launch with torchrun and keep "
-            f"parallel.strategy={settings.strategy}"
-        )
-    if settings.strategy == "hsdp":
-        shard_size = shard_group_size(settings, world_size)
-        if world_size % shard_size:
-            raise UserError(
-                f"parallel.shard_size={shard_size}: HSDP needs the {world_size} processes in whole groups of "
-                f"{shard_size}; use a shard size that divides {world_size} (the processes per node, usually)"
-            )
-    if settings.sharded and settings.param_dtype == "bf16" and recipe.train.mixed_precision != "bf16":
-        raise UserError(
-            "parallel.param_dtype=bf16 computes the sharded layers in bf16, but train.mixed_precision="
-            f"{recipe.train.mixed_precision}: the float32 parts of the model would meet bf16 activations. Set "
-            "train.mixed_precision=bf16 too, or parallel.param_dtype=float32"
-        )
-
-
-def shard_group_size(settings: ParallelSection, world_size: int) -> int:
-    """Processes per shard group: all of them under `fsdp`; under `hsdp` `parallel.shard_size`, by default the
-    processes of one node (LOCAL_WORLD_SIZE, which torchrun sets)."""
-    if settings.strategy != "hsdp":
-        return world_size
-    return settings.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -82,15 +40,10 @@ def ensure_process_group(device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def device_mesh(settings: ParallelSection, device: torch.device) -> DeviceMesh:
-    """The mesh FSDP2 shards over: 1-D (`shard`) for fsdp, 2-D (`replicate`, `shard`) for hsdp."""
-    world_size = dist.get_world_size()
-    shard_size = shard_group_size(settings, world_size)
-    if settings.strategy == "hsdp":
-        return init_device_mesh(
-            device.type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
-        )
-    return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+def device_mesh(device: torch.device, shape: dict[str, int]) -> DeviceMesh:
+    """The mesh FSDP2 shards over, its dimensions named and sized by `shape` (outermost first): (`shard`) for
+    fsdp, (`replicate`, `shard`) for hsdp (zidong/train/strategies.py)."""
+    return init_device_mesh(device.type, tuple(shape.values()), mesh_dim_names=tuple(shape))
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from zidong.config import InvalidValue
 from zidong.modalities import MODALITIES
 from zidong.objectives import OBJECTIVE_NAMES
+from zidong.train.strategies import STRATEGIES, strategy_keys
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:
@@ -140,16 +141,17 @@ class TrainSection:
 class ParallelSection:
     """How the model is spread over the processes a launcher started (docs/training.md, "Choosing a strategy").
 
-    `auto`: what the launcher set up (DeepSpeed under a DeepSpeed Accelerate config, DDP otherwise). `ddp`: every
-    process holds the whole model. `fsdp`: FSDP2 (`fully_shard`) over all processes, one shard unit per transformer
-    layer of every tower and of the fusion encoder, then the rest. `hsdp`: FSDP2 within groups of `shard_size`
-    processes (a node), replicated across the groups. `param_dtype` is the dtype a sharded layer is gathered and
-    computed in (bf16 needs `train.mixed_precision=bf16`), `reduce_dtype` the dtype its gradients are reduced in.
+    `strategy` names a `Strategy` of zidong/train/strategies.py. `auto`: what the launcher set up (DeepSpeed under
+    a DeepSpeed Accelerate config, DDP otherwise). `ddp`: every process holds the whole model. `fsdp`: FSDP2
+    (`fully_shard`) over all processes, one shard unit per transformer layer of every tower and of the fusion
+    encoder, then the rest. `hsdp`: FSDP2 within groups of `shard_size` processes (a node), replicated across the
+    groups. `param_dtype` is the dtype a sharded layer is gathered and computed in (bf16 needs
+    `train.mixed_precision=bf16`), `reduce_dtype` the dtype its gradients are reduced in.
     `collective_timeout_s`: how long any collective (gradient reduce, gather, the barriers of a checkpoint) waits
     for every process before the run ends with an error, under every strategy: a process that dies or hangs ends
     the job instead of stalling it."""
 
-    strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"
+    strategy: str = "auto"
     shard_size: int | None = None
     reshard_after_forward: bool = True
     param_dtype: Literal["float32", "bf16"] = "float32"
@@ -157,6 +159,11 @@ class ParallelSection:
     collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _require(
+            self.strategy in STRATEGIES,
+            "strategy",
+            f"must be one of {', '.join(STRATEGIES)} (zidong/train/strategies.py), got {self.strategy!r}",
+        )
         _require(
             self.collective_timeout_s > 0,
             "collective_timeout_s",
@@ -167,25 +174,15 @@ class ParallelSection:
             "shard_size",
             f"must be at least 1 (processes per shard group), got {self.shard_size}",
         )
-        _require(
-            self.shard_size is None or self.strategy == "hsdp",
-            "shard_size",
-            f"only applies to parallel.strategy=hsdp (got strategy {self.strategy}); remove it or use hsdp",
-        )
-        # FSDP2's own keys: set under another strategy they would be ignored, so they are refused
-        defaults = {"reshard_after_forward": True, "param_dtype": "float32", "reduce_dtype": "float32"}
-        for name, default in defaults.items():
+        # a key only some strategies read: set under another strategy it would be ignored, so it is refused
+        defaults = {name: field.default for name, field in self.__dataclass_fields__.items()}
+        for name, readers in strategy_keys().items():
             _require(
-                self.sharded or getattr(self, name) == default,
+                self.strategy in readers or getattr(self, name) == defaults[name],
                 name,
-                f"only applies to parallel.strategy=fsdp or hsdp (got strategy {self.strategy}); remove it or "
-                "choose fsdp/hsdp",
+                f"only applies to parallel.strategy={' or '.join(readers)} (got strategy {self.strategy}); remove "
+                f"it or choose {'/'.join(readers)}",
             )
-
-    @property
-    def sharded(self) -> bool:
-        """FSDP2 (zidong applies `fully_shard` itself: zidong/train/parallelize.py)."""
-        return self.strategy in ("fsdp", "hsdp")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The task builds the model (zidong/train/task.py, from the builders in zidong/train/builders.py); `setup` applies
 the recipe's training settings to it, then freezes, compiles, shards and prepares it, and builds the optimizer,
-data stream, resume point and held-out set. The distributed side (the `Accelerator`, DeepSpeed, how the model is
-prepared for its launcher) is zidong/train/distributed.py, FSDP2 zidong/train/parallelize.py.
+data stream, resume point and held-out set. The distributed side (the `Accelerator`, how the model is prepared for
+its launcher) is zidong/train/distributed.py; how the model is sharded and prepared, the `Strategy` of
+`parallel.strategy` (zidong/train/strategies.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from zidong.train.checkpoint import ShardedParts, checkpoints, describe_model, l
 from zidong.train.distributed import (
     Launched,
     built_whole,
-    configure_deepspeed,
     make_accelerator,
     precision_in_use,
     prepare_for_launcher,
@@ -38,7 +38,7 @@ from zidong.train.distributed import (
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
 from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
-from zidong.train.parallelize import apply_fsdp, compile_layers, describe, device_mesh, ensure_process_group
+from zidong.train.parallelize import compile_layers
 from zidong.train.recipe import DataSection, PretrainRecipe
 from zidong.utils.log import get_logger
 
@@ -88,14 +88,15 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
     logger.info(
         "%d process(es), %s on %s", accelerator.num_processes, accelerator.distributed_type.value, accelerator.device
     )
-    logger.info("strategy: %s", strategy_in_use(accelerator, recipe))
+    strategy = strategy_in_use(accelerator, recipe)
+    logger.info("strategy: %s", strategy.describe(accelerator, recipe))
     logger.info("precision: %s", precision_in_use(accelerator))
     resume_from = resume_point(recipe, output_dir)
     set_seed(recipe.seed)
     with built_whole(accelerator):
         model, processor = task.build(recipe, accelerator)
     apply_train_settings(model, recipe)
-    launched = prepare_for_launcher(model, accelerator, recipe)
+    launched = prepare_for_launcher(model, accelerator, recipe, strategy)
     frozen = freeze_for_good(model, recipe)
     if frozen:
         logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
@@ -105,17 +106,10 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         logger.info("compiled: %d transformer layers, each on its own (dynamic shapes)", len(layers))
         for name, reason in eager.items():
             logger.warning("train.compile: %s layers stay eager on %s: %s", name, accelerator.device.type, reason)
-    if recipe.parallel.sharded:
-        shard_model(model, recipe, accelerator)
+    strategy.shard(model, recipe, accelerator)  # before the optimizer sees the parameters
     optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
-    scheduler = build_scheduler(optimizer, recipe)
-    configure_deepspeed(accelerator, recipe)
-    sharded = None
-    if recipe.parallel.sharded:  # the model is sharded already: Accelerate must not wrap it in DDP
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-        sharded = ShardedParts(model, optimizer, scheduler)
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    prepared = strategy.prepare(accelerator, recipe, model, optimizer, build_scheduler(optimizer, recipe))
+    model, optimizer, scheduler, sharded = prepared.model, prepared.optimizer, prepared.scheduler, prepared.sharded
     counters, data_states = Counters(), []
     if resume_from is not None:
         trainer_state, data_states = load_checkpoint(accelerator, resume_from, sharded)
@@ -149,15 +143,6 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
         sharded=sharded,
     )
-
-
-def shard_model(model: torch.nn.Module, recipe: PretrainRecipe, accelerator: Accelerator) -> None:
-    """FSDP2 as `parallel` says, in place, on the training device (before the optimizer sees the parameters)."""
-    ensure_process_group(accelerator.device)
-    model.to(accelerator.device)
-    mesh = device_mesh(recipe.parallel, accelerator.device)
-    units = apply_fsdp(model, recipe.parallel, mesh)
-    logger.info("sharding: %s", describe(recipe.parallel, mesh, units))
 
 
 # ------------------------------------------------------------------------------------------ builders
