@@ -18,8 +18,9 @@ from zidong.export.folders import write_tower
 from zidong.models.zidong.masking_zidong import mask_vision
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
+from zidong.models.zidong.tower_inputs_zidong import convolutional_forward_flops
 from zidong.models.zidong.towers_zidong import is_convolutional, tower_attention, vision_patch_size
-from zidong.train.flops import StepFlops, convolutional_forward_flops
+from zidong.train.flops import StepFlops
 
 CONVNEXT = {
     "model_type": "convnext",

@@ -3,10 +3,10 @@
 Model FLOPs count what the model needs for the real (unpadded) content of each batch, the usual
 "6 x parameters x tokens" rule per pass (2 for the forward, 4 for the backward; a tower frozen for the whole run
 has no backward, so 2):
-- each tower over its real tokens (text tokens, image patches + 1, 20 ms speech steps), once more for each pass
-  a weighted objective adds (`Objective.extra_tower_passes`: the masked pass of a masked objective); a convolutional vision tower (ConvNeXt, ResNet...) has no tokens:
-  its forward FLOPs per image are counted once per image size on the meta device (torch's FlopCounterMode) and
-  expressed as the tokens that give them under the rule (forward FLOPs / (2 x parameters));
+- each tower over its real tokens, as its kind of input counts them (`TowerInput.tokens`,
+  zidong/models/zidong/tower_inputs_zidong.py: text tokens, image patches + 1, 20 ms speech steps; a
+  convolutional vision tower's forward FLOPs as tokens), once more for each pass a weighted objective adds
+  (`Objective.extra_tower_passes`: the masked pass of a masked objective);
 - the fusion encoder over the real tokens of the samples it reads, as each weighted objective declares
   (`Objective.fusion_tokens`): twice the multi-modal samples' tokens for `matching` (positives and their hard
   negatives), and every sample's tokens for the masked objectives.
@@ -25,12 +25,13 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModel, PretrainedConfig
 
+from zidong.models.zidong.arguments_zidong import modality_inputs
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.objectives_zidong import REGISTRY
-from zidong.models.zidong.towers_zidong import is_convolutional, vision_patch_size
+
+# the collated batch's inputs, in the order of `modality_inputs`
+INPUT_KEYS = ("input_ids", "text_attention_mask", "pixel_values", "input_values", "speech_attention_mask")
 
 
 def _non_embedding(module: torch.nn.Module) -> tuple[int, bool]:
@@ -45,14 +46,10 @@ class StepFlops:
     """Model FLOPs of the batches a step trains on (built from the unwrapped model before `prepare`)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        config = model.config
         self.towers = {m: _non_embedding(tower) for m, tower in model.towers().items()}
         self.fusion = _non_embedding(model.fusion)[0]
+        self.tower_inputs = model.tower_inputs  # each tower's kind of input counts its tokens
         self.samples_per_speech_frame = model.fbank.window_shift
-        self.samples_per_speech_step = model.fbank.window_shift * config.speech_frame_stack
-        self.patch_size = vision_patch_size(config)
-        self.vision_config = config.vision_config if is_convolutional(config.vision_config) else None
-        self._convolutional_tokens: dict[tuple[int, int], int] = {}
 
     def of_batch(self, batch: dict[str, torch.Tensor | np.ndarray], weights: dict[str, float]) -> float:
         """Model FLOPs of one training micro-batch with objective `weights` (its real, unpadded tokens), counted
@@ -76,50 +73,24 @@ class StepFlops:
     def _tokens_per_sample(self, batch: dict[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
         # the trainer's batch is on the host: a no-op there (presence may already be arrays)
         host = {key: value.cpu().numpy() if torch.is_tensor(value) else value for key, value in batch.items()}
-        size = len(host["text_present"])
-        tokens = {m: np.zeros(size, dtype=np.int64) for m in MODALITIES}
-        if "input_ids" in host:
-            mask = host.get("text_attention_mask", np.ones_like(host["input_ids"]))
-            tokens["text"][host["text_present"]] = mask.sum(axis=1)
-        if "pixel_values" in host:
-            tokens["vision"][host["vision_present"]] = self._image_tokens(host["pixel_values"].shape[-2:])
-        if "input_values" in host:
-            mask = host.get("speech_attention_mask", np.ones(host["input_values"].shape, dtype=np.int64))
-            tokens["speech"][host["speech_present"]] = mask.sum(axis=1) // self.samples_per_speech_step
+        inputs = modality_inputs(*(host.get(key) for key in INPUT_KEYS))
+        tokens = {m: np.zeros(len(host["text_present"]), dtype=np.int64) for m in MODALITIES}
+        for modality, (values, mask) in inputs.items():
+            if values is not None:
+                tokens[modality][host[f"{modality}_present"]] = self.tower_inputs[modality].tokens(values, mask)
         return tokens
 
     def tokens_at_caps(
         self, text_tokens: int, image_size: tuple[int, int], speech_seconds: float, sampling_rate: int
     ) -> dict[str, np.ndarray]:
         """(1,) token counts per modality of one sample that reaches every cap (`zidong pretrain --dry-run`)."""
-        steps = int(speech_seconds * sampling_rate) // self.samples_per_speech_step
-        counts = (text_tokens, self._image_tokens(image_size), steps)
-        return {m: np.array([n]) for m, n in zip(MODALITIES, counts, strict=True)}
-
-    def _image_tokens(self, size: tuple[int, int]) -> int:
-        """Tokens of one image of `size` (height, width): patches + 1 for a vision transformer, the equivalent
-        tokens of its forward FLOPs for a convolutional tower."""
-        height, width = int(size[0]), int(size[1])
-        if self.vision_config is not None:
-            if (height, width) not in self._convolutional_tokens:
-                parameters = self.towers["vision"][0]
-                flops = convolutional_forward_flops(self.vision_config, height, width)
-                self._convolutional_tokens[height, width] = round(flops / (2 * parameters))
-            return self._convolutional_tokens[height, width]
-        if self.patch_size:
-            return (height // self.patch_size) * (width // self.patch_size) + 1
-        return 0
-
-
-def convolutional_forward_flops(tower_config: PretrainedConfig, height: int, width: int) -> float:
-    """Forward FLOPs of one image through a convolutional tower built from `tower_config`, counted on the meta
-    device (shapes only: nothing is allocated or computed)."""
-    with torch.device("meta"):
-        tower = AutoModel.from_config(tower_config, attn_implementation="eager")
-        pixels = torch.empty(1, getattr(tower_config, "num_channels", 3), height, width)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        tower(pixel_values=pixels)
-    return float(counter.get_total_flops())
+        vision = self.tower_inputs["vision"].config.vision_config
+        at_caps = {  # the shapes of such a sample (token counts read shapes and masks only)
+            "text": np.ones((1, text_tokens), dtype=np.int64),
+            "vision": np.broadcast_to(np.float32(0), (1, getattr(vision, "num_channels", 3), *image_size)),
+            "speech": np.ones((1, int(speech_seconds * sampling_rate)), dtype=np.int64),
+        }
+        return {m: self.tower_inputs[m].tokens(values, None) for m, values in at_caps.items()}
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:

@@ -25,6 +25,14 @@ from transformers import BatchFeature, SequenceFeatureExtractor
 MEL_BLOCKS = 4  # runs of filters multiplied separately (a quarter of the dense matmul's work for 80 bins)
 
 
+FRAME_SHIFT_MS = 10.0
+
+
+def frame_shift_samples(sampling_rate: int, frame_shift_ms: float = FRAME_SHIFT_MS) -> int:
+    """Samples from the start of one filterbank frame to the next."""
+    return int(sampling_rate * frame_shift_ms / 1000)
+
+
 class BatchedFbank(nn.Module):
     """Kaldi-style log-mel filterbank features for a padded batch of waveforms.
 
@@ -43,7 +51,7 @@ class BatchedFbank(nn.Module):
         sampling_rate: int = 16000,
         num_mel_bins: int = 80,
         frame_length_ms: float = 25.0,
-        frame_shift_ms: float = 10.0,
+        frame_shift_ms: float = FRAME_SHIFT_MS,
         preemphasis: float = 0.97,
         low_freq: float = 20.0,
         high_freq: float = 0.0,
@@ -55,7 +63,7 @@ class BatchedFbank(nn.Module):
         self.low_freq = low_freq
         self.high_freq = high_freq
         self.window_size = int(sampling_rate * frame_length_ms / 1000)
-        self.window_shift = int(sampling_rate * frame_shift_ms / 1000)
+        self.window_shift = frame_shift_samples(sampling_rate, frame_shift_ms)
         self.padded_window_size = 1 << (self.window_size - 1).bit_length()
         self.preemphasis = preemphasis
         self.waveform_scale = waveform_scale

@@ -53,19 +53,9 @@ class Lockstep:
         self._kept: list[torch.Tensor] = []
 
     def placeholder(self, modality: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One short, valid input row for the tower of `modality`: (values, attention mask or None)."""
-        config, device = self._model.config, self._model.device
-        if modality == "text":
-            token = config.text_config.pad_token_id or 0
-            return torch.full((1, 2), token, dtype=torch.long, device=device), None
-        if modality == "vision":
-            vision = config.vision_config
-            size = getattr(vision, "image_size", 224)
-            height, width = (size, size) if isinstance(size, int) else tuple(size)
-            channels = getattr(vision, "num_channels", 3)
-            return torch.zeros(1, channels, height, width, dtype=self._model.dtype, device=device), None
-        samples = config.sampling_rate // 2
-        return torch.zeros(1, samples, device=device), torch.ones(1, samples, dtype=torch.long, device=device)
+        """One short, valid input row for the tower of `modality`, as its kind of input makes it (two tokens, a
+        blank image, half a second of silence): (values, attention mask or None)."""
+        return self._model.tower_inputs[modality].placeholder(self._model.device, self._model.dtype)
 
     @contextlib.contextmanager
     def idle_work(self, idle: bool = True) -> Iterator[None]:

@@ -26,10 +26,10 @@ How the model runs on several processes is set once, by the training side (`prep
 DeepSpeed and FSDP, every call running the same modules in the same order whatever the batch holds, and the
 contrastive loss's gather of every process's embeddings); lockstep_zidong.py is the one place that knows how.
 
-Each tower is wrapped by an adapter that yields `TowerOutput(token_states, attention_mask, pooled)`: text and
-speech pool by masked mean (independent of padding), vision as `vision_pooling` says: the tower's own pooler
-where it keeps one (CLIP, SigLIP, DINOv2, ConvNeXt), else the class token (ViT, the presets), else the mean of
-its tokens (Swin).
+Each tower runs as the kind of input it reads says (`TowerInput`, tower_inputs_zidong.py: token ids, pixel values,
+waveforms or filterbanks), which yields `TowerOutput(token_states, attention_mask, pooled)`: text and speech pool
+by masked mean (independent of padding), vision as `vision_pooling` says: the tower's own pooler where it keeps
+one (CLIP, SigLIP, DINOv2, ConvNeXt), else the class token (ViT, the presets), else the mean of its tokens (Swin).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from .matching_zidong import MATCHING_CLASSES
 from .objectives_zidong import OBJECTIVES, REGISTRY, checked_loss_weights
 from .outputs_zidong import ZidongOutput, text_vision_logits, tower_model_output
 from .tower_features_zidong import ZidongTowerFeatures
+from .tower_inputs_zidong import tower_input
 from .towers_zidong import (
     Encoded,
     TowerOutput,
@@ -147,6 +148,7 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
             else None
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
+        self.tower_inputs = {modality: tower_input(config, modality) for modality in MODALITIES}
         self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
 
     def towers(self) -> dict[str, PreTrainedModel]:
@@ -204,35 +206,24 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
     ) -> TowerOutput:
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        output = self.text_model(input_ids=input_ids, attention_mask=mask.long(), **given_switches(switches))
-        states = output.last_hidden_state
-        return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
+        return self.encode("text", input_ids, attention_mask, **switches)
 
     def encode_vision(self, pixel_values: torch.Tensor, **switches: bool | None) -> TowerOutput:
-        output = self.vision_model(pixel_values=pixel_values, **given_switches(switches))
-        states = output.last_hidden_state
-        if states.dim() == 4:  # a convolutional tower's feature map: one token per position
-            states = states.flatten(2).transpose(1, 2)
-        if self.vision_pooling == "pooler":
-            pooled = output.pooler_output.flatten(1)
-        elif self.vision_pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            pooled = states.mean(dim=1)
-        mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
-        return TowerOutput(states, mask, pooled, output.hidden_states, getattr(output, "attentions", None))
+        return self.encode("vision", pixel_values, **switches)
 
     def encode_speech(
         self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **switches: bool | None
     ) -> TowerOutput:
         """Waveforms (n, samples) at 16 kHz -> tower states; features run batched on the model's device."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_values, dtype=torch.long)
-        if self.speech_takes_features:
-            steps, step_mask = self.speech_steps(input_values, attention_mask, augment=self.training)
-            return self.run_speech_tower(steps, step_mask, **switches)
-        return self.run_speech_tower(input_values, attention_mask.bool(), **switches)
+        return self.encode("speech", input_values, attention_mask, **switches)
+
+    def encode(
+        self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None, **switches: bool | None
+    ) -> TowerOutput:
+        """The tower of `modality` on its inputs (`mask`: the text or speech attention mask; vision takes none),
+        as the kind of input it reads says (`tower_inputs`, tower_inputs_zidong.py); `switches`: the tower's
+        `output_hidden_states` / `output_attentions`."""
+        return self.tower_inputs[modality].encode(self, values, mask, **switches)
 
     @property
     def speech_takes_features(self) -> bool:
@@ -352,17 +343,6 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
             )
             lockstep.keep(embeds[modality])  # a projection that no pair loss reads still takes part
         return Encoded(ran, outputs, presence, embeds)
-
-    def encode(
-        self, modality: str, values: torch.Tensor, mask: torch.Tensor | None = None, **switches: bool | None
-    ) -> TowerOutput:
-        """The tower of `modality` on its inputs (`mask`: the text or speech attention mask; vision takes none);
-        `switches`: the tower's `output_hidden_states` / `output_attentions`."""
-        if modality == "text":
-            return self.encode_text(values, mask, **switches)
-        if modality == "vision":
-            return self.encode_vision(values, **switches)
-        return self.encode_speech(values, mask, **switches)
 
     def prediction_heads(self) -> dict[str, nn.Module | None]:
         """The masked-modelling head of each modality (vision: None for a tower without patches)."""
