@@ -6,17 +6,34 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zidong-installed
+LOCK := constraints.txt
+LOCK_VENV := .venv-lock
 
-.PHONY: install demo test test-main-job lint format clean hf-common
+.PHONY: install demo test test-main-job lint format clean hf-common lock
 
 install: $(STAMP)
 
-# Editable install: source edits need no reinstall; only a change to pyproject.toml re-runs pip.
-$(STAMP): pyproject.toml
+# Editable install of the versions in constraints.txt (the lock): source edits need no reinstall; a change to
+# pyproject.toml or to the lock re-runs pip.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) pip
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# Refresh the lock: the newest versions pyproject.toml's ranges allow today, resolved in a fresh environment (so
+# nothing installed by hand leaks in). Commit constraints.txt with the change that needed it; `make install` then
+# brings every checkout to it.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# The versions \`make install\` and CI install, as pip constraints: what pyproject.toml's ranges resolved to"; \
+	  echo "# in a fresh environment ($$($(LOCK_VENV)/bin/python -c 'import platform; print("Python", platform.python_version(), platform.system(), platform.machine())'), $$(date -u +%F))."; \
+	  echo "# Regenerate with \`make lock\`; never edit by hand."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --all; } > $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 demo: $(STAMP)
 	$(BIN)/zidong pretrain recipes/pretrain/tiny.yaml
@@ -46,4 +63,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info

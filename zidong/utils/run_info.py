@@ -4,8 +4,10 @@
 
 - `config.yaml`: the fully resolved config of this launch (rewritten atomically on every launch);
 - `launches.jsonl`: one line appended per launch: time, host, command line, working directory, Python and
-  key package versions, the zidong git commit (and whether the tree had uncommitted changes), the launcher's
-  world size, and the resolved config. Appending keeps the history of a run that was resumed many times.
+  key package versions, every installed distribution's version (`environment`) and how it compares with the
+  lock of the checkout zidong runs from (`lock`: constraints.txt, which `make install` installs), the zidong git
+  commit (and whether the tree had uncommitted changes), the launcher's world size, and the resolved config.
+  Appending keeps the history of a run that was resumed many times.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -33,6 +36,7 @@ KEY_PACKAGES = (
 )  # fmt: skip
 CONFIG_FILE = "config.yaml"
 LAUNCHES_FILE = "launches.jsonl"
+LOCK_FILE = Path(__file__).resolve().parents[2] / "constraints.txt"  # in a checkout; absent from a wheel install
 
 
 def package_versions() -> dict[str, str | None]:
@@ -44,6 +48,46 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def _canonical(name: str) -> str:
+    """A distribution's name as package indexes compare them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def environment() -> dict[str, str]:
+    """Every distribution installed in this interpreter's environment -> its version (zidong itself left out:
+    its source is recorded as the git state)."""
+    found = {}
+    for distribution in metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name and _canonical(name) != "zidong":
+            found[_canonical(name)] = distribution.version
+    return dict(sorted(found.items()))
+
+
+def lock_state(installed: dict[str, str], lock_file: Path = LOCK_FILE) -> dict[str, Any] | None:
+    """How `installed` compares with a pip constraints file of `name==version` lines (None where there is none):
+    `matches` when every locked package that is installed has its locked version; `differs` names those that do
+    not (locked, installed), `not_locked` what is installed beyond the lock."""
+    if not lock_file.is_file():
+        return None
+    locked = {}
+    for line in lock_file.read_text(encoding="utf-8").splitlines():
+        name, separator, version = line.split("#", 1)[0].strip().partition("==")
+        if separator:
+            locked[_canonical(name)] = version.strip()
+    differs = {
+        name: {"locked": version, "installed": installed[name]}
+        for name, version in locked.items()
+        if name in installed and installed[name] != version
+    }
+    return {
+        "file": str(lock_file),
+        "matches": not differs,
+        "differs": differs,
+        "not_locked": sorted(set(installed) - set(locked)),
+    }
 
 
 def git_state(folder: Path | None = None) -> dict[str, Any] | None:
@@ -76,6 +120,8 @@ def launch_record(config: Any, argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": package_versions(),
+        "environment": (installed := environment()),
+        "lock": lock_state(installed),
         "git": git_state(),
         "config": to_dict(config),
     }
