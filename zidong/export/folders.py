@@ -69,9 +69,11 @@ def export(
 
 
 def write_tower(model: ZidongModel, processor: ZidongProcessor, modality: str, folder: Path) -> None:
-    """One tower as a stock transformers folder + its preprocessor + the projection into the shared space."""
+    """One tower as a stock transformers folder + its preprocessor + the projection into the shared space. A tower
+    loaded from a pretrained checkpoint is written with the weights zidong kept but never used (its pooler), so
+    it comes out as it went in."""
     tower = model.towers()[modality]
-    tower.save_pretrained(folder)
+    tower.save_pretrained(folder, state_dict={**tower.state_dict(), **model.kept_tower_weights.of(modality)})
     if modality == "text":
         processor.tokenizer.save_pretrained(folder)
     elif modality == "vision":

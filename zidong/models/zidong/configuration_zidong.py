@@ -110,6 +110,9 @@ class ZidongConfig(PreTrainedConfig):
         masked-modelling pass (the others must then predict it alone).
     classification_modality (`str`): for `ZidongForClassification`, the tower whose pooled output is classified
         into `id2label` (`text`, `vision` or `speech`).
+    kept_tower_weights (`dict`): weights of pretrained towers' checkpoints that zidong builds no module for (a
+        pooler), kept to be exported with the tower: modality -> weight name -> {"shape": [...], "dtype": "..."}.
+        Set when pretrained towers are loaded; never by hand.
     """
 
     model_type = "zidong"
@@ -146,6 +149,7 @@ class ZidongConfig(PreTrainedConfig):
     speech_mask_span: int = 5
     modality_mask_probability: float | int = 0.1
     classification_modality: str | None = None
+    kept_tower_weights: dict | None = None
 
     def __post_init__(self, **kwargs):
         for name in self.sub_configs_defaults:

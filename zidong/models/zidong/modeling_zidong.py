@@ -65,10 +65,12 @@ from .tower_features_zidong import ZidongTowerFeatures
 from .tower_inputs_zidong import tower_input
 from .towers_zidong import (
     Encoded,
+    KeptTowerWeights,
     TowerOutput,
     build_tower,
     masked_mean,
     pretrained_tower_config,
+    pretrained_tower_weights,
     scatter_rows,
     tower_width,
     vision_patch_size,
@@ -149,6 +151,7 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         )
         self.speech_head = ZidongPredictionHead(config, config.num_mel_bins * config.speech_frame_stack)
         self.tower_inputs = {modality: tower_input(config, modality) for modality in MODALITIES}
+        self.kept_tower_weights = KeptTowerWeights(config.kept_tower_weights)
         self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
 
     def towers(self) -> dict[str, PreTrainedModel]:
@@ -176,11 +179,17 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         return model
 
     def load_pretrained_towers(self, folders: Mapping[str, str | os.PathLike | None]) -> None:
-        """Load each tower given a folder (modality -> local Hugging Face folder or None) from it."""
+        """Load each tower given a folder (modality -> local Hugging Face folder or None) from it; the weights of
+        the checkpoint that zidong builds no module for (a pooler) are kept to be exported with the tower."""
         for modality, folder in folders.items():
             if folder:
-                tower = build_tower(self.config, modality, folder)
-                self.towers()[modality].load_state_dict(tower.state_dict())
+                weights, held = pretrained_tower_weights(self.config, modality, folder)
+                tower = self.towers()[modality]
+                used = tower.state_dict().keys()
+                tower.load_state_dict({name: weights[name] for name in used})
+                for name in sorted(held - used):
+                    self.kept_tower_weights.keep(modality, name, weights[name])
+        self.config.kept_tower_weights = self.kept_tower_weights.listing()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.get_input_embeddings()

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .arguments_zidong import Presence
@@ -73,17 +74,68 @@ def scatter_rows(rows: torch.Tensor, present: torch.Tensor, index: torch.Tensor 
     return full.index_copy(0, index, rows[: index.shape[0]])
 
 
-def build_tower(config: PretrainedConfig, modality: str, folder: str | os.PathLike | None = None) -> PreTrainedModel:
-    """The tower of `modality` in the joint `config`, new (or from a local pretrained folder), without a pooler of
-    its own: zidong pools the token states itself, so a BERT/ViT pooler would be computed, never trained, saved.
-    A convolutional tower keeps its pooler: its pooled feature map is what zidong projects."""
+def build_tower(config: PretrainedConfig, modality: str) -> PreTrainedModel:
+    """The tower of `modality` in the joint `config`, new, without a pooler of its own: zidong pools the token
+    states itself, so a BERT/ViT pooler would be computed, never trained, saved. A convolutional tower keeps its
+    pooler: its pooled feature map is what zidong projects."""
     tower_config = getattr(config, f"{modality}_config")
     options = {"attn_implementation": tower_attention(config, modality)}
     if builds_without_pooler(tower_config):
         options["add_pooling_layer"] = False
-    if folder is None:
-        return AutoModel.from_config(tower_config, **options)
-    return AutoModel.from_pretrained(folder, **options)
+    return AutoModel.from_config(tower_config, **options)
+
+
+def pretrained_tower_weights(
+    config: PretrainedConfig, modality: str, folder: str | os.PathLike
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(the weights of the local pretrained tower in `folder` as its architecture, `AutoModel`, holds them, the
+    names of those the checkpoint held): zidong's tower uses some, and builds no module for others (a BERT or
+    ViT pooler). Torch's random state is left as it was found (the architecture initialises what the checkpoint
+    lacks)."""
+    with torch.random.fork_rng(devices=[]):
+        tower, loading = AutoModel.from_pretrained(
+            folder, attn_implementation=tower_attention(config, modality), output_loading_info=True
+        )
+    weights = tower.state_dict()
+    return weights, set(weights) - set(loading["missing_keys"])
+
+
+class KeptTowerWeights(nn.Module):
+    """Weights of pretrained towers' checkpoints that zidong builds no module for (a BERT or ViT pooler), held as
+    buffers: never trained nor in the optimizer, but in every checkpoint and export, so that `zidong export
+    --towers` writes a loaded tower back as it came in. The joint config lists them (`kept_tower_weights`:
+    modality -> name -> shape and dtype), so a model built from its config has room for them when it loads."""
+
+    def __init__(self, listed: dict[str, dict[str, dict]] | None = None) -> None:
+        super().__init__()
+        for modality, weights in (listed or {}).items():
+            for name, spec in weights.items():
+                self.keep(modality, name, torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])))
+
+    def keep(self, modality: str, name: str, value: torch.Tensor) -> None:
+        """Hold `value` as weight `name` of the tower of `modality` (e.g. "pooler.dense.weight")."""
+        *parents, leaf = f"{modality}.{name}".split(".")
+        module: nn.Module = self
+        for part in parents:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        module.register_buffer(leaf, value.detach().clone())
+
+    def of(self, modality: str) -> dict[str, torch.Tensor]:
+        """The kept weights of the tower of `modality`, by their names in the tower."""
+        held = self._modules.get(modality)
+        return dict(held.named_buffers()) if held is not None else {}
+
+    def listing(self) -> dict[str, dict[str, dict]]:
+        """What the joint config's `kept_tower_weights` records of them."""
+        return {
+            modality: {
+                name: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+                for name, value in self.of(modality).items()
+            }
+            for modality in self._modules
+        }
 
 
 def builds_without_pooler(tower_config: PretrainedConfig) -> bool:
@@ -174,11 +226,13 @@ def pretrained_tower_config(modality: str, folder: str | os.PathLike):
 
 __all__ = [
     "Encoded",
+    "KeptTowerWeights",
     "TowerOutput",
     "build_tower",
     "builds_without_pooler",
     "masked_mean",
     "pretrained_tower_config",
+    "pretrained_tower_weights",
     "scatter_rows",
     "tower_attention",
     "tower_width",
