@@ -1,5 +1,5 @@
 """N processes train exactly like one: DDP, DeepSpeed ZeRO-2/3, FSDP2 and HSDP (resharded on resume), 4 processes,
-a fine-tuning task, accumulation.
+a fine-tuning task, accumulation (with the contrastive loss's full-batch negatives too).
 
 Every run goes through the real trainer (tests/train/parity.py says how the global batches are shared out and
 which objectives take part). 2 x batch B must equal 1 x batch 2B step by step (losses, learning rates, gradient
@@ -263,6 +263,25 @@ def test_accumulation_trains_like_more_processes(
     recipe = probe_recipe(tmp_path, corpus, one_process, 2, grad_accum=2)
     parity.launch("single", 1, CLASSIFY, recipe)
     parity.assert_same_training(one_process_probe, tmp_path / "run", keys=("loss", "classify", "grad_norm"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("launcher", "processes", "parallel"),
+    [("single", 1, None), ("torchrun", 2, None), ("torchrun", 2, FSDP)],
+    ids=["1x4x2", "ddp-2x2x2", "fsdp-2x2x2"],
+)
+def test_full_batch_negatives_under_accumulation_train_like_one_batch(
+    corpus: dict[str, Path], one_process: Path, tmp_path: Path, launcher: str, processes: int, parallel: dict | None
+) -> None:
+    # micro-batches of 2, accumulated to the reference's 8 samples a step: the contrastive loss (every pair) scores
+    # each micro-batch against all 8, as one process x batch 8 does (train.full_batch_negatives)
+    accumulation = GLOBAL_BATCH // (2 * processes)
+    train = {"batch_size": 2, "grad_accum": accumulation, "full_batch_negatives": True}
+    parity.launch(
+        launcher, processes, PRETRAIN, pretrain_recipe(tmp_path, corpus, processes, parallel=parallel, **train)
+    )
+    parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
 
 
 def test_the_harness_catches_a_schedule_that_runs_twice_as_fast(one_process: Path, tmp_path: Path) -> None:

@@ -49,10 +49,16 @@ class ProcessGather:
         self._waiting.extend(exchanged)
 
     def __call__(
-        self, embeds: dict[str, torch.Tensor | None], presence: dict[str, np.ndarray], width: int, like: torch.Tensor
+        self,
+        embeds: dict[str, torch.Tensor | None],
+        presence: dict[str, np.ndarray],
+        width: int,
+        like: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> GatheredEmbeds:
         """Each modality gathered from every process once (zeros where a process has none), in the same order on
-        every process, so processes never disagree on the collectives whatever their batches lack."""
+        every process, so processes never disagree on the collectives whatever their batches lack (`like`: the
+        temperature, whose dtype and device such zeros take)."""
         rank = dist.get_rank()
         if self._waiting:
             by_rank = checked_by_rank(self._waiting.popleft(), presence, rank)

@@ -25,6 +25,7 @@ from transformers.integrations import unset_hf_deepspeed_config
 from zidong.errors import UserError
 from zidong.train.collectives import ProcessGather
 from zidong.train.recipe import PretrainRecipe
+from zidong.train.step_cache import StepCache
 from zidong.train.strategies import Strategy, chosen_strategy, launched_with_deepspeed
 from zidong.utils.log import get_logger
 
@@ -113,6 +114,7 @@ class Launched:
 
     collective_forward: bool
     gather: ProcessGather | None
+    step_cache: StepCache | None = None  # `train.full_batch_negatives` with accumulation: the model's gather
 
 
 def prepare_for_launcher(
@@ -125,18 +127,24 @@ def prepare_for_launcher(
     parameters, in the order modules run (FSDP2 likewise gathers and reduce-scatters per sharded layer), so
     processes whose batches differ in modalities must still make the same calls; LayerDrop, which skips random
     layers differently on each process, is turned off there. DDP instead runs with find_unused_parameters. On
-    several processes the contrastive loss gathers every process's embeddings (`ProcessGather`)."""
+    several processes the contrastive loss gathers every process's embeddings (`ProcessGather`); with
+    `train.full_batch_negatives` and accumulation, those of every micro-batch of the step too (`StepCache`)."""
     lockstep = strategy.lockstep
-    gather = ProcessGather(accelerator.device, recipe.train.batch_size) if accelerator.num_processes > 1 else None
+    settings, several = recipe.train, accelerator.num_processes > 1
+    gather = ProcessGather(accelerator.device, settings.batch_size) if several else None
+    cache = None
+    if settings.full_batch_negatives and settings.grad_accum > 1:  # zidong/train/step_cache.py
+        step = ProcessGather(accelerator.device, settings.batch_size * settings.grad_accum) if several else None
+        cache = StepCache(settings.grad_accum, step)
     zidong = model.base_model  # a classifier wraps the joint model
-    zidong.prepare_for_launcher(lockstep=lockstep, gather=gather)
+    zidong.prepare_for_launcher(lockstep=lockstep, gather=cache or gather)
     if lockstep:
         for modality, tower in zidong.towers().items():
             if getattr(tower.config, "layerdrop", 0.0):
                 logger.info("%s tower: layerdrop %.2f -> 0 (lockstep)", modality, tower.config.layerdrop)
                 tower.config.layerdrop = 0.0
                 getattr(zidong.config, f"{modality}_config").layerdrop = 0.0
-    return Launched(collective_forward=lockstep, gather=gather)
+    return Launched(collective_forward=lockstep, gather=gather, step_cache=cache)
 
 
 @contextlib.contextmanager

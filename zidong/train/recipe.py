@@ -112,6 +112,7 @@ class TrainSection:
     max_steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
+    full_batch_negatives: bool = False  # the contrastive loss over every micro-batch of a step (GradCache)
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100

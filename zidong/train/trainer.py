@@ -13,10 +13,12 @@ exactly where it was. What differs between pretraining and fine-tuning is a `Tas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ from zidong.train.optim import (
 from zidong.train.parallelize import gradient_sync
 from zidong.train.recipe import PretrainRecipe
 from zidong.train.run import Run, setup
+from zidong.train.step_cache import StepCache
 from zidong.train.task import PretrainTask, Task
 from zidong.utils.log import get_logger, progress
 
@@ -165,26 +168,55 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, to
     without waiting for the device."""
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
     batches = [_next_batch(run, weights) for _ in range(accumulation)]
-    if needs_exchange(accelerator.num_processes, weights):
-        run.launched.gather.exchange([{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches])
+    presence = [{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches]
+    cache = run.launched.step_cache if weights.get("contrastive", 0.0) > 0 else None
+    if cache is not None:
+        cache.begin(presence)  # every process's masks of the whole step, when several
+    elif needs_exchange(accelerator.num_processes, weights):
+        run.launched.gather.exchange(presence)
+    samples = sum(len(batch["text_present"]) for batch in batches)
+    batches = [
+        {key: value.numpy() if key.endswith("_present") else value.to(accelerator.device, non_blocking=True)
+         for key, value in batch.items()}
+        for batch in batches
+    ]  # fmt: skip
+    if cache is not None:
+        _cache_embeddings(run, cache, batches, weights)
     totals: dict[str, torch.Tensor] = {}
-    samples = 0
-    for batch in batches:
-        samples += len(batch["text_present"])
-        batch = {
-            key: value.numpy() if key.endswith("_present") else value.to(accelerator.device, non_blocking=True)
-            for key, value in batch.items()
-        }
+    for index, batch in enumerate(batches):
         with (
             accelerator.accumulate(run.model),
             gradient_sync(run.model, accelerator.sync_gradients),
             accelerator.autocast(),
+            _replaying(cache, index, accelerator.device),
         ):
             output = run.model(**batch, **run.task.loss_arguments(weights))
             accelerator.backward(output.loss)
         for name, value in {"loss": output.loss, **output.losses}.items():
             totals[name] = totals.get(name, 0.0) + value.detach() / accumulation
     return totals, samples
+
+
+def _cache_embeddings(run: Run, cache: StepCache, batches: list[dict], weights: dict[str, float]) -> None:
+    """Phase 1 and 2 of `train.full_batch_negatives` (zidong/train/step_cache.py): every micro-batch embedded
+    without gradients, then the whole step's contrastive loss and its gradient for each cached row."""
+    arguments = run.task.loss_arguments({"contrastive": weights["contrastive"]})
+    with torch.no_grad(), cache.recording(), run.accelerator.autocast():
+        for index, batch in enumerate(batches):
+            with cache.randomness(index, [run.accelerator.device]):
+                run.model(**batch, **arguments)
+    config = run.accelerator.unwrap_model(run.model).base_model.config
+    cache.solve(config.contrastive_loss, config.projection_dim)
+
+
+@contextlib.contextmanager
+def _replaying(cache: StepCache | None, index: int, device: torch.device) -> Iterator[None]:
+    """Micro-batch `index`'s forward with gradients against the step's cache (nothing without one)."""
+    if cache is None:
+        yield
+        return
+    with cache.randomness(index, [device]), cache.replay(index):
+        yield
 
 
 def _next_batch(run: Run, weights: dict[str, float]) -> dict[str, torch.Tensor]:

@@ -40,13 +40,23 @@ class GatheredEmbeds:
     presence: dict[str, np.ndarray]
     own: slice
     processes: int = 1
+    # added to the contrastive loss, 0 in value: how a gather that scores cached rows (the trainer's step cache
+    # under `train.full_batch_negatives`) hands this batch's rows the gradient of the whole step
+    gradient_term: torch.Tensor | float = 0.0
 
 
 class EmbeddingGather(Protocol):
-    """Every process's rows of this batch (collective): the training side's, zidong/train/collectives.py."""
+    """The rows this batch's contrastive loss scores (collective across processes): the training side's,
+    zidong/train/collectives.py and zidong/train/step_cache.py. `logit_scale` and `logit_bias` are the
+    temperature and bias the loss uses (the gather may need their values, dtype and device)."""
 
     def __call__(
-        self, embeds: dict[str, torch.Tensor | None], presence: dict[str, np.ndarray], width: int, like: torch.Tensor
+        self,
+        embeds: dict[str, torch.Tensor | None],
+        presence: dict[str, np.ndarray],
+        width: int,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> GatheredEmbeds: ...
 
 
@@ -58,18 +68,26 @@ def local_rows(embeds: dict[str, torch.Tensor | None], presence: dict[str, np.nd
 
 def contrastive_objective(model: ZidongModel, encoded: Encoded) -> dict[str, torch.Tensor]:
     """`contrastive_<a>_<b>` for every pair some sample (on any process) has, and `contrastive`, their mean."""
-    losses = contrastive_losses(
-        encoded.embeds,
-        encoded.presence.host,
-        model.logit_scale[0],
-        model.logit_bias[0],
-        model.config.contrastive_loss,
-        model.config.projection_dim,
-        model.launch.gather,
-    )
+    scale, bias = model.logit_scale[0], model.logit_bias[0]
+    rows = gathered_rows(encoded.embeds, encoded.presence.host, scale, bias, model.config.projection_dim,
+                         model.launch.gather)  # fmt: skip
+    losses = pair_losses(rows, scale, bias, model.config.contrastive_loss)
     if losses:
-        losses["contrastive"] = torch.stack(list(losses.values())).mean()
+        losses["contrastive"] = torch.stack(list(losses.values())).mean() + rows.gradient_term
     return losses
+
+
+def gathered_rows(
+    embeds: dict[str, torch.Tensor | None],
+    presence: Mapping[str, np.ndarray | torch.Tensor],
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    width: int,
+    gather: EmbeddingGather | None = None,
+) -> GatheredEmbeds:
+    """The rows the loss scores: `gather`'s (every process's), or this batch's only."""
+    host = {m: np.asarray(presence[m], dtype=bool) for m in embeds}
+    return local_rows(embeds, host) if gather is None else gather(embeds, host, width, logit_scale, logit_bias)
 
 
 def contrastive_losses(
@@ -89,8 +107,14 @@ def contrastive_losses(
     tensor). Which pairs exist and which rows each reads is decided on the host, so the loss never waits for the
     device. `gather`: every process's rows (None: this batch's only).
     """
-    host = {m: np.asarray(presence[m], dtype=bool) for m in embeds}
-    rows = local_rows(embeds, host) if gather is None else gather(embeds, host, width, logit_scale)
+    rows = gathered_rows(embeds, presence, logit_scale, logit_bias, width, gather)
+    return pair_losses(rows, logit_scale, logit_bias, kind)
+
+
+def pair_losses(
+    rows: GatheredEmbeds, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None, kind: str
+) -> dict[str, torch.Tensor]:
+    """The loss of every pair of `rows`' modalities that some row has both of: `rows.own` against every row."""
     device = logit_scale.device
     losses = {}
     for first, second in itertools.combinations(rows.embeds, 2):
@@ -161,5 +185,7 @@ __all__ = [
     "contrastive_losses",
     "contrastive_objective",
     "contrastive_pair_loss",
+    "gathered_rows",
     "local_rows",
+    "pair_losses",
 ]
