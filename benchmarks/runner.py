@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.accumulation import full_batch_negatives
 from benchmarks.common import Result, Settings, ensure_demo_corpus
 from benchmarks.compile import compiled_against_eager
 from benchmarks.distributed import distributed
@@ -37,6 +38,7 @@ def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result
             base_mfu(settings, torch.device(kind)) for kind in ("cpu", "cuda")[: 1 + torch.cuda.is_available()]
         ],
         9: lambda: compiled_against_eager(bench),
+        6: lambda: full_batch_negatives(settings),
         10: lambda: growth(settings),
     }
     results: list[Result] = []

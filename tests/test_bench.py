@@ -39,17 +39,21 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     rows = report["results"]
     assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert len(rows) >= 26  # 27 where CUDA adds the GPU MFU row
+    assert len(rows) >= 28  # 29 where CUDA adds the GPU MFU row
     for row in rows:
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
         assert row["met"] in (True, False)
         assert row["name"] in done.stdout
     by_name = {row["name"]: row for row in rows}
-    memory = next(row for row in rows if row["number"] == 6)["details"]
+    memory = next(row for row in rows if row["name"].startswith("contrastive loss peak memory"))["details"]
     assert memory["loss_difference"] < 1e-5
     assert memory["max_gradient_difference"] < 1e-6
     assert memory["naive_peak_mib"] > memory["zidong_peak_mib"] > 0
+    cached = next(row for row in rows if row["name"].startswith("full-batch negatives: peak memory"))["details"]
+    assert cached["loss_difference"] < 1e-5
+    assert cached["relative_gradient_difference"] < 1e-5
+    assert cached["batch_peak_mib"] > cached["cached_peak_mib"] > 0
     frontend = next(row for row in rows if row["number"] == 5)["details"]
     assert frontend["utterances"] > 0
     assert frontend["max_abs_difference_float64"] < 1e-6
