@@ -16,7 +16,7 @@ from filelock import FileLock
 from tests.data.corpus import make_corpus
 from tests.helpers import free_port, serve_folder
 from zidong import ZidongProcessor
-from zidong.data.remote import RemoteError, ShardCache
+from zidong.data.remote import RemoteError, ShardCache, download_lock
 from zidong.data.shards import ShardFolder, load_index
 from zidong.data.stream import StreamLoader, StreamSettings
 from zidong.data.transforms import SamplePipeline
@@ -99,7 +99,7 @@ def test_a_shard_whose_bytes_differ_from_the_index_is_refused_and_not_kept(corpu
         folder.read(0, 0)
         with pytest.raises(RemoteError, match=rf"{victim.name} does not match its index.json .*upload the whole"):
             folder.read(1, 0)
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [".tar"]
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir() if p.is_file() and p.suffix != ".lock") == [".tar"]
 
 
 def test_a_bad_remote_shard_stops_the_stream_with_its_message_from_a_worker(
@@ -164,10 +164,27 @@ def test_a_download_in_progress_holds_its_room(corpus: Path, tmp_path: Path) -> 
     other = cache_dir / f"{'0' * 64}.{sizes[1]}.part"  # another process's download of a shard not in this folder
     other.write_bytes(b"")
     cache = ShardCache(cache_dir, sizes[0] + sizes[1])
-    with FileLock(cache_dir / f"{'0' * 64}.lock"):  # ... which is alive
+    (cache_dir / "locks").mkdir()
+    with FileLock(download_lock(cache_dir, "0" * 64)):  # ... which is alive
         assert cache.used_bytes() == sizes[1]
     assert cache.used_bytes() == 0  # and once it died, its leftover is cleared
     assert not other.exists()
+
+
+def test_the_cache_keeps_a_bounded_number_of_lock_files(corpus: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    legacy = cache_dir / f"{'a' * 64}.lock"  # what earlier versions left behind: one lock file per shard ever read
+    legacy.write_bytes(b"")
+    shards = load_index(corpus)["shards"]
+    with serve_folder(corpus.parent) as (url, _):
+        folder = ShardFolder(f"{url}/{corpus.name}", ShardCache(cache_dir, 10**9))
+        for number in range(len(shards)):
+            folder.read(number, 0)
+    assert not legacy.exists()
+    assert {p.name for p in cache_dir.glob("*.lock")} <= {".cache.lock"}  # no lock file per shard
+    stripes = {entry["sha256"][:2] + ".lock" for entry in shards}
+    assert {p.name for p in (cache_dir / "locks").iterdir()} == stripes  # at most 256, whatever the shard count
 
 
 def test_a_cache_smaller_than_a_shard_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ reader needs it (or earlier, when the stream prefetches the shards its plan read
 size and sha256 in the index, and only then renamed into the cache under its sha256. A download cut off midway
 leaves a `.part` file that no reader ever opens. Everything after the fetch is the local reader.
 
-The cache folder (`data.cache_dir`) is shared by every process of a machine: a shard is downloaded once (a lock
-per shard), and the files in the folder, finished or downloading, never add up to more than `data.cache_gb`:
+The cache folder (`data.cache_dir`) is shared by every process of a machine: a shard is downloaded once (under a
+lock; 256 lock files in `locks/` serve every shard), and the files in the folder, finished or downloading, never add up to more than `data.cache_gb`:
 before a download, the least recently opened shards are deleted to make room. A shard deleted while a reader
 still has it open stays readable to it; its space is freed when that reader closes it (a reader keeps at most
 `ShardFolder.MAX_OPEN` shards open).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -136,7 +137,7 @@ class ShardCache:
         self._make_directory()
         from filelock import FileLock  # imported where used: `zidong --help` reads the source kinds from here
 
-        with FileLock(self.directory / f"{sha256}.lock"):
+        with FileLock(download_lock(self.directory, sha256)):
             if path.is_file():
                 return
             part = self.directory / f"{sha256}.{size}.part"
@@ -149,7 +150,7 @@ class ShardCache:
 
     def _make_directory(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / LOCKS).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create the shard cache {self.directory} (data.cache_dir): {err}") from None
 
@@ -205,10 +206,12 @@ class ShardCache:
                         entries.append((entry.path, stat.st_size, stat.st_mtime_ns))
                     elif entry.name.endswith(".part"):
                         sha256, size = entry.name.split(".")[:2]
-                        if _download_alive(self.directory / f"{sha256}.lock"):
+                        if _download_alive(download_lock(self.directory, sha256)):
                             entries.append((entry.path, int(size), None))
                         else:
                             os.unlink(entry.path)
+                    elif _LEGACY_LOCK.fullmatch(entry.name):  # one lock per shard, as earlier versions left them
+                        os.unlink(entry.path)
         return entries
 
     def _download(self, url: str, part: Path, sha256: str, size: int) -> None:
@@ -285,6 +288,18 @@ def _open_touched(path: Path) -> BinaryIO | None:
     now = time.time_ns()  # explicit: a file's own timestamps come from a clock that ticks only every few ms
     os.utime(path, ns=(now, now))
     return handle
+
+
+LOCKS = "locks"
+_LEGACY_LOCK = re.compile(r"[0-9a-f]{64}\.lock")
+
+
+def download_lock(directory: Path, sha256: str) -> Path:
+    """The lock a shard's download holds: one of 256 files (by the checksum's first two hex digits), so that a
+    cache holds at most 256 lock files however many shards have passed through it. Lock files are never deleted
+    (deleting one that another process is about to lock would let two processes download one shard); two
+    downloads on one stripe wait for each other, one pair in 256."""
+    return directory / LOCKS / f"{sha256[:2]}.lock"
 
 
 def _download_alive(lock_path: Path) -> bool:
