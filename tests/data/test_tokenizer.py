@@ -15,6 +15,7 @@ from tests.data.corpus import make_corpus
 from tests.helpers import serve_folder
 from zidong.cli import EXIT_USAGE, main
 from zidong.data.tokenizer import read_sentences
+from zidong.errors import UserError
 
 ENGLISH = [
     "the",
@@ -120,6 +121,18 @@ def test_reads_a_shard_folder_at_a_url_like_the_local_one(tmp_path: Path, monkey
     assert remote == list(read_sentences([shards]))
     assert len(remote) == sum(1 for line in (tmp_path / "corpus" / "manifest.jsonl").open() if '"text"' in line)
     assert any(path.endswith(".tar") for path in requested)
+
+
+def test_reads_a_text_file_at_a_url_like_the_local_one(tmp_path: Path) -> None:
+    (tmp_path / "served").mkdir()
+    text = _captions(tmp_path / "served" / "captions.txt", 40)
+    (text.parent / "blank_lines.txt").write_text("one line\n\n  \nanother line")
+    with serve_folder(text.parent) as (url, requested):
+        assert list(read_sentences([f"{url}/captions.txt"])) == list(read_sentences([text]))
+        assert list(read_sentences([f"{url}/blank_lines.txt"])) == ["one line", "another line"]
+        with pytest.raises(UserError, match=r"cannot read .*/missing\.txt: not found"):
+            list(read_sentences([f"{url}/missing.txt"]))
+    assert requested  # read from the server, not from a source kind
 
 
 def _captions(path: Path, count: int) -> Path:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -63,6 +64,20 @@ def read_url(url: str) -> bytes:
     try:
         with fsspec.open(url, "rb") as stream:
             return stream.read()
+    except remote_errors() as err:
+        raise RemoteError(f"cannot read {url}: {_reason(err)}") from None
+
+
+def url_lines(url: str) -> Iterator[str]:
+    """The lines of the UTF-8 text file at `url`, streamed. Raises RemoteError naming the URL when it cannot be
+    read, UserError when it is not UTF-8."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8") as stream:
+            yield from stream
+    except UnicodeDecodeError as err:
+        raise UserError(f"{url} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except remote_errors() as err:
         raise RemoteError(f"cannot read {url}: {_reason(err)}") from None
 
@@ -326,4 +341,5 @@ __all__ = [
     "list_url",
     "read_remote_index",
     "read_url",
+    "url_lines",
 ]

@@ -2,7 +2,7 @@
 
     zidong tokenizer train --input data/demo/train more_text.txt --vocab-size 8000 --out tokenizers/zh-en
 
-Inputs are text files (one sentence per line), shard folders (their `.txt` members), or any source `zidong data
+Inputs are text files (one sentence per line; at a URL when the name ends in `.txt`), shard folders (their `.txt` members), or any source `zidong data
 build` reads (the text field of a JSONL manifest, a CSV/TSV column, a Hugging Face dataset's text column,
 WebDataset `.txt` members; `--columns text=COLUMN`, `--split`). The output folder holds
 `spm.model` (SentencePiece itself) and `tokenizer.json` + `tokenizer_config.json`, which
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from zidong.data.build import names_shard_folder
 from zidong.data.normalize import clean_text
-from zidong.data.remote import is_url
+from zidong.data.remote import is_url, url_lines
 from zidong.data.shards import SampleError, ShardFolder
 from zidong.data.sources import open_source
 from zidong.errors import UserError
@@ -51,6 +51,9 @@ def read_sentences(
             yield from _captions(ShardFolder(location))
             continue
         path = Path(location.split("?")[0] if is_url(location) else location)
+        if is_url(location) and path.suffix.lower() == ".txt":  # a text file at a URL: one sentence per line
+            yield from (line.rstrip("\n") for line in url_lines(location) if line.strip())
+            continue
         if is_url(location) or path.is_dir() or path.suffix.lower() in SOURCE_SUFFIXES or "{" in location:
             mapping = None if path.suffix.lower() == ".jsonl" else columns  # a manifest names its own fields
             for text in open_source(location, mapping, split, single=True).texts():
