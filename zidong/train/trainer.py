@@ -165,7 +165,8 @@ def _forward_backward(run: Run, weights: dict[str, float]) -> tuple[dict[str, to
     on the host, and with several processes their presence masks are exchanged in one collective for the whole
     step (`ProcessGather.exchange`), while the device has nothing queued to wait for. The masks stay on the host (as
     arrays, which no wrapper moves): the model decides from them which towers run and which rows a loss reads
-    without waiting for the device."""
+    without waiting for the device. With `train.full_batch_negatives` the step cache embeds every micro-batch
+    first and each forward below then scores its rows against the whole step (zidong/train/step_cache.py)."""
     accelerator, accumulation = run.accelerator, run.recipe.train.grad_accum
     batches = [_next_batch(run, weights) for _ in range(accumulation)]
     presence = [{m: batch[f"{m}_present"].numpy() for m in MODALITIES} for batch in batches]
