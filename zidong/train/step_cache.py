@@ -41,6 +41,7 @@ class StepCache:
         self._phase: str | None = None  # "record", "replay" or None (outside a step: the plain gather)
         self._recorded: list[dict[str, torch.Tensor | None]] = []
         self._presence: list[dict[str, np.ndarray]] = []
+        self._starts: list[int] = []  # where each micro-batch's rows start in this process's rows of the step
         self._seeds: list[int] = []
         self._rows: GatheredEmbeds | None = None
         self._gradients: dict[str, torch.Tensor] = {}
@@ -54,6 +55,7 @@ class StepCache:
         if len(presence) != self.micro_batches:
             raise ValueError(f"a step of {len(presence)} micro-batches, but train.grad_accum={self.micro_batches}")
         self._presence = [{m: np.asarray(masks[m], dtype=bool) for m in MODALITIES} for masks in presence]
+        self._starts = np.cumsum([0, *(len(masks["text"]) for masks in self._presence)]).tolist()
         self._seeds = torch.randint(0, 2**62, (self.micro_batches,)).tolist()
         self._recorded, self._rows, self._gradients = [], None, {}
         if self.processes is not None:
@@ -89,7 +91,7 @@ class StepCache:
             if all(part is None for part in parts):
                 leaves[modality] = None
                 continue
-            rows = [len(masks[modality]) for masks in self._presence]
+            rows = np.diff(self._starts).tolist()
             parts = [scale.new_zeros(n, width) if part is None else part for part, n in zip(parts, rows, strict=True)]
             leaves[modality] = torch.cat(parts).requires_grad_()
         with torch.enable_grad():
@@ -133,23 +135,19 @@ class StepCache:
         if self._phase == "replay":
             self._check(self._current, presence)
             return self._replayed(embeds)
-        if self.processes is not None:  # outside a step: the plain gather
-            return self.processes(embeds, presence, width, logit_scale, logit_bias)
-        return gathered_rows(embeds, presence, logit_scale, logit_bias, width)
+        return gathered_rows(embeds, presence, logit_scale, logit_bias, width, self.processes)  # outside a step
 
     def _replayed(self, embeds: dict[str, torch.Tensor | None]) -> GatheredEmbeds:
         """The cached rows of the whole step, scored from this micro-batch's share, and the term that gives its
         live rows their gradient of the whole step (scaled by the micro-batches: the trainer divides each
         micro-batch's loss by them)."""
-        rows = self._rows
-        start = rows.own.start + sum(len(masks["text"]) for masks in self._presence[: self._current])
-        own = slice(start, start + len(self._presence[self._current]["text"]))
+        rows, first, end = self._rows, self._starts[self._current], self._starts[self._current + 1]
+        own = slice(rows.own.start + first, rows.own.start + end)
         term = rows.embeds[next(iter(rows.embeds))].new_zeros(()) if rows.embeds else 0.0
         for modality, live in embeds.items():
             if live is None or modality not in self._gradients:
                 continue
-            offset = own.start - rows.own.start
-            gradient = self._gradients[modality][offset : offset + live.shape[0]].to(live.dtype)
+            gradient = self._gradients[modality][first:end].to(live.dtype)
             product = (live * gradient).sum()
             term = term + self.micro_batches * (product - product.detach())
         return GatheredEmbeds(rows.embeds, rows.presence, own, rows.processes, term)
