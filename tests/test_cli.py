@@ -150,6 +150,11 @@ def test_unwritable_output_dir_exits_2(tmp_path: Path) -> None:
         ("classify", ["finetune.labels=null"], "classify needs a label file"),
         ("retrieval", ["finetune.modalities=[text]"], "retrieval needs two or three modalities"),
         ("retrieval", ["finetune.source=nowhere"], "nowhere: no such folder"),
+        ("retrieval", ["finetune.lora.towers=[speech]"], "speech not among finetune.modalities"),
+        ("retrieval", ["finetune.lora.rank=0"], "`finetune.lora.rank`: must be at least 1, got 0"),
+        ("retrieval", ["finetune.lora.dropout=1"], "must lie in [0, 1)"),
+        ("retrieval", ["finetune.lora.towers=[text]", "finetune.lora.target_modules.vision=[query]"], "no adapter on"),
+        ("classify", ["finetune.lora.rank=4"], "-1 would freeze the LoRA adapter of the speech tower too"),
     ],
 )
 def test_bad_finetune_recipes_exit_2(task: str, overrides: list[str], message: str, tmp_path: Path) -> None:

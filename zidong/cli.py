@@ -256,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=_existing_path, metavar="CHECKPOINT")
     export.add_argument("--out", required=True, type=Path, metavar="DIR")
     export.add_argument("--towers", action="store_true", help="also write one plain transformers folder per tower")
+    export.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="merge a LoRA fine-tune's adapters into the weights (default: keep them, and write each as a peft folder)",
+    )
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository")
     export.add_argument("--license", default="apache-2.0", help="license named in the model card (default apache-2.0)")
     export.add_argument(

@@ -70,7 +70,17 @@ def export(args: argparse.Namespace) -> int:
     quiet_deepspeed_on_cpu()
     from zidong.export.folders import export
 
-    print(export(args.checkpoint, args.out, args.towers, args.push_to_hub, args.license, dtype=args.dtype))
+    print(
+        export(
+            args.checkpoint,
+            args.out,
+            args.towers,
+            args.push_to_hub,
+            args.license,
+            dtype=args.dtype,
+            merge_lora=args.merge_lora,
+        )
+    )
     return 0
 
 

@@ -296,3 +296,88 @@ def test_a_checkpoint_written_with_tower_poolers_still_loads(trained_run: Path, 
     current, _, _, _ = load_trained(source)
     for name, tensor in current.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+LORA_TOWER = BLOCK_ZIDONG + textwrap.dedent(
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+    root = sys.argv[1]
+    inputs = torch.load(sys.argv[2])
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["text_attention_mask"]}
+    with torch.no_grad():
+        tower = AutoModel.from_pretrained(f"{root}/text").eval()
+        base = tower(**text).last_hidden_state
+        adapted = PeftModel.from_pretrained(tower, f"{root}/lora/text").eval()
+        assert type(adapted.get_base_model()).__module__.startswith("transformers.models.")
+        joint = AutoModel.from_pretrained(root, trust_remote_code=True).eval()
+        results = {"base": base, "adapted": adapted(**text).last_hidden_state, "joint": joint(**inputs).text_embeds}
+    torch.save(results, sys.argv[3])
+    """
+)
+LORA_SPEC = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query", "value"]}
+
+
+@pytest.fixture(scope="module")
+def lora_model(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained run with LoRA on its text tower, the adapters moved off their start (B = 0), saved as an export."""
+    from zidong.models.zidong.lora_zidong import add_lora, is_lora_parameter
+
+    model, processor, _, _ = load_trained(trained_run)
+    add_lora(model, {"text": LORA_SPEC})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if is_lora_parameter(name):
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("lora") / "source"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_a_lora_export_loads_its_adapter_with_peft_alone_and_merges_to_the_same(
+    trained_run: Path, lora_model: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModel
+
+    for name, flags in (("kept", []), ("merged", ["--merge-lora"])):
+        result = run_cli("export", str(lora_model), "--out", str(tmp_path / name), "--towers", *flags)
+        assert result.returncode == 0, result.stderr
+    kept, merged = tmp_path / "kept", tmp_path / "merged"
+    adapter = json.loads((kept / "lora" / "text" / "adapter_config.json").read_text())
+    assert (adapter["peft_type"], adapter["r"], sorted(adapter["target_modules"])) == ("LORA", 4, ["query", "value"])
+    assert not (kept / "lora" / "vision").exists()
+    assert not (merged / "lora").exists()
+    assert json.loads((merged / "config.json").read_text()).get("lora") is None
+    assert json.loads((kept / "config.json").read_text())["lora"]["text"]["r"] == 4
+    # the tower folder holds the base weights, bitwise those the adapters were added to
+    original, processor, _, _ = load_trained(trained_run)
+    base = load_file(kept / "text" / "model.safetensors")
+    assert base.keys() == original.text_model.state_dict().keys()
+    for name, tensor in original.text_model.state_dict().items():
+        assert torch.equal(base[name], tensor), name
+
+    inputs = dict(sample_inputs(processor))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    _clean_run(tmp_path, LORA_TOWER, str(kept), str(tmp_path / "inputs.pt"), str(tmp_path / "peft.pt"))
+    outside = torch.load(tmp_path / "peft.pt")
+    model, *_ = load_trained(lora_model)
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["text_attention_mask"]}
+    with torch.no_grad():
+        trained = model.text_model(**text).last_hidden_state
+        joint = model(**inputs).text_embeds
+        merged_tower = AutoModel.from_pretrained(merged / "text").eval()(**text).last_hidden_state
+    assert not torch.allclose(outside["base"], trained, atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(outside["adapted"], trained, rtol=0, atol=1e-6)
+    torch.testing.assert_close(outside["joint"], joint, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged_tower, outside["adapted"], rtol=0, atol=1e-5)
+
+
+def test_merge_lora_without_adapters_exits_2(trained_run: Path, tmp_path: Path) -> None:
+    result = run_cli("export", str(trained_run), "--out", str(tmp_path / "out"), "--merge-lora")
+    assert result.returncode == 2
+    assert "has no LoRA adapters to merge (leave the flag out)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

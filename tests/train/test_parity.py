@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.data.corpus import TEXT_COMBINATIONS, caption_of, make_corpus
-from tests.helpers import REPO_ROOT, kill_tree, resumed_step
+from tests.helpers import REPO_ROOT, kill_tree, resumed_step, run_cli
 from tests.train import parity
 from zidong.data.tokenizer import train_tokenizer
 
@@ -253,6 +254,74 @@ def test_a_linear_probe_trains_only_its_head_and_like_one_process(
         assert torch.equal(probe[f"zidong.{name}"], tensor), f"{name} moved during a linear probe"
     halfway = load_file(tmp_path / "run" / "checkpoints" / f"step-{STEPS // 2:08d}" / "model.safetensors")
     assert not torch.equal(probe["classifier.weight"], halfway["classifier.weight"])  # the head does train
+
+
+def lora_recipe(folder: Path, corpus: dict[str, Path], source: Path, processes: int, **train) -> Path:
+    """The probe's task with LoRA (rank 4) on the text tower instead of freezing it: the adapters and the head
+    train, nothing else."""
+    recipe = yaml.safe_load(probe_recipe(folder, corpus, source, processes, **train).read_text())
+    del recipe["model"]
+    recipe["finetune"]["lora"] = {"rank": 4, "alpha": 8}
+    return parity.write_recipe(folder / "recipe.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(corpus: dict[str, Path], one_process: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lora-one-process")
+    result = parity.launch("single", 1, CLASSIFY, lora_recipe(folder, corpus, one_process, 1))
+    assert "LoRA (peft) on the text tower(s): text: query, value;" in result.stderr
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_lora_trains_only_its_adapters_and_the_head(one_process: Path, one_process_lora: Path) -> None:
+    source = parity.final_weights(one_process)
+    tuned = load_file(one_process_lora / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+    adapters = {name for name in tuned if ".lora_" in name}
+    assert len(adapters) == 2 * 2 * 2  # A and B, of query and value, in the tiny text tower's 2 layers
+    assert all(name.startswith("zidong.text_model.") for name in adapters)
+    for name in adapters:
+        if ".lora_B." in name:  # starts at zero (the adapter adds nothing at first): it trained if it left zero
+            assert tuned[name].abs().max() > 0, f"{name} did not train"
+    base = {name.replace(".base_layer.", "."): tensor for name, tensor in tuned.items() if name not in adapters}
+    assert base.keys() - {"classifier.weight", "classifier.bias"} == {f"zidong.{name}" for name in source}
+    for name, tensor in source.items():
+        assert torch.equal(base[f"zidong.{name}"], tensor), f"{name} moved under LoRA"
+
+
+def test_lora_on_layers_a_tower_lacks_exits_2(corpus: dict[str, Path], one_process: Path, tmp_path: Path) -> None:
+    recipe = lora_recipe(tmp_path, corpus, one_process, 1)
+    result = run_cli("finetune", "classify", str(recipe), "finetune.lora.target_modules.text=[query, nope]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "finetune.lora.target_modules: LoRA target modules nope are not linear layers of the text tower" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_trains_like_one_process(
+    corpus: dict[str, Path], one_process: Path, one_process_lora: Path, tmp_path: Path
+) -> None:
+    parity.launch("torchrun", 2, CLASSIFY, lora_recipe(tmp_path, corpus, one_process, 2))
+    parity.assert_same_training(one_process_lora, tmp_path / "run", keys=("loss", "classify", "grad_norm"))
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_trains_like_one_process_across_a_kill_and_resume(
+    corpus: dict[str, Path], one_process: Path, one_process_lora: Path, tmp_path: Path
+) -> None:
+    recipe = lora_recipe(tmp_path, corpus, one_process, 2)
+    extra = ["parallel.strategy=fsdp"]
+    job = parity.start("torchrun", 2, CLASSIFY, recipe, extra=extra)
+    parity.wait_for(tmp_path / "run" / "checkpoints" / f"step-{STEPS // 2:08d}", job)
+    kill_tree(job.pid)
+    job.wait()
+    resumed = parity.launch("torchrun", 2, CLASSIFY, recipe, extra=extra)
+    assert resumed_step(resumed.stderr) < STEPS  # killed mid-run, not after the end
+    assert "FSDP2 (fsdp)" in resumed.stderr
+    parity.assert_same_training(one_process_lora, tmp_path / "run", keys=("loss", "classify", "grad_norm"))
 
 
 @pytest.mark.slow

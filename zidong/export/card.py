@@ -67,6 +67,16 @@ def model_card(model: ZidongModel, recipe: dict | None, checkpoint: Path, towers
             "are (batch, classes).",
             "",
         ]
+    if getattr(config, "lora", None):
+        adapted = ", ".join(
+            f"{m} ({', '.join(spec['target_modules'])}, rank {spec['r']})" for m, spec in config.lora.items()
+        )
+        lines += [
+            f"LoRA adapters (peft) on the {adapted} tower(s): the joint model carries them (loading it needs `peft`); "
+            "each is also a peft folder `lora/<modality>` for the plain tower (`PeftModel.from_pretrained(tower, "
+            '"lora/text")`). `zidong export --merge-lora` writes the weights with the adapters merged in.',
+            "",
+        ]
     lines += _training_section(recipe, checkpoint)
     lines += _metrics_section(checkpoint)
     lines += _loading_section(towers)

@@ -1,4 +1,4 @@
-"""`zidong export CHECKPOINT --out DIR [--towers] [--dtype D] [--push-to-hub REPO]`: Hugging Face folders.
+"""`zidong export CHECKPOINT --out DIR [--towers] [--merge-lora] [--dtype D] [--push-to-hub REPO]`: Hugging Face folders.
 
 DIR holds the joint model (`config.json` with `auto_map`, `model.safetensors`, sharded above `max_shard_size`,
 the remote code, the processor) and a model card. With `--towers`, `DIR/text`, `DIR/vision` and `DIR/speech`
@@ -8,10 +8,16 @@ README saying how to pool and project. Everything is written into `DIR.tmp` and 
 either complete or absent; an existing non-empty DIR is refused. Weights are written in float32 (what training
 keeps, whatever its autocast precision) unless `--dtype` asks for bfloat16 or float16; the audio front end's
 window and filters are float32 buffers recomputed on load in any dtype.
+
+A LoRA fine-tune (`finetune.lora`) exports as it trained: the joint model with its adapters (loading it needs
+peft, a zidong dependency), and each adapter again as a peft folder `DIR/lora/<modality>` for the base tower
+`--towers` writes (`PeftModel.from_pretrained(AutoModel.from_pretrained("DIR/text"), "DIR/lora/text")`). With
+`--merge-lora` the adapters are merged into the weights instead: every folder is then a plain model.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -23,12 +29,14 @@ from zidong.errors import UserError
 from zidong.export.card import model_card, tower_card
 from zidong.export.trained import load_trained
 from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.lora_zidong import adapter_weights, lora_towers, unload_lora, write_adapter
 from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.models.zidong.processing_zidong import ZidongProcessor
 from zidong.utils.log import get_logger
 
 logger = get_logger(__name__)
 PROJECTION_FILE = "projection.safetensors"
+LORA_FOLDER = "lora"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,25 +48,33 @@ def export(
     license: str = "apache-2.0",
     max_shard_size: str = "5GB",
     dtype: str = "float32",
+    merge_lora: bool = False,
 ) -> Path:
     """Write the export folder of `source` (run folder, checkpoint or export) to `out` with weights in `dtype`
-    (a name in `DTYPES`); returns `out`."""
+    (a name in `DTYPES`); returns `out`. A LoRA fine-tune's adapters are merged into their towers' weights when
+    `merge_lora`, else written as peft folders in `out/lora/<modality>` (`write_lora`)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder; choose a new one (nothing written)")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     model, processor, recipe, folder = load_trained(source)
+    if merge_lora and not lora_towers(model.base_model):
+        raise UserError(f"--merge-lora: {folder} has no LoRA adapters to merge (leave the flag out)")
+    if merge_lora:
+        unload_lora(model.base_model, merge=True)
     model = model.to(DTYPES[dtype])
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save_pretrained(staging, max_shard_size=max_shard_size)
     processor.save_pretrained(staging)
+    card = model_card(model, recipe, folder, towers, license)
+    write_lora(model.base_model, staging / LORA_FOLDER)
     if towers:
         for modality in MODALITIES:  # a classifier's towers are those of its joint model (its base_model)
             write_tower(model.base_model, processor, modality, staging / modality)
-    (staging / "README.md").write_text(model_card(model, recipe, folder, towers, license))
+    (staging / "README.md").write_text(card)
     if out.exists():
         out.rmdir()
     staging.rename(out)
@@ -66,6 +82,17 @@ def export(
     if push_to_hub:
         _push(out, push_to_hub)
     return out
+
+
+def write_lora(model: ZidongModel, folder: Path) -> None:
+    """Each tower's LoRA adapter as a peft folder `folder/<modality>` that `PeftModel.from_pretrained` loads onto
+    the tower `--towers` writes; the towers are left without adapters, their base weights as they were."""
+    specs = dict(model.config.lora or {})
+    weights = {modality: adapter_weights(model.towers()[modality]) for modality in specs}
+    unload_lora(model, merge=False)
+    for modality, spec in specs.items():
+        tower = copy.deepcopy(model.towers()[modality])  # peft wraps the tower it is given
+        write_adapter(tower, spec, weights[modality], folder / modality)
 
 
 def write_tower(model: ZidongModel, processor: ZidongProcessor, modality: str, folder: Path) -> None:

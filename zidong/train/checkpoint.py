@@ -153,11 +153,18 @@ def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def model_class(model: torch.nn.Module) -> type:
+    """The model's own class: FSDP2's `fully_shard` swaps in a subclass of it (`FSDPZidongForClassification`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def describe_model(model: torch.nn.Module, processor: ProcessorMixin, recipe_yaml: str, folder: Path) -> None:
     """Write into checkpoint `folder` what rebuilds the model without the run: `model/` (its config, naming the
     class `zidong export` rebuilds, and the processor) and `recipe.yaml`."""
     config = model.config
-    config.architectures = [type(model).__name__]
+    config.architectures = [model_class(model).__name__]
     config.save_pretrained(folder / MODEL_FILES)
     processor.save_pretrained(folder / MODEL_FILES)
     (folder / RECIPE_FILE).write_text(recipe_yaml)

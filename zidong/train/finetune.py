@@ -7,6 +7,7 @@ learning-rate multipliers and freezing) plus a `finetune` section:
       source: exports/tiny          # an export folder, a checkpoint, or a run folder (its latest checkpoint)
       modalities: [vision]          # retrieval: the modalities whose pairs are trained (2 or 3); classify: one
       labels: recipes/labels/demo-shape.yaml   # classify: the label file (field + classes)
+      lora: {rank: 8, alpha: 16}    # optional: LoRA adapters (peft) on the towers, every other weight frozen
 
 Tasks:
 - `retrieval`: the contrastive objective on pairs of `modalities` only (the other modalities are not read);
@@ -16,12 +17,14 @@ Tasks:
   held-out accuracy (with chance and the majority-class share).
 Because the loop is the pretraining loop, launchers (torchrun, Accelerate, DeepSpeed), resume, preemption,
 trackers and checkpoints work the same. At the end the model is exported as a Hugging Face folder to
-`OUTPUT_DIR/model` (`zidong export` of the last checkpoint).
+`OUTPUT_DIR/model` (`zidong export` of the last checkpoint; a LoRA fine-tune's adapters also as peft folders in
+`OUTPUT_DIR/model/lora`). A source that was itself fine-tuned with LoRA starts from its merged weights.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +34,16 @@ from zidong.data.labels import LabelSet, load_labels
 from zidong.errors import UserError
 from zidong.evaluation.classification import accuracy_table, classification_accuracy
 from zidong.export.trained import load_trained
-from zidong.models.zidong import ZidongForClassification, ZidongModel
+from zidong.models.zidong import ZidongForClassification, ZidongModel, ZidongPreTrainedModel
+from zidong.models.zidong.lora_zidong import (
+    add_lora,
+    default_target_modules,
+    is_lora_parameter,
+    lora_towers,
+    unload_lora,
+)
 from zidong.models.zidong.processing_zidong import ZidongProcessor
-from zidong.train.recipe import FinetuneRecipe
+from zidong.train.recipe import FinetuneRecipe, LoraSection
 from zidong.train.run import Run
 from zidong.train.task import PretrainTask
 from zidong.train.trainer import train
@@ -61,10 +71,11 @@ class RetrievalTask(PretrainTask):
         return cls()
 
     def build(self, recipe: FinetuneRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
-        model, processor, _, folder = load_trained(recipe.finetune.source)
+        model, processor, folder = _load_source(recipe)
         if not isinstance(model, ZidongModel):
             raise UserError(f"finetune.source: {folder} holds a {type(model).__name__}, not a ZidongModel")
         logger.info("fine-tuning %s from %s", self.name, folder)
+        _add_lora(model, recipe.finetune.lora)
         return model.train(), processor
 
     def pipeline_options(self, recipe: FinetuneRecipe) -> dict[str, Any]:
@@ -97,7 +108,7 @@ class ClassifyTask:
         return cls(load_labels(recipe.finetune.labels))
 
     def build(self, recipe: FinetuneRecipe, accelerator: Accelerator) -> tuple[torch.nn.Module, ZidongProcessor]:
-        base, processor, _, folder = load_trained(recipe.finetune.source)
+        base, processor, folder = _load_source(recipe)
         names = list(self.labels.classes)
         if isinstance(base, ZidongForClassification):
             base = base.zidong
@@ -108,6 +119,7 @@ class ClassifyTask:
         model = ZidongForClassification(config)
         model.zidong.load_state_dict(base.state_dict())
         _train_only_what_classifies(model)
+        _add_lora(model, recipe.finetune.lora)
         logger.info(
             "classifying %s into %s (%d classes) with the %s tower of %s",
             self.labels.field,
@@ -142,6 +154,51 @@ def _train_only_what_classifies(model: ZidongForClassification) -> None:
     for parameter in model.zidong.parameters():
         if id(parameter) not in used:
             parameter.requires_grad_(False)
+
+
+def _load_source(recipe: FinetuneRecipe) -> tuple[ZidongPreTrainedModel, ZidongProcessor, Path]:
+    """`finetune.source` as a model with plain towers (the adapters of a LoRA fine-tune merged in)."""
+    model, processor, _, folder = load_trained(recipe.finetune.source)
+    if lora_towers(model.base_model):
+        logger.info("%s carries LoRA adapters: starting from its merged weights", folder)
+        unload_lora(model.base_model, merge=True)
+    return model, processor, folder
+
+
+def _add_lora(model: ZidongPreTrainedModel, lora: LoraSection | None) -> None:
+    """`finetune.lora`: peft's adapters on its towers; every other weight of the joint model is frozen (a
+    classifier's head, outside it, still trains)."""
+    if lora is None:
+        return
+    joint = model.base_model
+    specs = {}
+    for modality in lora.towers:
+        tower = joint.towers()[modality]
+        try:
+            targets = lora.target_modules.get(modality) or default_target_modules(tower)
+        except ValueError as err:
+            raise UserError(f"finetune.lora.target_modules.{modality}: {err}") from None
+        specs[modality] = {
+            "r": lora.rank,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout,
+            "target_modules": targets,
+        }
+    try:
+        add_lora(joint, specs)
+    except ValueError as err:
+        raise UserError(f"finetune.lora.target_modules: {err}") from None
+    for name, parameter in joint.named_parameters():
+        if not is_lora_parameter(name):
+            parameter.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        "LoRA (peft) on the %s tower(s): %s; %s trainable parameters of %s",
+        ", ".join(specs),
+        "; ".join(f"{m}: {', '.join(spec['target_modules'])}" for m, spec in specs.items()),
+        f"{trainable:,}",
+        f"{sum(p.numel() for p in model.parameters()):,}",
+    )
 
 
 def _export_final(run: Run) -> None:

@@ -252,18 +252,61 @@ class PretrainRecipe:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (peft) on towers, every other weight of the model frozen (a classifier's head still trains):
+    `rank`, `alpha` (the update is scaled by alpha / rank), `dropout` on the adapters' input, the `towers` adapted
+    (default: `finetune.modalities`) and, per tower, the `target_modules` (linear layers by name; default: the
+    attention's query and value projections, peft's choice for BERT). docs/finetune.md."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    towers: list[Literal["text", "vision", "speech"]] | None = None
+    target_modules: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
+        _require(self.alpha > 0, "alpha", f"must be greater than 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}")
+        if self.towers is not None and (not self.towers or len(set(self.towers)) != len(self.towers)):
+            raise InvalidValue("towers", f"must list distinct modalities, got {self.towers}")
+        for modality, names in self.target_modules.items():
+            _require(modality in MODALITIES, "target_modules", f"{modality!r} is not a tower: {', '.join(MODALITIES)}")
+            _require(bool(names), f"target_modules.{modality}", "must name at least one linear layer")
+
+
+@dataclass
 class FinetuneSection:
     source: str
     modalities: list[Literal["text", "vision", "speech"]] = field(default_factory=lambda: list(MODALITIES))
     labels: str | None = None
+    lora: LoraSection | None = None
 
     def __post_init__(self) -> None:
         if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
             raise InvalidValue("modalities", f"must list distinct modalities, got {self.modalities}")
+        if self.lora is None:
+            return
+        if self.lora.towers is None:
+            self.lora.towers = list(self.modalities)
+        outside = [m for m in self.lora.towers if m not in self.modalities]
+        _require(not outside, "lora.towers", f"{', '.join(outside)} not among finetune.modalities {self.modalities}")
+        stray = [m for m in self.lora.target_modules if m not in self.lora.towers]
+        _require(not stray, "lora.target_modules", f"{', '.join(stray)}: no adapter on that tower (lora.towers)")
 
 
 @dataclass(kw_only=True)
 class FinetuneRecipe(PretrainRecipe):
-    """A pretraining recipe plus the `finetune` section (source, modalities, labels: docs/finetune.md)."""
+    """A pretraining recipe plus the `finetune` section (source, modalities, labels, lora: docs/finetune.md)."""
 
     finetune: FinetuneSection
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for modality in self.finetune.lora.towers if self.finetune.lora else ():
+            _require(
+                getattr(self.model, modality).frozen_steps != -1,
+                f"model.{modality}.frozen_steps",
+                f"-1 would freeze the LoRA adapter of the {modality} tower too (finetune.lora freezes its base "
+                "weights already): leave it 0, or N to hold the adapter still for the first N steps",
+            )

@@ -113,6 +113,8 @@ class ZidongConfig(PreTrainedConfig):
     kept_tower_weights (`dict`): weights of pretrained towers' checkpoints that zidong builds no module for (a
         pooler), kept to be exported with the tower: modality -> weight name -> {"shape": [...], "dtype": "..."}.
         Set when pretrained towers are loaded; never by hand.
+    lora (`dict`): LoRA adapters on the towers (lora_zidong.py): modality -> peft `LoraConfig` keys (`r`,
+        `lora_alpha`, `lora_dropout`, `target_modules`). Set by a LoRA fine-tune (`finetune.lora`).
     """
 
     model_type = "zidong"
@@ -150,6 +152,7 @@ class ZidongConfig(PreTrainedConfig):
     modality_mask_probability: float | int = 0.1
     classification_modality: str | None = None
     kept_tower_weights: dict | None = None
+    lora: dict | None = None
 
     def __post_init__(self, **kwargs):
         for name in self.sub_configs_defaults:

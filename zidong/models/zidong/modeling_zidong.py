@@ -58,6 +58,7 @@ from .contrastive_zidong import EmbeddingGather
 from .feature_extraction_zidong import BatchedFbank, normalize_and_stack
 from .fusion_zidong import ZidongFusionEncoder, ZidongPredictionHead
 from .lockstep_zidong import Launch, Lockstep
+from .lora_zidong import add_lora
 from .matching_zidong import MATCHING_CLASSES
 from .objectives_zidong import OBJECTIVES, REGISTRY, checked_loss_weights
 from .outputs_zidong import ZidongOutput, text_vision_logits, tower_model_output
@@ -153,6 +154,8 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         self.tower_inputs = {modality: tower_input(config, modality) for modality in MODALITIES}
         self.kept_tower_weights = KeptTowerWeights(config.kept_tower_weights)
         self.post_init()  # also gathers the towers' own `_no_split_modules` into this instance's
+        if config.lora:  # after the init: peft's adapters start as their own rules say (B = 0: no change at first)
+            add_lora(self, config.lora)
 
     def towers(self) -> dict[str, PreTrainedModel]:
         return {"text": self.text_model, "vision": self.vision_model, "speech": self.speech_model}
