@@ -381,3 +381,17 @@ def test_merge_lora_without_adapters_exits_2(trained_run: Path, tmp_path: Path) 
     assert "has no LoRA adapters to merge (leave the flag out)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_text_tower_folder_is_a_sentence_transformers_model(trained_run: Path, exported: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a red circle", "两个蓝色的方块", "three small green triangles"]
+    encoder = SentenceTransformer(str(exported / "text"), device="cpu")
+    assert [type(module).__name__ for module in encoder] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    embedded = encoder.encode(texts, convert_to_tensor=True)
+    original, processor, _, _ = load_trained(trained_run)
+    tokens = processor(text=texts, return_tensors="pt")
+    with torch.no_grad():
+        expected = original.get_text_features(tokens["input_ids"], tokens["text_attention_mask"]).pooler_output
+    torch.testing.assert_close(embedded, expected, rtol=0, atol=1e-6)

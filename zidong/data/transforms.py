@@ -137,7 +137,7 @@ class SamplePipeline:
                 image = opened.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise SampleError(f"image does not decode ({err})") from None
-        box = self._random_box(image.size, rng) if self.train else _centre_square(image.size)
+        box = self._random_box(image.size, rng) if self.train else centre_square(image.size)
         return image.crop(box)
 
     def _random_box(self, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -153,7 +153,7 @@ class SamplePipeline:
                 left = int(rng.integers(0, width - crop_width + 1))
                 top = int(rng.integers(0, height - crop_height + 1))
                 return left, top, left + crop_width, top + crop_height
-        return _centre_square(size)
+        return centre_square(size)
 
     def _audio(self, raw: RawSample, rng: np.random.Generator) -> np.ndarray:
         try:
@@ -189,7 +189,7 @@ def _member(raw: RawSample, extensions: tuple[str, ...]) -> bytes:
     raise SampleError(f"no {'/'.join(extensions)} member although the metadata lists the modality")
 
 
-def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
+def centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
     width, height = size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

@@ -4,7 +4,8 @@ DIR holds the joint model (`config.json` with `auto_map`, `model.safetensors`, s
 the remote code, the processor) and a model card. With `--towers`, `DIR/text`, `DIR/vision` and `DIR/speech`
 each hold one tower as a plain transformers model of its own architecture with its own preprocessor, loadable
 with `AutoModel` alone, plus `projection.safetensors` (the linear map into the shared embedding space) and a
-README saying how to pool and project. Everything is written into `DIR.tmp` and renamed at the end, so DIR is
+README saying how to pool and project; the text folder is also a sentence-transformers model
+(sentence_embedding.py). Everything is written into `DIR.tmp` and renamed at the end, so DIR is
 either complete or absent; an existing non-empty DIR is refused. Weights are written in float32 (what training
 keeps, whatever its autocast precision) unless `--dtype` asks for bfloat16 or float16; the audio front end's
 window and filters are float32 buffers recomputed on load in any dtype.
@@ -18,6 +19,7 @@ peft, a zidong dependency), and each adapter again as a peft folder `DIR/lora/<m
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2FeatureExtractor
 
 from zidong.errors import UserError
 from zidong.export.card import model_card, tower_card
+from zidong.export.sentence_embedding import write_sentence_transformers_files
 from zidong.export.trained import load_trained
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.lora_zidong import adapter_weights, lora_towers, unload_lora, write_adapter
@@ -37,6 +40,7 @@ from zidong.utils.log import get_logger
 logger = get_logger(__name__)
 PROJECTION_FILE = "projection.safetensors"
 LORA_FOLDER = "lora"
+SENTENCE_LENGTH = 512  # sentence-transformers' max_seq_length: the text tower's positions, at most this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -107,9 +111,24 @@ def write_tower(model: ZidongModel, processor: ZidongProcessor, modality: str, f
         processor.image_processor.save_pretrained(folder)
     else:
         speech_feature_extractor(model).save_pretrained(folder)
+    _drop_processor_class(folder)
     projection = getattr(model, f"{modality}_projection").weight.detach().contiguous()
     save_file({"weight": projection}, folder / PROJECTION_FILE, metadata={"format": "pt"})
+    if modality == "text":
+        limit = getattr(model.config.text_config, "max_position_embeddings", None) or SENTENCE_LENGTH
+        write_sentence_transformers_files(folder, projection, min(limit, SENTENCE_LENGTH))
     (folder / "README.md").write_text(tower_card(model, modality))
+
+
+def _drop_processor_class(folder: Path) -> None:
+    """A preprocessor that came out of the joint processor names it (`processor_class: ZidongProcessor`), which
+    sends `AutoProcessor` (sentence-transformers loads a folder with it) to a class the plain tower lacks."""
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            settings = json.loads(path.read_text())
+            if settings.pop("processor_class", None) is not None:
+                path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def speech_feature_extractor(model: ZidongModel):
