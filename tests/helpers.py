@@ -84,27 +84,33 @@ def resumed_step(output: str) -> int:
 
 
 @contextlib.contextmanager
-def serve_folder(root: Path, refuse: bool | str = False) -> Iterator[tuple[str, list[str]]]:
+def serve_folder(root: Path, refuse: bool | str = False, token: str | None = None) -> Iterator[tuple[str, list[str]]]:
     """Serve `root` over HTTP on the loopback interface; yields its URL and the list of paths requested so far.
-    `refuse`: answer 403 Forbidden to every request (True) or to those for paths ending so (a string)."""
+    `refuse`: answer 403 Forbidden to every request (True) or to those for paths ending so (a string). `token`:
+    answer 401 to every request without the header `Authorization: Bearer <token>`."""
     requested: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(root), **kwargs)
 
+        def refused(self) -> bool:
+            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                self.send_error(401)
+                return True
+            if refuse is True or (isinstance(refuse, str) and self.path.endswith(refuse)):
+                self.send_error(403)
+                return True
+            return False
+
         def do_GET(self) -> None:
             requested.append(self.path)
-            if refuse is True or (isinstance(refuse, str) and self.path.endswith(refuse)):
-                self.send_error(403)
-                return
-            super().do_GET()
+            if not self.refused():
+                super().do_GET()
 
         def do_HEAD(self) -> None:
-            if refuse is True or (isinstance(refuse, str) and self.path.endswith(refuse)):
-                self.send_error(403)
-                return
-            super().do_HEAD()
+            if not self.refused():
+                super().do_HEAD()
 
         def log_message(self, *args) -> None:
             pass

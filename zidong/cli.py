@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read a Hugging Face dataset as a stream, storing none of it (hf://datasets/ORG/NAME always is)",
     )
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the shards into")
+    _add_storage_option(build)
     build.add_argument("--shard-size", type=_positive_int, metavar="N", help="samples per shard")
     build.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes")
     build.add_argument("--part", type=_part, metavar="i/N", help="build only slice i of N (job arrays)")
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exact-vocab-size", action="store_true", help="exactly N pieces, or exit 2 if the text cannot support N"
     )
     train_tokenizer.add_argument("--out", required=True, type=Path, metavar="DIR")
+    _add_storage_option(train_tokenizer)
     train_tokenizer.set_defaults(handler=commands.tokenizer_train)
 
     pretrain = subcommands.add_parser(
@@ -248,8 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN,...", help="as in data build")
     evaluate.add_argument("--split", metavar="NAME", help="the split of a dataset that has several")
+    evaluate.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read a Hugging Face dataset as a stream, storing none of it (hf://datasets/ORG/NAME always is)",
+    )
     evaluate.add_argument("--out", type=Path, metavar="metrics.json", help="also write the metrics as JSON")
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="samples per forward")
+    _add_storage_option(evaluate)
     evaluate.set_defaults(handler=commands.evaluate)
 
     export = subcommands.add_parser("export", help="write a checkpoint as Hugging Face folders")
@@ -293,10 +301,25 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
+def _add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="PROTOCOL.KEY=VALUE",
+        help="an fsspec setting for data at URLs, e.g. s3.endpoint_url=http://localhost:9000; $NAME reads an "
+        "environment variable (repeatable; docs/data.md)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 success, 2 user error."""
     args = _parse(build_parser(), argv)
     try:
+        if getattr(args, "storage_option", None):
+            from zidong.data.remote import configure_storage, parse_storage_options
+
+            configure_storage(parse_storage_options(args.storage_option))
         return args.handler(args)
     except UserError as err:
         print(f"zidong: error: {err}", file=sys.stderr)

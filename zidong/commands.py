@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from zidong.data.remote import configure_storage
 from zidong.errors import EXIT_USAGE, UserError
 
 
@@ -20,6 +21,7 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(recipe))
         return 0
+    configure_storage(recipe.data.storage_options)
     if args.dry_run:
         from zidong.train.dry_run import dry_run_report
 
@@ -42,6 +44,7 @@ def finetune(args: argparse.Namespace) -> int:
     from zidong.utils.run_info import record_run
 
     recipe = load_config(FinetuneRecipe, args.recipe, args.overrides)  # a bad recipe exits before torch loads
+    configure_storage(recipe.data.storage_options)
     quiet_deepspeed_on_cpu()
     from zidong.train.distributed import check_launch
     from zidong.train.finetune import finetune
@@ -61,7 +64,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.prompt and not args.label_column:
         raise UserError("--prompt goes with --label-column (a label file names its own prompts)")
     columns = columns_of(args)
-    spec = DataSpec(args.data, columns, args.split, args.label_column, tuple(args.prompt or ("{}",)))
+    prompts = tuple(args.prompt or ("{}",))
+    spec = DataSpec(args.data, columns, args.split, args.label_column, prompts, streaming=args.streaming)
     evaluate(args.model, spec, args.labels, args.out, args.batch_size)
     return 0
 

@@ -263,3 +263,71 @@ def test_a_reader_keeps_few_shards_open_however_many_it_reads(tmp_path: Path, wh
         assert open_shards() == ShardFolder.MAX_OPEN
         folder.close()
         assert open_shards() == 0
+
+
+@pytest.fixture
+def fresh_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsspec's per-protocol settings and zidong's record of them, empty for this test and restored after it."""
+    import fsspec.config
+
+    from zidong.data import remote
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    monkeypatch.setattr(remote, "_CONFIGURED", {})
+
+
+def test_storage_options_reach_the_reads_of_the_trainer_and_its_workers(
+    corpus: Path, tmp_path: Path, processor: ZidongProcessor, fresh_storage: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zidong.data.remote import configure_storage
+
+    settings = StreamSettings(batch_size=4, seed=1, bucket_pool=2)
+    pipeline = SamplePipeline(processor, train=True)
+    with serve_folder(corpus.parent, token="s3cret") as (url, requested):
+        with pytest.raises(RemoteError, match="not permitted"):  # no credentials: the server refuses the index
+            ShardFolder(f"{url}/{corpus.name}", ShardCache(tmp_path / "refused", 10**9))
+        monkeypatch.setenv("ZIDONG_TEST_TOKEN", "s3cret")
+        configure_storage({"http": {"headers": {"Authorization": "Bearer $ZIDONG_TEST_TOKEN"}}})
+        cache = ShardCache(tmp_path / "cache", 10**9)
+        loader = StreamLoader([(f"{url}/{corpus.name}", 1.0)], settings, pipeline, num_workers=2, cache=cache)
+        batches = [next(loader) for _ in range(4)]  # the workers (forkserver children) fetch the shards
+        loader.close()
+    assert shard_requests(requested)  # shards were fetched with the header, not found in some other cache
+    local = StreamLoader([(str(corpus), 1.0)], settings, pipeline, num_workers=2)
+    for expected in (next(local) for _ in range(4)):
+        got = batches.pop(0)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[key], got[key]) for key in expected)
+    local.close()
+
+
+def test_a_storage_option_naming_an_unset_variable_or_malformed_is_a_clear_error(
+    fresh_storage: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zidong.data.remote import configure_storage, parse_storage_options
+
+    monkeypatch.delenv("ZIDONG_UNSET_KEY", raising=False)
+    with pytest.raises(UserError, match=r"storage option s3.key: environment variable ZIDONG_UNSET_KEY is not set"):
+        configure_storage({"s3": {"key": "${ZIDONG_UNSET_KEY}"}})
+    assert parse_storage_options(["s3.endpoint_url=http://localhost:9000", "s3.anon=true"]) == {
+        "s3": {"endpoint_url": "http://localhost:9000", "anon": True}
+    }
+    with pytest.raises(UserError, match=r"expected PROTOCOL\.KEY=VALUE"):
+        parse_storage_options(["endpoint_url=http://localhost:9000"])
+
+
+def test_bad_storage_options_exit_2_from_the_command_line_and_the_recipe(
+    corpus: Path, tmp_path: Path, fresh_storage: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from zidong.cli import main
+
+    monkeypatch.delenv("ZIDONG_UNSET_KEY", raising=False)
+    out = tmp_path / "out"
+    assert main(["data", "build", str(corpus), "--out", str(out), "--storage-option", "s3"]) == 2
+    assert "--storage-option s3: expected PROTOCOL.KEY=VALUE" in capsys.readouterr().err
+    recipe = "recipes/pretrain/tiny.yaml"
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.storage_options.s3.key=$ZIDONG_UNSET_KEY"]
+    assert main(["pretrain", recipe, "--dry-run", *overrides]) == 2
+    assert "storage option s3.key: environment variable ZIDONG_UNSET_KEY is not set" in capsys.readouterr().err
+    assert not out.exists()
+    assert not (tmp_path / "run").exists()

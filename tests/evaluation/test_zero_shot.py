@@ -212,6 +212,18 @@ def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(trained_ru
     metrics = json.loads((tmp_path / "direct.json").read_text())
     assert metrics["classify/speech/count"] == 8
     assert metrics["vision->text/count"] == 8
+    streamed = run_cli(
+        "eval",
+        str(trained_run),
+        "--data",
+        str(source),
+        *labelled,
+        "--streaming",
+        "--out",
+        str(tmp_path / "stream.json"),
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert json.loads((tmp_path / "stream.json").read_text()) == metrics
     built = run_cli("data", "build", str(source), "--out", str(tmp_path / "shards"), "min_modalities=1")
     assert built.returncode == 0, built.stderr
     assert "16 samples in 1 shards, 0 rejected" in built.stdout
@@ -220,6 +232,9 @@ def test_eval_reads_a_hugging_face_dataset_and_agrees_with_its_shards(trained_ru
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "shards.json").read_text()) == metrics
+    refused = run_cli("eval", str(trained_run), "--data", str(tmp_path / "shards"), "--streaming")
+    assert refused.returncode == 2
+    assert "--streaming reads Hugging Face datasets;" in refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from zidong.data.normalize import BuildSettings, Rejected, Sample, normalize_sample, parse_line
-from zidong.data.remote import is_url
+from zidong.data.remote import configure_storage, configured_storage, is_url
 from zidong.data.shards import write_atomic, write_index
 from zidong.data.sources import Source, is_hub_dataset, open_source
 from zidong.errors import UserError
@@ -243,7 +243,11 @@ def _normalize_job(job: tuple[int, bytes | dict[str, Any], int | None, dict[str,
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(manifest_dir: Path | str, settings: BuildSettings) -> None:
+def _init_worker(
+    manifest_dir: Path | str, settings: BuildSettings, storage: dict[str, dict[str, Any]] | None = None
+) -> None:
+    if storage:  # a spawned worker starts without the fsspec settings of the command (`configure_storage`)
+        configure_storage(storage)
     _WORKER.update(manifest_dir=manifest_dir, settings=settings)
 
 
@@ -256,7 +260,8 @@ def _pool(workers: int, manifest_dir: Path | str, settings: BuildSettings) -> It
         return
     # spawn, not fork: forking a process whose torch thread pools have started (resampling) can deadlock
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(manifest_dir, settings)) as pool:
+    initargs = (manifest_dir, settings, configured_storage())
+    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         yield lambda jobs: pool.imap(_normalize_job, jobs, chunksize=4)
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -30,6 +30,8 @@ from zidong.errors import UserError
 if TYPE_CHECKING:
     from filelock import FileLock
 
+_UNSET_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what os.path.expandvars leaves of an unset variable
+_CONFIGURED: dict[str, dict[str, Any]] = {}
 CHUNK = 1 << 20
 ATTEMPTS = 3  # a fetch that fails this many times in a row is an error
 WAIT_FOR_ROOM_S = 600.0  # how long a download waits for other processes' downloads to leave room
@@ -38,6 +40,59 @@ DEFAULT_CACHE_GB = 20.0
 
 class RemoteError(UserError):
     """A remote shard folder that cannot be read, or whose shards do not match their index."""
+
+
+def configure_storage(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Give fsspec's filesystems of each protocol these settings (`{"s3": {"endpoint_url": ...}}`: what
+    `s3fs.S3FileSystem(...)` takes), through fsspec's own per-protocol configuration, so every read of this
+    process (shards, build sources, datasets' hub reads) and of the data workers it starts uses them. Strings may
+    name environment variables (`$NAME`, `${NAME}`, at any depth), expanded here, so that recipes and run records
+    hold the reference, never the secret. UserError for a variable that is not set."""
+    import fsspec.config
+
+    for protocol, settings in options.items():
+        expanded = {key: _expand(value, f"{protocol}.{key}") for key, value in settings.items()}
+        fsspec.config.conf.setdefault(protocol, {}).update(expanded)
+        _CONFIGURED.setdefault(protocol, {}).update(expanded)
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _expand(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_expand(item, where) for item in value]
+    if not isinstance(value, str):
+        return value
+    expanded = os.path.expandvars(value)
+    missing = _UNSET_VARIABLE.search(expanded)
+    if missing:
+        raise UserError(
+            f"storage option {where}: environment variable {missing.group(1) or missing.group(2)} is not set "
+            "(export it, or give the value itself)"
+        )
+    return expanded
+
+
+def configured_storage() -> dict[str, dict[str, Any]]:
+    """What `configure_storage` gave fsspec in this process (to hand to processes that do not inherit it)."""
+    return {protocol: dict(settings) for protocol, settings in _CONFIGURED.items()}
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """`--storage-option s3.endpoint_url=http://host:9000` (repeatable) -> {"s3": {"endpoint_url": ...}}; the
+    value is read as YAML (`anon=true` is a bool). UserError on anything else."""
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        protocol, dot, key = name.partition(".")
+        if not sep or not dot or not protocol or not key:
+            raise UserError(
+                f"--storage-option {pair}: expected PROTOCOL.KEY=VALUE, e.g. s3.endpoint_url=http://localhost:9000"
+            )
+        options.setdefault(protocol, {})[key] = yaml.safe_load(value) if value else ""
+    return options
 
 
 def is_url(location: str | os.PathLike) -> bool:

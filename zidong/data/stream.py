@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from zidong.data.remote import ShardCache
+from zidong.data.remote import ShardCache, configure_storage, configured_storage
 from zidong.data.resplit import piece_length, ref_pieces, resplit
 from zidong.data.saved_stream import SavedStreams
 from zidong.data.shards import ShardFolder
@@ -92,7 +92,8 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _init_worker(_: int, trainer_pid: int) -> None:
+def _init_worker(_: int, trainer_pid: int, storage: dict[str, dict[str, Any]]) -> None:
+    configure_storage(storage)  # the forkserver's children do not inherit the trainer's fsspec settings
     # Each worker tokenises one batch at a time: the tokenizer's own thread pool only adds threads, and
     # threads still running when the worker exits were seen to abort it.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -291,7 +292,7 @@ class StreamLoader:
             dataset,
             batch_size=None,
             collate_fn=_unchanged,
-            worker_init_fn=functools.partial(_init_worker, trainer_pid=os.getpid()),
+            worker_init_fn=functools.partial(_init_worker, trainer_pid=os.getpid(), storage=configured_storage()),
             num_workers=self.num_workers,
             multiprocessing_context=context,
             timeout=self.worker_timeout_s,

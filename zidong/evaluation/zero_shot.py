@@ -1,4 +1,4 @@
-"""`zidong eval MODEL_OR_CHECKPOINT --data DIR [--labels FILE] [--out metrics.json]`.
+"""`zidong eval MODEL_OR_CHECKPOINT --data DIR [--labels FILE] [--out metrics.json] [--streaming]`.
 
 Embeds every sample of a shard folder in batches (evaluation transforms: centre crop, head of the audio), then:
 - retrieval for every modality pair and direction the data has: Recall@1/5/10 and median rank (1 = always
@@ -55,6 +55,7 @@ class DataSpec:
     split: str | None = None
     label_column: str | None = None
     prompts: tuple[str, ...] = ("{}",)
+    streaming: bool = False  # a Hugging Face dataset read as a stream (`--streaming`), storing none of it
 
 
 def evaluate(
@@ -73,11 +74,15 @@ def evaluate(
     find_checkpoint(source)  # a bad model or label file fails before any work
     file_labels = load_labels(labels) if labels else None
     if names_shard_folder(spec.location):
+        if spec.streaming:
+            raise UserError(
+                f"--streaming reads Hugging Face datasets; {spec.location} is a shard folder (leave it out)"
+            )
         label_set = _column_labels(spec.location, spec) if spec.label_column else file_labels
         return _evaluate_folder(source, spec.location, label_set, out, batch_size)
     with tempfile.TemporaryDirectory(prefix="zidong-eval-") as scratch:
         folder = Path(scratch) / "shards"
-        built = open_source(spec.location, spec.columns, spec.split, single=True)
+        built = open_source(spec.location, spec.columns, spec.split, single=True, streaming=spec.streaming)
         result = build(built, folder, BuildSettings(min_modalities=1))
         logger.info(
             "read %s: %d samples, %d rejected (as `zidong data build` would)",

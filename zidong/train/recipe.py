@@ -85,6 +85,9 @@ class DataSection:
     cache_dir: str = "~/.cache/zidong/shards"  # where shard folders at URLs are fetched to (per machine)
     cache_gb: float = 20.0  # the most that cache folder holds
     worker_timeout_s: float = 600.0  # no batch from the data workers for this long ends the run, naming the shard
+    # fsspec settings per protocol for data at URLs, e.g. {s3: {endpoint_url: "http://minio:9000", key: "$S3_KEY"}}
+    # ($NAME: an environment variable, expanded when read); zidong/data/remote.py `configure_storage`
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "train", "must list at least one {path, weight} source")
