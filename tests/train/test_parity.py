@@ -338,18 +338,25 @@ def test_accumulation_trains_like_more_processes(
 @pytest.mark.parametrize(
     ("launcher", "processes", "parallel"),
     [("single", 1, None), ("torchrun", 2, None), ("torchrun", 2, FSDP)],
-    ids=["1x4x2", "ddp-2x2x2", "fsdp-2x2x2"],
+    ids=["1x4x2", "ddp-2x2x2", "fsdp-2x2x2-killed-and-resumed"],
 )
 def test_full_batch_negatives_under_accumulation_train_like_one_batch(
     corpus: dict[str, Path], one_process: Path, tmp_path: Path, launcher: str, processes: int, parallel: dict | None
 ) -> None:
     # micro-batches of 2, accumulated to the reference's 8 samples a step: the contrastive loss (every pair) scores
-    # each micro-batch against all 8, as one process x batch 8 does (train.full_batch_negatives)
+    # each micro-batch against all 8, as one process x batch 8 does (train.full_batch_negatives); the FSDP2 run
+    # is killed after its step-4 checkpoint and resumed (the cache's dropout seeds come from the saved generator)
     accumulation = GLOBAL_BATCH // (2 * processes)
     train = {"batch_size": 2, "grad_accum": accumulation, "full_batch_negatives": True}
-    parity.launch(
-        launcher, processes, PRETRAIN, pretrain_recipe(tmp_path, corpus, processes, parallel=parallel, **train)
-    )
+    recipe = pretrain_recipe(tmp_path, corpus, processes, parallel=parallel, **train)
+    if parallel:
+        job = parity.start(launcher, processes, PRETRAIN, recipe)
+        parity.wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", job)
+        kill_tree(job.pid)
+        job.wait()
+        assert resumed_step(parity.launch(launcher, processes, PRETRAIN, recipe).stderr) < STEPS
+    else:
+        parity.launch(launcher, processes, PRETRAIN, recipe)
     parity.assert_same_training(one_process, tmp_path / "run", keys=("loss", "grad_norm", *parity.CONTRASTIVE_PAIRS))
 
 
