@@ -73,7 +73,7 @@ def test_finetune_recipe_validates_and_gives_its_launch_command(path: Path) -> N
     task = "classify" if recipe.finetune.labels else "retrieval"
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any(f"zidong finetune {task} {path.relative_to(REPO_ROOT).as_posix()}" in line for line in header)
-    assert len(FINETUNE_RECIPES) == 3
+    assert len(FINETUNE_RECIPES) == 4
 
 
 CONVNEXT = "{model_type: convnext, image_size: 64, hidden_sizes: [32, 64, 128], depths: [2, 2, 2], num_stages: 3}"
