@@ -17,9 +17,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one core busy; two threads each would make the workers take turns on both cores
     os.environ["OMP_NUM_THREADS"] = "1"
 
-# the main job's file (in `make test` the recipe cut to 300 steps and two fine-tunes from it, about 5 minutes at one
-# thread: the longest file) starts first, so the other worker runs the rest of the suite beside it, not after it
-FIRST = "tests/test_main_job.py"
+# The longest files start first, longest first (seconds per file in a clean-clone CI run, 2026-12-07): a worker
+# that draws a long file last runs it alone while the other one idles. The main job's file (the recipe cut to 300
+# steps and two fine-tunes from it) is the longest, then the parity files (each builds its own reference run).
+FIRST = (
+    "tests/test_main_job.py",  # 370 s
+    "tests/train/test_parity.py",  # 450 s, its reference run included
+    "tests/train/test_pretrain.py",  # 380 s
+    "tests/train/test_parity_training.py",  # 330 s
+    "tests/test_bench.py",  # 180 s
+    "tests/train/test_dead_rank.py",  # 170 s
+)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +65,10 @@ def trained_run(pretrain_corpus: dict[str, Path], tmp_path_factory: pytest.TempP
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
+    def rank(item: pytest.Item) -> int:
+        return next((n for n, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
