@@ -1,5 +1,5 @@
 """Lockstep forward (DeepSpeed): the same module calls on every batch, a gradient on every used parameter, and
-exactly the losses of the ordinary forward."""
+the losses of the ordinary forward (to float rounding)."""
 
 from __future__ import annotations
 
@@ -63,9 +63,12 @@ def test_every_weighted_parameter_gets_a_gradient_and_losses_are_unchanged(model
     set_seed(1)
     plain = model(**inputs, return_loss=True, loss_weights=ALL_OBJECTIVES)
     assert set(plain.losses) == set(losses)
+    # A placeholder stream of an absent modality adds masked key positions to the fusion encoder's sequence: the
+    # same attention, summed in another order by the kernel, so the last bit may differ (masked_vision on the
+    # batch without a multi-modal sample, 1.2e-7, once the text tower trains without dropout).
     for name in losses:
-        torch.testing.assert_close(losses[name], plain.losses[name], rtol=0, atol=0, msg=name)
-    torch.testing.assert_close(loss, plain.loss, rtol=0, atol=0)
+        torch.testing.assert_close(losses[name], plain.losses[name], rtol=1e-6, atol=0, msg=name)
+    torch.testing.assert_close(loss, plain.loss, rtol=1e-6, atol=0)
 
 
 def test_an_empty_lockstep_call_runs_every_tower(model: ZidongModel) -> None:

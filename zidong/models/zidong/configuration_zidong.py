@@ -25,6 +25,23 @@ CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 MODALITIES = ("text", "vision", "speech")  # the one spelling and order, everywhere
 
 
+# Every dropout of every tower is set, not left to the architecture's default (BERT's is 0.1, Wav2Vec2-BERT drops
+# whole layers 10 % of the time): the presets train as CLIP does, without dropout. Measured on the main job
+# (docs/training.md): dropout 0 aligns as well as BERT's and Wav2Vec2-BERT's defaults, and the text forward runs
+# on SDPA's fused kernel (dropout in attention takes it off that path). A recipe sets them with `model.<tower>.config`.
+TEXT_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+VISION_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+SPEECH_DROPOUT = {
+    "hidden_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "feat_proj_dropout": 0.0,
+    "conformer_conv_dropout": 0.0,
+    "layerdrop": 0.0,
+    "final_dropout": 0.0,
+}
+
+
 def _encoder(hidden: int, layers: int, heads: int) -> dict[str, Any]:
     return {
         "hidden_size": hidden,
@@ -50,12 +67,14 @@ def _preset(
             "model_type": "bert",
             "max_position_embeddings": max_text_tokens,
             **_encoder(hidden, layers, heads),
+            **TEXT_DROPOUT,
         },
         "vision_config": {
             "model_type": "vit",
             "image_size": image_size,
             "patch_size": patch_size,
             **_encoder(hidden, layers, heads),
+            **VISION_DROPOUT,
         },
         "speech_config": {
             "model_type": "wav2vec2-bert",
@@ -67,6 +86,7 @@ def _preset(
             # Off: the tower's own time masking draws from numpy's RNG; SpecAugment runs on the filterbank instead.
             "apply_spec_augment": False,
             **_encoder(hidden, speech_layers, heads),
+            **SPEECH_DROPOUT,
         },
         "projection_dim": projection_dim,
         "spec_augment_freq_mask": 15,  # of 80 mel bins
@@ -74,6 +94,7 @@ def _preset(
         "fusion_hidden_size": hidden,
         "fusion_num_layers": fusion_layers,
         "fusion_num_heads": heads,
+        "fusion_dropout": 0.0,
     }
 
 
