@@ -30,7 +30,7 @@ def model() -> ZidongModel:
 
 def test_groups_split_by_tower_and_decay_with_multipliers() -> None:
     model = ZidongModel(tiny_config())
-    optimizer = build_optimizer(model, recipe_with("model.text.lr_multiplier=0.1"), fused=False)
+    optimizer = build_optimizer(model, recipe_with("model.text.lr_multiplier=0.1"))
     seen = set()
     for group in optimizer.param_groups:
         expected_lr = 0.010000000000000002 if group["owner"] == "text" else 0.1
@@ -48,7 +48,7 @@ def test_frozen_for_good_leaves_the_optimizer_and_autograd() -> None:
     model = ZidongModel(tiny_config())
     settings = recipe_with("model.vision.frozen_steps=-1")
     assert freeze_for_good(model, settings) == ["vision"]
-    optimizer = build_optimizer(model, settings, fused=False)
+    optimizer = build_optimizer(model, settings)
     assert "vision" not in {group["owner"] for group in optimizer.param_groups}
     assert not any(p.requires_grad for p in model.vision_model.parameters())
     assert all(p.requires_grad for p in model.vision_projection.parameters())
@@ -61,7 +61,7 @@ def test_a_classifier_freezes_and_scales_the_tower_it_wraps() -> None:
     assert freeze_for_good(model, settings) == ["speech"]
     assert not any(p.requires_grad for p in model.zidong.speech_model.parameters())
     assert all(p.requires_grad for p in model.classifier.parameters())
-    optimizer = build_optimizer(model, settings, fused=False)
+    optimizer = build_optimizer(model, settings)
     rates = {group["owner"]: group["lr"] for group in optimizer.param_groups}
     assert rates == {"text": pytest.approx(0.05), "vision": 0.1, "rest": 0.1}
     for parameter in model.parameters():
@@ -74,7 +74,7 @@ def test_a_classifier_freezes_and_scales_the_tower_it_wraps() -> None:
 def test_the_schedule_stays_at_zero_after_max_steps() -> None:
     model = ZidongModel(tiny_config())
     settings = recipe_with("train.warmup_steps=2", "train.max_steps=6")
-    optimizer = build_optimizer(model, settings, fused=False)
+    optimizer = build_optimizer(model, settings)
     scheduler = build_scheduler(optimizer, settings)
     history = []
     for _ in range(12):
@@ -88,7 +88,7 @@ def test_the_schedule_stays_at_zero_after_max_steps() -> None:
 def test_timed_freeze_is_a_zero_learning_rate_then_the_schedule() -> None:
     model = ZidongModel(tiny_config())
     settings = recipe_with("model.speech.frozen_steps=3", "train.warmup_steps=2", "train.max_steps=10")
-    optimizer = build_optimizer(model, settings, fused=False)
+    optimizer = build_optimizer(model, settings)
     scheduler = build_scheduler(optimizer, settings)
     history = []
     for step in range(10):

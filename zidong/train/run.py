@@ -107,7 +107,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         for name, reason in eager.items():
             logger.warning("train.compile: %s layers stay eager on %s: %s", name, accelerator.device.type, reason)
     strategy.shard(model, recipe, accelerator)  # before the optimizer sees the parameters
-    optimizer = build_optimizer(model, recipe, fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, recipe)
     prepared = strategy.prepare(accelerator, recipe, model, optimizer, build_scheduler(optimizer, recipe))
     model, optimizer, scheduler, sharded = prepared.model, prepared.optimizer, prepared.scheduler, prepared.sharded
     counters, data_states = Counters(), []
