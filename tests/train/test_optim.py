@@ -16,6 +16,7 @@ from zidong.train.optim import (
     drop_gradients,
     freeze_for_good,
     frozen_now,
+    idle_heads,
     learning_rates,
     objective_weights,
     parameter_owners,
@@ -146,3 +147,16 @@ def test_the_temperature_is_clamped_to_its_maximum_after_the_step() -> None:
     clamp_temperature(model, deepspeed=False)
     assert model.logit_scale.item() == 2.0  # below the maximum: left as it is
     clamp_temperature(torch.nn.Linear(2, 2), deepspeed=False)  # a model without a temperature: nothing to do
+
+
+def test_the_heads_of_objectives_that_are_off_are_idle_unless_an_objective_that_is_on_shares_them() -> None:
+    masked = ("loss.masked_text.weight=0", "loss.masked_vision.weight=0", "loss.masked_speech.weight=0")
+    everything_off = idle_heads(recipe_with("loss.matching.weight=0", *masked), OBJECTIVES)
+    assert everything_off == ["fusion", "matching_head", "speech_head", "text_head", "vision_head"]
+    assert idle_heads(recipe_with("loss.matching.weight=0.1", *masked), OBJECTIVES) == [
+        "speech_head",
+        "text_head",
+        "vision_head",
+    ]  # the fusion encoder serves matching
+    assert idle_heads(recipe_with("loss.matching.weight=0"), OBJECTIVES) == ["matching_head"]
+    assert idle_heads(recipe_with("loss.matching.weight=0", *masked), ()) == []  # a classifier's own business

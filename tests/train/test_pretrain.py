@@ -180,6 +180,44 @@ def test_frozen_towers_stay_put_and_a_timed_freeze_ends(pretrain_corpus: dict[st
         assert r["loss"] == pytest.approx(expected + r["masked_speech"], abs=1e-3)
 
 
+def test_heads_of_objectives_that_are_off_stay_put_and_cannot_be_switched_on_by_a_resume(
+    pretrain_corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    off = {name: {"weight": 0.0} for name in ("matching", "masked_text", "masked_vision", "masked_speech")}
+    recipe = write_recipe(
+        tmp_path,
+        pretrain_corpus,
+        train={"max_steps": 2, "warmup_steps": 0, "weight_decay": 0.5},
+        checkpoint={"every_steps": 1, "keep_last": 4},
+        data={"num_workers": 0, "eval": None},
+        loss=off,
+    )
+    result = run_cli("pretrain", str(recipe), env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    heads = ["fusion", "matching_head", "speech_head", "text_head", "vision_head"]
+    assert f"not trained (their objectives are off): {', '.join(heads)}" in result.stderr
+    step = [tmp_path / "run" / "checkpoints" / f"step-{s:08d}" for s in (1, 2)]
+    first, second = (load_file(folder / "model.safetensors") for folder in step)
+    for name in first:  # weight decay moved every head that was stepped, gradient or not
+        if name.split(".")[0] in heads:
+            assert torch.equal(first[name], second[name]), name
+    assert not torch.equal(first["text_projection.weight"], second["text_projection.weight"])
+    assert json.loads((step[1] / "trainer.json").read_text())["idle_heads"] == heads
+    # the same recipe resumes; switching matching on would need optimizer state the checkpoint never made
+    result = run_cli("pretrain", str(recipe), "train.max_steps=3", env={"ZIDONG_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr
+    saved = (step[1] / "model.safetensors").read_bytes()
+    refused = run_cli(
+        "pretrain", str(recipe), "train.max_steps=4", "loss.matching.weight=0.5", env={"ZIDONG_PROGRESS": "0"}
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "was trained with fusion, matching_head frozen" in refused.stderr
+    assert "finetune.source=" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000004").exists()
+    assert (step[1] / "model.safetensors").read_bytes() == saved
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_a_tracker_that_is_not_installed_exits_2(pretrain_corpus: dict[str, Path], tmp_path: Path) -> None:
     result = run_cli("pretrain", str(write_recipe(tmp_path, pretrain_corpus)), "train.trackers=[tensorboard, wandb]")

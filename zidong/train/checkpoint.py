@@ -218,16 +218,21 @@ def _read_dcp(folder: Path) -> dict[str, Any]:
         return torch.load(Path(scratch) / "state.pt", weights_only=True)
 
 
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """`trainer.json` of checkpoint `folder` (UserError when it is missing or unreadable)."""
+    try:
+        return json.loads((folder / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder} is not a zidong checkpoint (no readable trainer.json: {err})") from None
+
+
 def load_checkpoint(
     accelerator: Accelerator, folder: Path, sharded: ShardedParts | None = None
 ) -> tuple[dict[str, Any], SavedStreams]:
     """Restore model, optimizer, scheduler and RNG states from `folder` (`sharded`: an FSDP2 run's parts); returns
     (trainer state, the data-stream states of the processes that wrote the checkpoint, read lazily). A process the
     checkpoint has no RNG state for (it was written by fewer processes) keeps the seeded one."""
-    try:
-        trainer_state = json.loads((folder / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{folder} is not a zidong checkpoint (no readable trainer.json: {err})") from None
+    trainer_state = read_trainer_state(folder)
     written_by = trainer_state.get("processes", accelerator.num_processes)
     if accelerator.state.deepspeed_plugin is not None and written_by != accelerator.num_processes:
         raise UserError(

@@ -12,6 +12,11 @@ Freezing a tower (`model.<tower>.frozen_steps`):
   stay trainable throughout because DDP and ZeRO fix the set of trainable parameters when they wrap the model;
   under DeepSpeed, whose engine clips and steps inside `backward`, the frozen tower's gradient still counts in
   the clipped norm and the Adam moments (its learning rate is 0, so the weights do not move).
+
+The heads of an objective that is off for the whole run (weight 0: the fusion encoder and the matching and masked
+modelling heads of the tiny recipe) are frozen like a tower at `-1`, so a step touches only what trains. They stay
+in the model, so checkpoints and exports keep their (initial) weights. A resumed run keeps the checkpoint's choice:
+see `heads_to_freeze` in zidong/train/run.py.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from zidong.models.zidong.configuration_zidong import MODALITIES
+from zidong.models.zidong.objectives_zidong import REGISTRY
 from zidong.train.recipe import PretrainRecipe
 
 OWNERS = (*MODALITIES, "rest")
@@ -45,6 +51,35 @@ def freeze_for_good(model: torch.nn.Module, recipe: PretrainRecipe) -> list[str]
     for name, parameter in model.named_parameters():
         if owners[name] in frozen:
             parameter.requires_grad_(False)
+    return frozen
+
+
+def idle_heads(recipe: PretrainRecipe, objectives: Iterable[str]) -> list[str]:
+    """The heads (the joint model's modules, by attribute name) that no objective of this run trains: those of
+    every registered objective whose weights in the recipe's `loss` section are all 0, unless an objective that is
+    on shares them (the fusion encoder serves matching and masked modelling). `objectives`: the weight names the
+    task trains with the `loss` section (none for a classifier, which freezes what it does not use itself)."""
+    trained = set(objectives)
+    on_heads, off_heads = set(), set()
+    for objective in REGISTRY:
+        names = [name for name in objective.weights if name in trained]
+        if not names:
+            continue
+        on = any(getattr(recipe.loss, name).weight > 0 for name in names)
+        (on_heads if on else off_heads).update(objective.heads)
+    return sorted(off_heads - on_heads)
+
+
+def freeze_heads(model: torch.nn.Module, heads: Iterable[str]) -> int:
+    """`requires_grad=False` on the named heads of the joint model (before it is wrapped): no gradient, no
+    optimizer state, no weight decay, no share of the clipped norm. Returns how many tensors it froze."""
+    joint = model.base_model
+    frozen = 0
+    for head in heads:
+        module = getattr(joint, head, None)
+        for parameter in module.parameters() if module is not None else ():
+            parameter.requires_grad_(False)
+            frozen += 1
     return frozen
 
 

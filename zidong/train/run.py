@@ -26,7 +26,7 @@ from zidong.data.transforms import SamplePipeline
 from zidong.errors import UserError
 from zidong.evaluation.retrieval import HeldOut
 from zidong.train.builders import apply_train_settings
-from zidong.train.checkpoint import ShardedParts, checkpoints, describe_model, load_checkpoint
+from zidong.train.checkpoint import ShardedParts, checkpoints, describe_model, load_checkpoint, read_trainer_state
 from zidong.train.distributed import (
     Launched,
     built_whole,
@@ -37,7 +37,7 @@ from zidong.train.distributed import (
 )
 from zidong.train.flops import StepFlops, measured_peak_flops
 from zidong.train.metrics import MetricsLog, ThroughputWindow, check_trackers
-from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good
+from zidong.train.optim import build_optimizer, build_scheduler, freeze_for_good, freeze_heads, idle_heads
 from zidong.train.parallelize import compile_layers
 from zidong.train.recipe import DataSection, PretrainRecipe
 from zidong.utils.log import get_logger
@@ -77,6 +77,7 @@ class Run:
     window: ThroughputWindow
     ledger: Path | None
     describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
+    idle_heads: list[str]  # heads frozen because their objectives are off (checkpoints record them)
     sharded: ShardedParts | None  # under FSDP2: what checkpoints save with torch.distributed.checkpoint
 
 
@@ -100,6 +101,10 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
     frozen = freeze_for_good(model, recipe)
     if frozen:
         logger.info("frozen for the whole run: %s tower(s)", ", ".join(frozen))
+    idle = heads_to_freeze(recipe, task, resume_from)
+    if idle:
+        count = freeze_heads(model, idle)
+        logger.info("not trained (their objectives are off): %s (%d tensors frozen)", ", ".join(idle), count)
     step_flops = StepFlops(model.base_model)  # a classifier: count the towers of its joint model
     if recipe.train.compile:
         layers, eager = compile_layers(model, accelerator.device)
@@ -142,6 +147,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
         describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
         sharded=sharded,
+        idle_heads=idle,
     )
 
 
@@ -163,6 +169,29 @@ def resume_point(recipe: PretrainRecipe, output_dir: Path) -> Path | None:
     if not (path / "trainer.json").is_file():
         raise UserError(f"resume={recipe.resume}: not a checkpoint folder (expected {path}/trainer.json)")
     return path
+
+
+def heads_to_freeze(recipe: PretrainRecipe, task: Task, resume_from: Path | None) -> list[str]:
+    """The heads this run freezes: those of the objectives it leaves off (`idle_heads`), or, when it resumes, the
+    ones its checkpoint froze (they hold no optimizer state there). Switching an objective off mid-run keeps its
+    heads trainable (they get zero gradients, as before); switching on one whose heads the checkpoint froze is
+    refused (UserError): the optimizer state it needs was never made."""
+    idle = idle_heads(recipe, task.objectives)
+    if resume_from is None:
+        return idle
+    saved = read_trainer_state(resume_from).get(
+        "idle_heads", []
+    )  # written before heads were frozen: every head trained
+    needed = sorted(set(saved) - set(idle))
+    if needed:
+        raise UserError(
+            f"resume: {resume_from} was trained with {', '.join(needed)} frozen (no objective of its run used them), "
+            "and this recipe turns on an objective that trains them, which that checkpoint's optimizer holds no "
+            "state for. Keep the loss weights the run started with, or continue from its weights with a new "
+            f"optimizer: zidong finetune retrieval RECIPE finetune.source={resume_from} (the recipe's loss section "
+            "applies there; docs/training.md#objectives-that-are-off)"
+        )
+    return sorted(saved)
 
 
 def train_loader(

@@ -261,7 +261,7 @@ def _checkpoint(run: Run) -> None:
         run.accelerator,
         run.output_dir,
         counters.step,
-        {**counters.__dict__, "processes": run.accelerator.num_processes},
+        {**counters.__dict__, "processes": run.accelerator.num_processes, "idle_heads": run.idle_heads},
         run.loader.state_dict(),
         run.recipe.checkpoint.keep_last,
         describe=run.describe,
