@@ -38,7 +38,7 @@ def reads_per_step(folder: Path, pretrain_corpus: dict[str, Path], weights: dict
         steps = []
         for _ in range(STEPS):
             with HostReads() as reads:
-                trainer._optimizer_step(run, stop_requested=False)
+                trainer.optimizer_step(run, stop_requested=False)
             steps.append(reads)
         return steps
     finally:
@@ -116,7 +116,7 @@ def distributed_step_worker(rank: int, port: int, recipe: str, out: str) -> None
         for _ in range(DISTRIBUTED_STEPS):
             calls.clear()
             with HostReads() as reads:
-                trainer._optimizer_step(run, stop_requested=False)
+                trainer.optimizer_step(run, stop_requested=False)
             steps.append({"reads": dict(reads.sites), "collectives": dict(calls)})
     finally:
         for name, original in originals.items():

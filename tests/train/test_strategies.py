@@ -65,7 +65,7 @@ def test_a_new_strategy_is_one_class_and_one_registration(
         assert "strategy: whole model in lockstep, reshard_after_forward=False" in caplog.text
         before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
         for _ in range(2):  # the warm-up's first step has learning rate 0
-            losses, grad_norm, _, _ = trainer._optimizer_step(run, stop_requested=False)
+            losses, grad_norm, _, _ = trainer.optimizer_step(run, stop_requested=False)
             assert torch.isfinite(torch.tensor(grad_norm))
             assert losses["loss"] > 0
         assert not torch.equal(before["text_projection.weight"], run.model.text_projection.weight)

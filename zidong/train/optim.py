@@ -129,14 +129,33 @@ def frozen_now(recipe: PretrainRecipe, step: int) -> list[str]:
     return [m for m in MODALITIES if step < getattr(recipe.model, m).frozen_steps]
 
 
-def fill_missing_gradients(model: torch.nn.Module) -> None:
+def fill_missing_gradients(trainable: Iterable[torch.nn.Parameter]) -> None:
     """A zero gradient for every trainable parameter that got none this step (its modality was in no sample of
-    the global batch, or its objective is off). AdamW skips a parameter without a gradient but moves one with a
-    zero gradient (momentum, weight decay); DeepSpeed steps flat buffers of every parameter, so without this a
-    DeepSpeed run and a DDP or one-process run of the same recipe would train differently."""
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.grad is None:
+    the global batch). AdamW skips a parameter without a gradient but moves one with a zero gradient (momentum,
+    weight decay); DeepSpeed steps flat buffers of every parameter, so without this a DeepSpeed run and a DDP or
+    one-process run of the same recipe would train differently. (The heads of an objective that is off for the
+    whole run are frozen instead: `idle_heads`.)"""
+    for parameter in trainable:
+        if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
+
+
+def clip_gradients(
+    accelerator, trainable: list[torch.nn.Parameter], max_norm: float, sharded: bool
+) -> torch.Tensor | float:
+    """Clip the gradients of `trainable` to `max_norm` in total; returns their norm before clipping.
+
+    With plain tensors this is torch's norm and clip over every tensor in one foreach call each (accelerate's
+    `clip_grad_norm_` loops over the tensors in Python on a CPU: on the tiny preset's 80 tensors on 2 cores 1.05 ms
+    a step against 0.38 ms). Under DeepSpeed the engine has clipped already and this returns its global norm;
+    with FSDP2's DTensor gradients (`sharded`) accelerate reduces each mesh's norm first."""
+    if sharded or accelerator.state.deepspeed_plugin is not None:
+        return accelerator.clip_grad_norm_(trainable, max_norm)
+    accelerator.unscale_gradients()  # under fp16 loss scaling; records an overflow
+    with_gradient = [parameter for parameter in trainable if parameter.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_gradient], foreach=True)
+    torch.nn.utils.clip_grads_with_norm_(with_gradient, max_norm, norm, foreach=True)
+    return norm
 
 
 def drop_gradients(model: torch.nn.Module, owners: Iterable[str]) -> None:

@@ -78,6 +78,8 @@ class Run:
     ledger: Path | None
     describe: Callable[[Path], None]  # writes the model config, processor and recipe into a checkpoint
     idle_heads: list[str]  # heads frozen because their objectives are off (checkpoints record them)
+    inner: torch.nn.Module  # the prepared model unwrapped (unwrapping looks up installed packages: once)
+    trainable: list[torch.nn.Parameter]  # the prepared model's parameters that train (each step fills, clips them)
     sharded: ShardedParts | None  # under FSDP2: what checkpoints save with torch.distributed.checkpoint
 
 
@@ -148,6 +150,8 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
         sharded=sharded,
         idle_heads=idle,
+        inner=accelerator.unwrap_model(model),
+        trainable=[parameter for parameter in model.parameters() if parameter.requires_grad],
     )
 
 

@@ -30,6 +30,7 @@ from zidong.train.collectives import needs_exchange
 from zidong.train.distributed import agree, averaged_over_processes
 from zidong.train.optim import (
     clamp_temperature,
+    clip_gradients,
     drop_gradients,
     fill_missing_gradients,
     frozen_now,
@@ -65,12 +66,12 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
     stopping = False
     try:  # the loader's worker processes end with the loop, also when it raises
         while counters.step < settings.max_steps and not stopping:
-            losses, grad_norm, rates, stopping = _optimizer_step(run, stop.requested)
+            losses, grad_norm, rates, stopping = optimizer_step(run, stop.requested)
             bar.update(1)
             _check_finite_streak(run)
             done = counters.step == settings.max_steps
             if counters.step % settings.log_every == 0 or done:
-                record = _log_step(run, losses, grad_norm, rates)
+                record = log_step(run, losses, grad_norm, rates)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
             if run.held_out is not None and (done or _due(counters.step, recipe.eval.every_steps)):
                 metrics = task.evaluate(run)
@@ -94,19 +95,20 @@ def train(recipe: PretrainRecipe, task: Task) -> dict[str, float]:
     return metrics
 
 
-def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], float, dict[str, float], bool]:
+def optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], float, dict[str, float], bool]:
     """One optimizer step: micro-batches, clipping, the (possibly skipped) update, the schedule.
 
     Returns the losses, the gradient norm, the learning rates the step used, and whether to stop after it."""
     recipe, accelerator, counters = run.recipe, run.accelerator, run.counters
-    run.model.train()
+    if not run.model.training:  # after an evaluation (train() walks every module: not on every step)
+        run.model.train()
     weights = objective_weights(recipe, counters.step + 1, run.task.objectives)
     losses, samples = _forward_backward(run, weights)
     if accelerator.state.deepspeed_plugin is None:  # DeepSpeed steps every parameter (fill_missing_gradients)
-        fill_missing_gradients(run.model)
+        fill_missing_gradients(run.trainable)
         drop_gradients(run.model, frozen_now(recipe, counters.step))  # frozen for now: no say in clipping or Adam
     # under DeepSpeed the engine has clipped and stepped already; this returns its global norm
-    norm = accelerator.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm)
+    norm = clip_gradients(accelerator, run.trainable, recipe.train.max_grad_norm, run.sharded is not None)
     losses, grad_norm = read_once(losses, norm)
     # every process must take the same decisions: skip the update, and stop after this step
     loss_finite, stopping = agree(accelerator, math.isfinite(losses["loss"]), stop_requested)
@@ -116,7 +118,7 @@ def _optimizer_step(run: Run, stop_requested: bool) -> tuple[dict[str, float], f
         counters.skipped_steps += 1
         if not (loss_finite and scale_still_working(accelerator.scaler)):
             counters.bad_steps_in_a_row += 1
-    clamp_temperature(accelerator.unwrap_model(run.model), accelerator.state.deepspeed_plugin is not None)
+    clamp_temperature(run.inner, accelerator.state.deepspeed_plugin is not None)
     rates = learning_rates(run.optimizer)  # those this step used
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -206,7 +208,7 @@ def _cache_embeddings(run: Run, cache: StepCache, batches: list[dict], weights: 
         for index, batch in enumerate(batches):
             with cache.randomness(index, [run.accelerator.device]):
                 run.model(**batch, **arguments)
-    config = run.accelerator.unwrap_model(run.model).base_model.config
+    config = run.inner.base_model.config
     cache.solve(config.contrastive_loss, config.projection_dim)
 
 
@@ -246,7 +248,7 @@ def _check_finite_streak(run: Run) -> None:
         )
 
 
-def _log_step(run: Run, losses: dict[str, float], grad_norm: float, rates: dict[str, float]) -> dict:
+def log_step(run: Run, losses: dict[str, float], grad_norm: float, rates: dict[str, float]) -> dict:
     """Writes one `train` record (losses averaged over processes: collective) and returns it."""
     losses = averaged_over_processes(run.accelerator, losses)
     numbers = {"grad_norm": grad_norm, "skipped_steps": run.counters.skipped_steps}
