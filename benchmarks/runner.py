@@ -18,15 +18,16 @@ from benchmarks.compile import compiled_against_eager
 from benchmarks.distributed import distributed
 from benchmarks.frontend import frontend
 from benchmarks.growth import growth
+from benchmarks.peer import peer
 from benchmarks.sources import sources
 from benchmarks.training import TrainingBench, base_mfu, loader_headroom, padding, step_time
 
-MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 logger = logging.getLogger("benchmarks")
 
 
 def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result]:
-    """The selected measurements (numbers 1-10 of docs/PERFORMANCE.md), cheapest shared work first."""
+    """The selected measurements (numbers 1-11 of docs/PERFORMANCE.md), cheapest shared work first."""
     bench = TrainingBench(settings)
     steps = {
         3: lambda: padding(bench),
@@ -40,6 +41,7 @@ def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result
         9: lambda: compiled_against_eager(bench),
         6: lambda: full_batch_negatives(settings),
         10: lambda: growth(settings),
+        11: lambda: peer(settings),
     }
     results: list[Result] = []
     for number, measure in steps.items():

@@ -38,8 +38,8 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert len(rows) >= 28  # 29 where CUDA adds the GPU MFU row
+    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert len(rows) >= 30  # 31 where CUDA adds the GPU MFU row
     for row in rows:
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
@@ -71,6 +71,12 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     assert growth["data plan"]["memory_slope_vs_slots"] < 0.5  # a slot's plan does not grow with the slots
     assert [row["files_read"] for row in growth["stream state"]["by_ranks"]] == [2, 2, 2]
     assert growth["build"]["merge"]["shards"] == 20_000
+    fixed_cost, peer = (row["details"] for row in rows if row["number"] == 11)
+    assert set(fixed_cost["host_work_ms"]) >= {"flop_count", "clip_gradients", "optimizer_step"}
+    assert fixed_cost["trainable_tensors"] > 0
+    # equal work: open_clip's model built with the same tower sizes does the same FLOPs per sample, within 1 %
+    assert peer["open_clip_gflop_per_sample"] == pytest.approx(peer["zidong_gflop_per_sample"], rel=0.01)
+    assert peer["open_clip_seconds_per_step"] > 0
     assert report["machine"]["cores"] >= 1
     assert report["quick"] is True
 
