@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,6 +31,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from zidong.models.zidong.configuration_zidong import MODALITIES
 from zidong.models.zidong.objectives_zidong import REGISTRY
 from zidong.train.recipe import PretrainRecipe
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 OWNERS = (*MODALITIES, "rest")
 
@@ -141,7 +145,7 @@ def fill_missing_gradients(trainable: Iterable[torch.nn.Parameter]) -> None:
 
 
 def clip_gradients(
-    accelerator, trainable: list[torch.nn.Parameter], max_norm: float, sharded: bool
+    accelerator: Accelerator, trainable: list[torch.nn.Parameter], max_norm: float, sharded: bool
 ) -> torch.Tensor | float:
     """Clip the gradients of `trainable` to `max_norm` in total; returns their norm before clipping.
 

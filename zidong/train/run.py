@@ -123,6 +123,7 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         counters = Counters(**{k: v for k, v in trainer_state.items() if k in Counters.__dataclass_fields__})
         logger.info("resumed from %s (step %d)", resume_from, counters.step)
     options = task.pipeline_options(recipe)
+    inner = accelerator.unwrap_model(model)
     return Run(
         task=task,
         recipe=recipe,
@@ -147,10 +148,10 @@ def setup(recipe: PretrainRecipe, task: Task) -> Run:
         log=MetricsLog(accelerator, output_dir, output_dir.name, to_dict(recipe)),
         window=ThroughputWindow(step_flops.samples_per_speech_frame, peak_flops(recipe, accelerator)),
         ledger=output_dir / LEDGER_FILE.format(rank=accelerator.process_index) if recipe.data.ledger else None,
-        describe=functools.partial(describe_model, accelerator.unwrap_model(model), processor, to_yaml(recipe)),
+        describe=functools.partial(describe_model, inner, processor, to_yaml(recipe)),
         sharded=sharded,
         idle_heads=idle,
-        inner=accelerator.unwrap_model(model),
+        inner=inner,
         trainable=[parameter for parameter in model.parameters() if parameter.requires_grad],
     )
 
@@ -183,9 +184,8 @@ def heads_to_freeze(recipe: PretrainRecipe, task: Task, resume_from: Path | None
     idle = idle_heads(recipe, task.objectives)
     if resume_from is None:
         return idle
-    saved = read_trainer_state(resume_from).get(
-        "idle_heads", []
-    )  # written before heads were frozen: every head trained
+    # a checkpoint written before heads were frozen has no list: every head trained
+    saved = read_trainer_state(resume_from).get("idle_heads", [])
     needed = sorted(set(saved) - set(idle))
     if needed:
         raise UserError(

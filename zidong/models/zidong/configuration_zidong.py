@@ -26,9 +26,9 @@ MODALITIES = ("text", "vision", "speech")  # the one spelling and order, everywh
 
 
 # Every dropout of every tower is set, not left to the architecture's default (BERT's is 0.1, Wav2Vec2-BERT drops
-# whole layers 10 % of the time): the presets train as CLIP does, without dropout. Measured on the main job
-# (docs/training.md): dropout 0 aligns as well as BERT's and Wav2Vec2-BERT's defaults, and the text forward runs
-# on SDPA's fused kernel (dropout in attention takes it off that path). A recipe sets them with `model.<tower>.config`.
+# whole layers 10 % of the time): the presets train as CLIP does, without dropout. On the main job dropout 0
+# aligned every pair better than those defaults (docs/training.md, "What the tiny recipe learns"), and the text
+# tower's attention runs on SDPA's fused kernel without it. A recipe sets them with `model.<tower>.config`.
 TEXT_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 VISION_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 SPEECH_DROPOUT = {
