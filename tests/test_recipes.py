@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import REPO_ROOT, run_cli
 from zidong.config import load_config
+from zidong.models.zidong.modeling_zidong import ZidongModel
 from zidong.train.recipe import FinetuneRecipe, PretrainRecipe
 
 PRETRAIN_RECIPES = sorted((REPO_ROOT / "recipes" / "pretrain").glob("*.yaml"))
@@ -65,6 +67,29 @@ def test_dry_run_sizes_the_large_recipe_without_allocating_it() -> None:
     assert float(ddp.group(3)) == pytest.approx(flops * 128 / (989e12 * 0.35), rel=1e-3)  # batch 64 x accum 2
     peak_gib = int(re.search(r"peak_rss_kb (\d+)", result.stdout).group(1)) / 2**20
     assert peak_gib < 2.0  # the fp32 weights alone would take 4.3 GiB
+
+
+def test_dry_run_counts_as_trained_only_what_the_objectives_train() -> None:
+    from zidong.train.builders import model_config
+    from zidong.train.dry_run import dry_run_report
+
+    def counts(*overrides: str) -> tuple[dict[str, int], PretrainRecipe]:
+        recipe = load_config(
+            PretrainRecipe, REPO_ROOT / "recipes/pretrain/tiny.yaml", ["model.tokenizer=null", *overrides]
+        )
+        report = dry_run_report(recipe, gpus=8)
+        rows = re.findall(r"^(\w[\w ]*?)\s+([\d,]+)(?:\s|$)", report, re.MULTILINE)
+        return {name: int(count.replace(",", "")) for name, count in rows}, recipe
+
+    every = ("loss.matching.weight=0.5", "loss.masked_text.weight=0.5")
+    with_all, _ = counts(*every, "loss.masked_vision.weight=0.5", "loss.masked_speech.weight=0.5")
+    assert with_all["trained"] == with_all["total"]
+    contrastive, recipe = counts()  # the tiny recipe: contrastive only
+    with torch.device("meta"):
+        model = ZidongModel(model_config(recipe))
+    heads = sum(p.numel() for name in ("matching_head", "text_head", "vision_head", "speech_head")
+                for p in getattr(model, name).parameters())  # fmt: skip
+    assert contrastive["total"] - contrastive["trained"] == contrastive["fusion"] + heads
 
 
 @pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda path: path.name)

@@ -24,7 +24,7 @@ from zidong.models.zidong.modeling_zidong import OBJECTIVES, ZidongModel
 from zidong.models.zidong.towers_zidong import is_convolutional
 from zidong.train.builders import model_config
 from zidong.train.flops import StepFlops
-from zidong.train.optim import freeze_for_good, objective_weights
+from zidong.train.optim import freeze_for_good, freeze_heads, idle_heads, objective_weights
 from zidong.train.parallelize import shard_units
 from zidong.train.planner import GPU_KINDS, Workload, plan_lines
 from zidong.train.recipe import PretrainRecipe
@@ -44,6 +44,7 @@ def dry_run_report(
     with torch.device("meta"):
         model = ZidongModel(config)
     freeze_for_good(model, recipe)
+    freeze_heads(model, idle_heads(recipe, OBJECTIVES))  # as the run will: the heads of objectives that are off
     towers = model.towers()
     sizes = {m: _count(towers[m]) for m in MODALITIES}
     sizes["fusion"] = _count(model.fusion)
@@ -61,7 +62,8 @@ def dry_run_report(
     flops = step_flops.of_tokens(tokens, objective_weights(recipe, recipe.train.max_steps, OBJECTIVES))
     lines = [f"model: preset {recipe.model.preset}, {vocabulary_note}", "", f"{'parameters':<24}{'count':>16}"]
     lines += [f"{name:<24}{count:>16,}" for name, count in sizes.items()]
-    lines += [f"{'total':<24}{total:>16,}  ({total / 1e9:.2f} B)", ""]
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    lines += [f"{'total':<24}{total:>16,}  ({total / 1e9:.2f} B)", f"{'trained':<24}{trainable:>16,}", ""]
     counts = ", ".join(f"{m} {int(n[0])}" for m, n in tokens.items())
     if is_convolutional(vision):
         counts += " (vision: a convolutional tower's forward FLOPs / (2 x parameters))"
@@ -74,7 +76,7 @@ def dry_run_report(
     settings = recipe.train
     work = Workload(
         parameters=total,
-        trainable=sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad),
+        trainable=trainable,
         flops_per_sample=flops,
         samples_per_gpu=settings.batch_size * settings.grad_accum,
         embedding_dim=config.projection_dim,
