@@ -84,8 +84,8 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--only", "11"), "measurement numbers from 1 to 10"),
-        (("--only", "one"), "measurement numbers from 1 to 10"),
+        (("--only", "12"), "measurement numbers from 1 to 11"),
+        (("--only", "one"), "measurement numbers from 1 to 11"),
         (("--out", "."), "is a folder"),
     ],
 )
