@@ -8,7 +8,12 @@ import torch
 from torchaudio.compliance.kaldi import fbank
 
 from tests.tiny_model import tiny_config
-from zidong.models.zidong.feature_extraction_zidong import BatchedFbank, ZidongFeatureExtractor, normalize_and_stack
+from zidong.models.zidong.feature_extraction_zidong import (
+    FRAME_CHUNK,
+    BatchedFbank,
+    ZidongFeatureExtractor,
+    normalize_and_stack,
+)
 
 LENGTHS = [16000, 12345, 400, 399, 24000]  # includes exactly one window and one sample short of it
 
@@ -79,6 +84,22 @@ def test_every_frame_path_of_accelerators_gives_the_real_frame_features() -> Non
     every = fbank.padded_log_mel(frames, mask, real_only=False)
     assert torch.allclose(real_only, every, atol=1e-5)
     assert every[~mask].abs().sum() == 0
+
+
+def test_real_frames_computed_in_chunks_equal_one_pass_over_them() -> None:
+    # the CPU path computes FRAME_CHUNK real frames at a time; a batch of more than two chunks, with padding,
+    # must give every real frame what one pass over all of them gives
+    lengths = [16000 * 8, 16000 * 5 + 123, 16000 * 9]
+    _, batch = padded_batch(lengths, torch.float32)
+    fbank = BatchedFbank()
+    frames = batch.unfold(1, fbank.window_size, fbank.window_shift)
+    mask = torch.arange(frames.shape[1]) < fbank.num_frames(torch.tensor(lengths))[:, None]
+    assert mask.sum() > 2 * FRAME_CHUNK
+    assert not mask.all()
+    chunked = fbank.padded_log_mel(frames, mask, real_only=True)
+    one_pass = fbank.log_mel(frames[mask])
+    assert torch.allclose(chunked[mask], one_pass, rtol=0, atol=1e-5)
+    assert chunked[~mask].abs().sum() == 0
 
 
 def test_normalize_and_stack_uses_real_frames_only() -> None:
