@@ -48,7 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a demo corpus folder (built there if missing; default data/demo, or a small one in scratch with --quick)",
     )
+    parser.add_argument(
+        "--main-job",
+        type=Path,
+        nargs="+",
+        default=(),
+        metavar="RUN",
+        help="finished main-job run folders (runs/tiny, ...) that measurement 12 scores instead of training two",
+    )
     args = parser.parse_args(argv)
+    for run in args.main_job:
+        if not (run / "metrics.jsonl").is_file() or not (run / "launches.jsonl").is_file():
+            parser.error(f"--main-job {run}: not a run folder (no metrics.jsonl and launches.jsonl there)")
     if args.out.exists() and args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; give a file path such as {args.out / 'bench.json'}")
 
@@ -67,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             corpus = ensure_demo_corpus(work / "demo", samples=240)
         else:
             corpus = ensure_demo_corpus(Path("data/demo"), samples=2400)
-        settings = Settings(quick=args.quick, work=work, corpus=corpus, recipe=TINY_RECIPE)
+        settings = Settings(
+            quick=args.quick, work=work, corpus=corpus, recipe=TINY_RECIPE, main_job_runs=tuple(args.main_job)
+        )
         results = run(settings, args.only or MEASUREMENTS)
     print(table(results))
     write_report(args.out, report(results, settings, time.perf_counter() - started))

@@ -42,6 +42,7 @@ class Settings:
     work: Path  # scratch space: runs, corpus copies
     corpus: Path  # a demo corpus folder (train/, eval/, tokenizer/)
     recipe: Path  # the tiny pretraining recipe the training measurements start from (repository's recipes/)
+    main_job_runs: tuple[Path, ...] = ()  # finished main-job run folders measurement 12 reads instead of training
 
     @property
     def warmup_steps(self) -> int:

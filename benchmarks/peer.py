@@ -187,16 +187,14 @@ def model_step(run: Run) -> Callable[[], None]:
     return step
 
 
-def open_clip_side(sizes: Sizes, vocab: int, batch: int) -> tuple[torch.nn.Module, Callable[[], None], Callable]:
-    """open_clip's CLIP with `sizes`, ClipLoss, AdamW as open_clip_train builds it, and the clamp after the step;
-    returns (model, step, forward and backward of one batch)."""
-    from open_clip.loss import ClipLoss
+def open_clip_model(sizes: Sizes, vocab: int, context: int, seed: int = 0) -> torch.nn.Module:
+    """open_clip's CLIP with `sizes`' towers over `vocab` token ids and `context` tokens, initialised from `seed`."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     text_width, text_layers, text_heads = sizes.text
     vision_width, vision_layers, vision_heads = sizes.vision
-    torch.manual_seed(0)
-    model = CLIP(
+    torch.manual_seed(seed)
+    return CLIP(
         embed_dim=sizes.projection_dim,
         vision_cfg=CLIPVisionCfg(
             layers=vision_layers,
@@ -206,21 +204,35 @@ def open_clip_side(sizes: Sizes, vocab: int, batch: int) -> tuple[torch.nn.Modul
             image_size=sizes.image_size,
         ),
         text_cfg=CLIPTextCfg(
-            context_length=TEXT_TOKENS, vocab_size=vocab, width=text_width, heads=text_heads, layers=text_layers
+            context_length=context, vocab_size=vocab, width=text_width, heads=text_heads, layers=text_layers
         ),
         output_dict=True,
-    ).train()
+    )
+
+
+def open_clip_optimizer(model: torch.nn.Module, learning_rate: float) -> torch.optim.AdamW:
+    """AdamW as open_clip's training script builds it: weight decay 0.2 on matrices only (not on norms, biases,
+    the temperature), betas 0.9/0.98, eps 1e-6."""
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2},
         ],
-        lr=5e-4,
+        lr=learning_rate,
         betas=(0.9, 0.98),
         eps=1e-6,
     )
+
+
+def open_clip_side(sizes: Sizes, vocab: int, batch: int) -> tuple[torch.nn.Module, Callable[[], None], Callable]:
+    """open_clip's CLIP with `sizes`, ClipLoss, AdamW as open_clip_train builds it, and the clamp after the step;
+    returns (model, step, forward and backward of one batch)."""
+    from open_clip.loss import ClipLoss
+
+    model = open_clip_model(sizes, vocab, TEXT_TOKENS).train()
+    optimizer = open_clip_optimizer(model, 5e-4)
     loss = ClipLoss()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, sizes.image_size, sizes.image_size, generator=generator)

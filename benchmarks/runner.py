@@ -18,16 +18,17 @@ from benchmarks.compile import compiled_against_eager
 from benchmarks.distributed import distributed
 from benchmarks.frontend import frontend
 from benchmarks.growth import growth
+from benchmarks.learning import learning
 from benchmarks.peer import peer
 from benchmarks.sources import sources
 from benchmarks.training import TrainingBench, base_mfu, loader_headroom, padding, step_time
 
-MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+MEASUREMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 logger = logging.getLogger("benchmarks")
 
 
 def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result]:
-    """The selected measurements (numbers 1-11 of docs/PERFORMANCE.md), cheapest shared work first."""
+    """The selected measurements (numbers 1-12 of docs/PERFORMANCE.md), cheapest shared work first."""
     bench = TrainingBench(settings)
     steps = {
         3: lambda: padding(bench),
@@ -42,6 +43,7 @@ def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result
         6: lambda: full_batch_negatives(settings),
         10: lambda: growth(settings),
         11: lambda: peer(settings),
+        12: lambda: learning(settings, settings.main_job_runs),
     }
     results: list[Result] = []
     for number, measure in steps.items():

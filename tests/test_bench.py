@@ -38,11 +38,11 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
-    assert len(rows) >= 30  # 31 where CUDA adds the GPU MFU row
+    assert sorted({row["number"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert len(rows) >= 36  # 37 where CUDA adds the GPU MFU row
     for row in rows:
         assert math.isfinite(row["value"]), row
-        assert row["value"] > 0, row
+        assert row["value"] > 0 or row["number"] == 12, row  # 12's first rows are differences
         assert row["met"] in (True, False)
         assert row["name"] in done.stdout
     by_name = {row["name"]: row for row in rows}
@@ -77,6 +77,15 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
     # equal work: open_clip's model built with the same tower sizes does the same FLOPs per sample, within 1 %
     assert peer["open_clip_gflop_per_sample"] == pytest.approx(peer["zidong_gflop_per_sample"], rel=0.01)
     assert peer["open_clip_seconds_per_step"] > 0
+    learned = next(row for row in rows if row["number"] == 12)["details"]
+    assert learned["training_pairs"] > learned["held_out_samples"] > 0
+    assert learned["peer_pairs_per_step"] == round(32 * learned["text_vision_share_of_training_samples"])
+    (zidong_run,) = learned["zidong_runs"]
+    assert zidong_run["steps"] == learned["steps"] > 0
+    assert zidong_run["git"]["commit"]
+    for side in (zidong_run, *learned["peer_runs"]):
+        assert 0 <= side["metrics"]["text->vision/dup_R@1"] <= 1
+        assert side["metrics"]["text->vision/count"] == learned["held_out_samples"]  # both score every pair
     assert report["machine"]["cores"] >= 1
     assert report["quick"] is True
 
@@ -84,8 +93,9 @@ def test_quick_bench_runs_every_measurement(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--only", "12"), "measurement numbers from 1 to 11"),
-        (("--only", "one"), "measurement numbers from 1 to 11"),
+        (("--only", "13"), "measurement numbers from 1 to 12"),
+        (("--only", "one"), "measurement numbers from 1 to 12"),
+        (("--main-job", "."), "--main-job .: not a run folder"),
         (("--out", "."), "is a folder"),
     ],
 )
