@@ -118,6 +118,9 @@ class ZidongConfig(PreTrainedConfig):
     logit_bias_init_value (`float`): initial bias of the sigmoid loss.
     sampling_rate, num_mel_bins, speech_frame_stack: the speech front end (16 kHz, 80 mel bins, 2 frames per
         step = 50 steps per second).
+    speech_chunk_rows (`int`): run the speech tower over a batch's rows sorted by length, this many rows a call,
+        each call padded only to its own longest row (0: one call over every row, padded to the longest). Pays
+        where batches are drawn without length bucketing (`data.bucket_pool: 0`); numerically the same embeddings.
     spec_augment_freq_mask, spec_augment_time_mask (`int`): widest frequency / time mask SpecAugment applies
         in training (0 switches that mask off).
     initializer_range (`float`): std of the normal init of the projections and fusion weights.
@@ -156,6 +159,7 @@ class ZidongConfig(PreTrainedConfig):
     sampling_rate: int = 16000
     num_mel_bins: int = 80
     speech_frame_stack: int = 2
+    speech_chunk_rows: int = 0
     spec_augment_freq_mask: int = 0
     spec_augment_time_mask: int = 0
     initializer_range: float = 0.02
@@ -220,7 +224,7 @@ class ZidongConfig(PreTrainedConfig):
         ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"ZidongConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("spec_augment_freq_mask", "spec_augment_time_mask"):
+        for name in ("spec_augment_freq_mask", "spec_augment_time_mask", "speech_chunk_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ZidongConfig.{name} must be 0 or more, got {getattr(self, name)}")
         if self.logit_scale_init_value > self.logit_scale_max:

@@ -255,7 +255,20 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
     def run_speech_tower(
         self, speech_inputs: torch.Tensor, input_mask: torch.Tensor, **switches: bool | None
     ) -> TowerOutput:
-        """The speech tower on filterbank steps or waveforms (whichever it reads), cast to the tower's dtype."""
+        """The speech tower on filterbank steps or waveforms (whichever it reads), cast to the tower's dtype.
+
+        With `config.speech_chunk_rows` set, rows of similar length run together in chunks of that many, each
+        padded only to its own longest row (`_speech_tower_in_chunks`): a batch drawn at random, whose lengths
+        spread widely, then costs about what a batch of equal lengths costs. Not under lockstep (every process
+        must make the same calls) nor when the tower's hidden states or attentions are asked for."""
+        chunk = self.config.speech_chunk_rows
+        if chunk and speech_inputs.shape[0] > chunk and not self.launch.lockstep and not any(switches.values()):
+            return self._speech_tower_in_chunks(speech_inputs, input_mask, chunk)
+        return self._speech_tower(speech_inputs, input_mask, **switches)
+
+    def _speech_tower(
+        self, speech_inputs: torch.Tensor, input_mask: torch.Tensor, **switches: bool | None
+    ) -> TowerOutput:
         speech_inputs = speech_inputs.to(self.speech_model.dtype)
         name = "input_features" if self.speech_takes_features else "input_values"
         output = self.speech_model(
@@ -267,6 +280,24 @@ class ZidongModel(ZidongTowerFeatures, ZidongPreTrainedModel):
         else:
             mask = input_mask.bool()
         return TowerOutput(states, mask, masked_mean(states, mask), output.hidden_states, output.attentions)
+
+    def _speech_tower_in_chunks(self, speech_inputs: torch.Tensor, input_mask: torch.Tensor, chunk: int) -> TowerOutput:
+        """The tower over the rows sorted by length, `chunk` rows a call, each call cut to its longest row; the
+        outputs are put back in the rows' order, states and mask padded to the longest chunk's length. Every
+        real position computes what one call over all rows computes (the tower masks padding), up to rounding."""
+        lengths = input_mask.long().sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        sorted_lengths = lengths[order].tolist()  # one host read: each chunk's width
+        chunks = []
+        for start in range(0, len(sorted_lengths), chunk):
+            rows = order[start : start + chunk]
+            width = sorted_lengths[min(start + chunk, len(sorted_lengths)) - 1]  # ascending: the chunk's last
+            chunks.append(self._speech_tower(speech_inputs[rows, :width], input_mask[rows, :width]))
+        steps = max(output.token_states.shape[1] for output in chunks)
+        states = torch.cat([F.pad(o.token_states, (0, 0, 0, steps - o.token_states.shape[1])) for o in chunks])
+        mask = torch.cat([F.pad(o.attention_mask, (0, steps - o.attention_mask.shape[1])) for o in chunks])
+        restore = torch.argsort(order)
+        return TowerOutput(states[restore], mask[restore], torch.cat([o.pooled for o in chunks])[restore])
 
     def _embed(self, modality: str, tower_output: TowerOutput) -> torch.Tensor:
         """The L2-normalised embedding in the model's dtype, normalised in float32 (under bf16 autocast a float32
