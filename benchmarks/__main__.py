@@ -1,6 +1,6 @@
 """zidong's benchmarks: every measurement side by side in one run, a table of ratios, a JSON report.
 
-    .venv/bin/python -m benchmarks                      # everything (about 5 minutes on 2 CPU cores)
+    .venv/bin/python -m benchmarks                      # everything (about 45 minutes on 2 CPU cores)
     .venv/bin/python -m benchmarks --only 1,4 --out runs/bench/steps.json
     .venv/bin/python -m benchmarks --quick              # about 1.5 minutes: checks that everything runs
 
