@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,7 @@ def learning(settings: Settings, main_job_runs: Sequence[Path] = ()) -> list[Res
         return mean([r["metrics"][metric] for r in zidong_runs]), mean([r["metrics"][metric] for r in peer_runs])
 
     details = {
-        "peer": "open_clip " + __import__("open_clip").__version__,
+        "peer": f"open_clip {version('open_clip_torch')}",
         "peer_runs": peer_runs,
         "zidong_runs": zidong_runs,
         "steps": recipe.train.max_steps,
