@@ -57,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         help="finished main-job run folders (runs/tiny, ...) that measurement 12 scores instead of training two",
     )
     args = parser.parse_args(argv)
-    for run in args.main_job:
-        if not (run / "metrics.jsonl").is_file() or not (run / "launches.jsonl").is_file():
-            parser.error(f"--main-job {run}: not a run folder (no metrics.jsonl and launches.jsonl there)")
+    if args.main_job:
+        from benchmarks.learning import final_evaluation
+
+        for run in args.main_job:
+            try:
+                final_evaluation(run)
+            except ValueError as err:
+                parser.error(f"--main-job {err}")
     if args.out.exists() and args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; give a file path such as {args.out / 'bench.json'}")
 

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ PAIRS = ("text", "vision")
 CONTEXT = 48  # caption tokens the peer reads, its end token included (the demo's longest caption is under 40)
 PEER_SEEDS = (0, 1, 2)
 MAIN_JOB_SEEDS = (0, 1)
+QUICK_STEPS, QUICK_WARMUP = 6, 2  # both sides' steps in the quick run
 DIFFERENCES = [
     "data: the peer trains on the text+image pairs only (1,616 of the 2,160 training samples); zidong on every "
     "sample, two or three modalities each, every present pair scored",
@@ -66,11 +68,13 @@ DIFFERENCES = [
 
 @dataclass
 class Pairs:
-    """Text+image pairs decoded once: token ids (n, CONTEXT), pixel values (n, 3, H, W), captions."""
+    """Text+image pairs decoded once: token ids (n, CONTEXT), pixel values (n, 3, H, W), captions, and the size of
+    the peer's vocabulary (the tokenizer's and the end token)."""
 
     tokens: torch.Tensor
     pixels: torch.Tensor
     captions: list[str]
+    vocab: int
 
 
 def read_pairs(folder: Path, processor: ZidongProcessor) -> Pairs:
@@ -90,7 +94,7 @@ def read_pairs(folder: Path, processor: ZidongProcessor) -> Pairs:
         pieces = processor.tokenizer(caption, add_special_tokens=False)["input_ids"][: CONTEXT - 1]
         tokens[row, : len(pieces) + 1] = torch.tensor([*pieces, vocab])  # the end token: the largest id
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return Pairs(tokens, pixels, captions)
+    return Pairs(tokens, pixels, captions, vocab + 1)
 
 
 def cosine_with_warmup(step: int, base: float, warmup: int, total: int) -> float:
@@ -104,8 +108,7 @@ def train_peer(train: Pairs, recipe: PretrainRecipe, pairs_per_step: int, seed: 
     """open_clip's CLIP trained as open_clip's script trains it, on `train`'s pairs in seeded random order."""
     from open_clip.loss import ClipLoss
 
-    vocab = int(train.tokens.max()) + 1
-    model = open_clip_model(TINY, vocab, CONTEXT, seed).train()
+    model = open_clip_model(TINY, train.vocab, CONTEXT, seed).train()
     optimizer = open_clip_optimizer(model, recipe.train.learning_rate)
     loss = ClipLoss()
     order = np.random.default_rng(seed)
@@ -127,13 +130,11 @@ def train_peer(train: Pairs, recipe: PretrainRecipe, pairs_per_step: int, seed: 
 
 
 @torch.no_grad()
-def peer_metrics(model: torch.nn.Module, held_out: Pairs, folder: Path) -> dict[str, float]:
+def peer_metrics(model: torch.nn.Module, held_out: Pairs) -> dict[str, float]:
     """The retrieval metrics of `zidong eval` on the peer's embeddings of the held-out pairs."""
     texts = torch.cat([model.encode_text(block, normalize=True) for block in held_out.tokens.split(64)])
     images = torch.cat([model.encode_image(block, normalize=True) for block in held_out.pixels.split(64)])
     count = len(held_out.captions)
-    if folder_captions(folder) != held_out.captions:
-        raise RuntimeError(f"{folder} holds samples without text or image: the peer's rows would not line up")
     presence = {m: torch.full((count,), m in PAIRS) for m in ("text", "vision", "speech")}
     embeds = {"text": texts, "vision": images, "speech": torch.zeros_like(texts)}
     return recall_at_k(embeds, presence, held_out.captions)
@@ -153,7 +154,8 @@ def main_job_recipe(settings: Settings, output: Path, seed: int) -> list[str]:
         "data.demo=null",
     ]
     if settings.quick:
-        overrides += ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every_steps=6", "eval.every_steps=6"]
+        overrides += [f"train.max_steps={QUICK_STEPS}", f"train.warmup_steps={QUICK_WARMUP}"]
+        overrides += [f"checkpoint.every_steps={QUICK_STEPS}", f"eval.every_steps={QUICK_STEPS}"]
     return overrides
 
 
@@ -172,16 +174,27 @@ def train_main_job(settings: Settings, seed: int) -> Path:
     return output
 
 
+def final_evaluation(run: Path) -> dict[str, Any]:
+    """The last held-out evaluation record of a run folder; ValueError (naming the folder) where it has none."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file() or not (run / "launches.jsonl").is_file() or not (run / "config.yaml").is_file():
+        raise ValueError(f"{run}: not a run folder (no metrics.jsonl, launches.jsonl and config.yaml there)")
+    evaluations = [r for r in read_jsonl(metrics) if r.get("kind") == "eval"]
+    if not evaluations:
+        raise ValueError(f"{metrics} holds no held-out evaluation: give a finished main-job run")
+    return evaluations[-1]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main_job_result(run: Path) -> dict[str, Any]:
     """The final held-out metrics of a main-job run folder, its seed, steps, samples, wall time and commit."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evaluations = [r for r in records if r["kind"] == "eval"]
-    if not evaluations:
-        raise ValueError(f"{run}/metrics.jsonl holds no evaluation: is {run} a finished main-job run?")
-    launches = [json.loads(line) for line in (run / "launches.jsonl").read_text().splitlines() if line.strip()]
+    last = final_evaluation(run)
+    launches = read_jsonl(run / "launches.jsonl")
     recipe = load_config(PretrainRecipe, run / "config.yaml")
-    started = time.mktime(time.strptime(launches[0]["time"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
-    last = evaluations[-1]
+    started = datetime.fromisoformat(launches[0]["time"]).timestamp()
     return {
         "run": str(run),
         "seed": recipe.seed,
@@ -205,14 +218,17 @@ def mean(values: Sequence[float]) -> float:
     return float(np.mean(values))
 
 
-def learning(settings: Settings, main_job_runs: Sequence[Path] = ()) -> list[Result]:
-    """Measurement 12's rows (the quick run: a few steps each side, one seed each, to check that it runs)."""
+def learning(settings: Settings) -> list[Result]:
+    """Measurement 12's rows (the quick run: a few steps each side, one seed each, to check that it runs); the
+    zidong side is `settings.main_job_runs` where given."""
     recipe = load_config(PretrainRecipe, settings.recipe, [f"model.tokenizer={settings.corpus / 'tokenizer'}"])
     if settings.quick:
-        recipe.train.max_steps, recipe.train.warmup_steps = 6, 2
+        recipe.train.max_steps, recipe.train.warmup_steps = QUICK_STEPS, QUICK_WARMUP
     tokenizer = load_tokenizer(recipe)
     processor = ZidongProcessor.for_model(model_config(recipe, tokenizer), tokenizer)
     train, held_out = (read_pairs(settings.corpus / split, processor) for split in ("train", "eval"))
+    if folder_captions(settings.corpus / "eval") != held_out.captions:  # zidong scores every held-out sample
+        raise RuntimeError(f"{settings.corpus / 'eval'} holds samples without text or image: the sides would differ")
     share = text_vision_share(settings.corpus / "train")
     pairs_per_step = round(recipe.train.batch_size * share)
 
@@ -225,10 +241,10 @@ def learning(settings: Settings, main_job_runs: Sequence[Path] = ()) -> list[Res
                 "seed": seed,
                 "wall_s": time.perf_counter() - started,
                 "samples_seen": recipe.train.max_steps * pairs_per_step,
-                "metrics": peer_metrics(model, held_out, settings.corpus / "eval"),
+                "metrics": peer_metrics(model, held_out),
             }
         )
-    runs = list(main_job_runs) or [
+    runs = list(settings.main_job_runs) or [
         train_main_job(settings, seed) for seed in MAIN_JOB_SEEDS[: 1 if settings.quick else None]
     ]
     zidong_runs = [main_job_result(run) for run in runs]

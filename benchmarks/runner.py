@@ -43,7 +43,7 @@ def run(settings: Settings, only: tuple[int, ...] = MEASUREMENTS) -> list[Result
         6: lambda: full_batch_negatives(settings),
         10: lambda: growth(settings),
         11: lambda: peer(settings),
-        12: lambda: learning(settings, settings.main_job_runs),
+        12: lambda: learning(settings),
     }
     results: list[Result] = []
     for number, measure in steps.items():

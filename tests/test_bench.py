@@ -105,3 +105,16 @@ def test_bad_arguments_exit_2_without_a_traceback(tmp_path: Path, args: tuple[st
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_an_unfinished_main_job_run_exits_2_naming_its_metrics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 10, "loss": 2.0}) + "\n")
+    (run / "launches.jsonl").write_text(json.dumps({"time": "2026-12-08T05:41:20+00:00"}) + "\n")
+    (run / "config.yaml").write_text("output_dir: run\n")
+    done = bench("--only", "12", "--main-job", str(run), "--out", str(tmp_path / "out.json"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"{run / 'metrics.jsonl'} holds no held-out evaluation" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out.json").exists()
